@@ -1,0 +1,46 @@
+"""Condition types and reasons of a VisionFineTune, in one module.
+
+The three kstatus types (Ready, Reconciling, Stalled) let Flux, Argo CD and `kubectl wait` read the state
+without custom code. The domain types say why: whether the run was admitted to start, whether it finished.
+Reasons are CamelCase and grouped by the condition they belong to.
+"""
+
+# Ready means that the fine-tune finished and its outputs are published (the resource is "Current").
+READY = "Ready"
+# Reconciling means that the operator or the trainer is still working towards the desired state.
+RECONCILING = "Reconciling"
+# Stalled means that progress stopped and needs a person: a failed run, an invalid spec, a broken reference.
+STALLED = "Stalled"
+# Admitted means that policy, quota and Kueue let the run start.
+ADMITTED = "Admitted"
+# Complete means that the trainer finished and uploaded its outputs.
+COMPLETE = "Complete"
+# Failed means that the run ended without outputs.
+FAILED = "Failed"
+
+CONDITION_TYPES = (READY, RECONCILING, STALLED, ADMITTED, COMPLETE, FAILED)
+
+# Reasons for Ready / Complete.
+REASON_SUCCEEDED = "Succeeded"
+REASON_IN_PROGRESS = "InProgress"
+# Reasons for Reconciling.
+REASON_CREATING = "CreatingChildren"
+REASON_WAITING_FOR_POD = "WaitingForPod"
+REASON_TRAINING = "Training"
+REASON_UPLOADING = "Uploading"
+REASON_SUSPENDING = "Suspending"
+# Reasons for Admitted.
+REASON_ADMITTED = "Admitted"
+REASON_QUEUED_BY_KUEUE = "QueuedByKueue"
+REASON_POLICY_LIMIT = "PolicyLimitReached"
+REASON_QUOTA_EXCEEDED = "ResourceQuotaExceeded"
+REASON_SUSPENDED = "Suspended"
+# Reasons for Stalled / Failed.
+REASON_INVALID_SPEC = "InvalidSpec"
+REASON_POLICY_VIOLATION = "PolicyViolation"
+REASON_MISSING_SECRET = "MissingSecret"
+REASON_MISSING_SECRET_KEY = "MissingSecretKey"
+REASON_BACKOFF_LIMIT = "BackoffLimitExceeded"
+REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"
+REASON_POD_FAILED = "PodFailed"
+REASON_JOB_FAILED = "JobFailed"

@@ -1,0 +1,377 @@
+"""The training recipe: what to fine-tune, on which data, how, and where results go.
+
+These models are the one source of truth for the VisionFineTune schema. The operator embeds them in the
+resource's `spec` (see `visionft_api.resource`), the CRD in crds/ is generated from them
+(`visionft_api.crd`), and the trainer CLI reads the same recipe from its config file. Each field carries one
+plain sentence of documentation, which the generator copies into the CRD.
+
+Cross-field rules are declared twice on purpose, in one place: as CEL (`x-kubernetes-validations`, checked by
+the apiserver at admission) and as pydantic validators (checked by the trainer and the operator, which also
+see configs that never passed through an apiserver). `tests/api/test_rules.py` runs one table of malformed
+specs through both.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# A bucket name as S3 allows it, then an optional key prefix.
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
+# s3://bucket/prefix, an absolute local path (a mounted volume), or a hub id such as org/name.
+MODEL_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9._\-]+)$"
+# Datasets and outputs: s3:// or an absolute local path. Relative paths are accepted by the trainer CLI only
+# (resolved against the config file), never in a cluster resource.
+DATA_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*)$"
+
+
+def to_camel(name: str) -> str:
+    """snake_case to the camelCase of Kubernetes APIs, keeping digits with their word (load_in_4bit ->
+    loadIn4bit, as the design spells it; pydantic's own helper would give loadIn4Bit)."""
+    first, *rest = name.split("_")
+    return first + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One CEL validation rule as the CRD expects it."""
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+class SpecModel(BaseModel):
+    """Base of every schema model: camelCase in YAML, snake_case in Python, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    def to_dict(self) -> dict:
+        """The camelCase form, as it appears in a resource or a config file, without unset optionals."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class ModelSource(SpecModel):
+    """Which base model to load and how."""
+
+    uri: str = Field(
+        description="uri is the base model: s3://bucket/prefix of a Hugging Face model folder, an absolute "
+        "path on a mounted volume, or a hub id (org/name) when pods may reach a hub.",
+        pattern=MODEL_URI_PATTERN,
+        max_length=1024,
+    )
+    load_in_4bit: bool = Field(True, description="loadIn4bit quantizes the frozen base to NF4 (QLoRA).")
+    load_in_8bit: bool = Field(False, description="loadIn8bit quantizes the frozen base to int8 instead.")
+    max_seq_length: int = Field(
+        2048,
+        ge=64,
+        le=131072,
+        description="maxSeqLength is the longest sample in tokens, image tokens included; longer samples "
+        "are rejected or skipped, never truncated through image tokens.",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype is the compute dtype; auto picks bf16 where supported."
+    )
+    trust_remote_code: bool = Field(
+        False, description="trustRemoteCode allows model code shipped with the checkpoint to run."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!(self.loadIn4bit && self.loadIn8bit)",
+                    "model.loadIn4bit and model.loadIn8bit are exclusive: set at most one to true",
+                )
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _one_quantization(self) -> ModelSource:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("model.loadIn4bit and model.loadIn8bit are exclusive: set at most one to true")
+        return self
+
+
+class LoraSettings(SpecModel):
+    """Which layers get LoRA adapters, and their size."""
+
+    r: int = Field(16, ge=1, le=512, description="r is the LoRA rank.")
+    alpha: int = Field(16, ge=1, le=4096, description="alpha scales the adapter output by alpha/r.")
+    dropout: float = Field(0.0, ge=0.0, le=0.9, description="dropout is applied to the adapter input.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="bias says which biases train.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: ["all-linear"],
+        max_length=64,
+        description="targetModules lists module-name suffixes to adapt, or [all-linear] for every linear "
+        "layer that the four finetune switches select.",
+    )
+    target_modules_regex: str | None = Field(
+        None,
+        max_length=512,
+        description="targetModulesRegex selects modules by a full-match regular expression over their "
+        "qualified names, instead of targetModules.",
+    )
+    finetune_vision_layers: bool = Field(True, description="finetuneVisionLayers adapts the vision tower.")
+    finetune_language_layers: bool = Field(
+        True, description="finetuneLanguageLayers adapts the language model."
+    )
+    finetune_attention_modules: bool = Field(
+        True, description="finetuneAttentionModules adapts attention projections."
+    )
+    finetune_mlp_modules: bool = Field(True, description="finetuneMlpModules adapts MLP projections.")
+    use_rslora: bool = Field(False, description="useRslora scales by alpha/sqrt(r) (rank-stabilized LoRA).")
+    modules_to_save: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="modulesToSave lists modules trained in full and saved with the adapter.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.finetuneVisionLayers || self.finetuneLanguageLayers",
+                    "lora: at least one of finetuneVisionLayers and finetuneLanguageLayers must be true",
+                ),
+                cel(
+                    "self.finetuneAttentionModules || self.finetuneMlpModules",
+                    "lora: at least one of finetuneAttentionModules and finetuneMlpModules must be true",
+                ),
+                cel(
+                    "!has(self.targetModulesRegex) || !has(self.targetModules) || self.targetModules == ['all-linear']",
+                    "lora.targetModulesRegex and lora.targetModules are exclusive: leave targetModules at "
+                    "its default [all-linear] when using a regex",
+                ),
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _switches(self) -> LoraSettings:
+        if not (self.finetune_vision_layers or self.finetune_language_layers):
+            raise ValueError(
+                "lora: at least one of finetuneVisionLayers and finetuneLanguageLayers must be true"
+            )
+        if not (self.finetune_attention_modules or self.finetune_mlp_modules):
+            raise ValueError(
+                "lora: at least one of finetuneAttentionModules and finetuneMlpModules must be true"
+            )
+        if self.target_modules_regex is not None:
+            if self.target_modules != ["all-linear"]:
+                raise ValueError(
+                    "lora.targetModulesRegex and lora.targetModules are exclusive: leave targetModules at "
+                    "its default [all-linear] when using a regex"
+                )
+            try:
+                re.compile(self.target_modules_regex)
+            except re.error as err:
+                raise ValueError(f"lora.targetModulesRegex is not a valid regular expression: {err}") from err
+        return self
+
+
+class DatasetColumns(SpecModel):
+    """Column names in the dataset. Either `messages`, or `image` + `response` (+ optional `instruction`)."""
+
+    messages: str | None = Field(
+        None, max_length=128, description="messages is a column of chat turns in the messages format."
+    )
+    image: str = Field("image", max_length=128, description="image is the column of images.")
+    images: str | None = Field(
+        None, max_length=128, description="images is a column of image lists used with messages."
+    )
+    instruction: str | None = Field(
+        "instruction", max_length=128, description="instruction is the column of per-sample prompts."
+    )
+    response: str = Field("response", max_length=128, description="response is the column of answers.")
+
+
+class DatasetSource(SpecModel):
+    """Where the training data lives and how to read it."""
+
+    uri: str = Field(
+        description="uri is the dataset: s3://bucket/prefix or an absolute path, holding JSONL, JSON, "
+        "parquet, a datasets save_to_disk folder, or an imagefolder with metadata.jsonl.",
+        pattern=DATA_URI_PATTERN,
+        max_length=1024,
+    )
+    format: Literal["auto", "jsonl", "json", "parquet", "arrow", "imagefolder"] = Field(
+        "auto", description="format is the file format; auto detects it from the files."
+    )
+    columns: DatasetColumns = Field(
+        default_factory=DatasetColumns, description="columns maps dataset columns to roles."
+    )
+    instruction: str | None = Field(
+        None,
+        max_length=4096,
+        description="instruction is the prompt used for every sample when the dataset has no "
+        "instruction column.",
+    )
+    max_image_pixels: int = Field(
+        1003520,
+        ge=3136,
+        le=67108864,
+        description="maxImagePixels caps each image's pixels; larger images are resized keeping aspect.",
+    )
+    validation_fraction: float = Field(
+        0.0, ge=0.0, le=0.5, description="validationFraction holds out this share of samples for eval."
+    )
+    on_bad_sample: Literal["error", "skip"] = Field(
+        "error",
+        description="onBadSample says what a broken image or over-long sample does: fail the run, or be "
+        "skipped and counted.",
+    )
+
+
+class TrainingSettings(SpecModel):
+    """Optimization settings."""
+
+    max_steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="maxSteps is the number of optimizer steps."
+    )
+    epochs: float | None = Field(
+        None, gt=0, le=1000, description="epochs is the number of passes; exclusive with maxSteps."
+    )
+    per_device_batch_size: int = Field(1, ge=1, le=1024, description="perDeviceBatchSize per GPU.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="gradientAccumulationSteps per optimizer step."
+    )
+    learning_rate: float = Field(2.0e-4, gt=0, le=1.0, description="learningRate is the peak LR.")
+    warmup_steps: int = Field(0, ge=0, le=1_000_000, description="warmupSteps ramp the LR up linearly.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="lrScheduler is the LR schedule after warm-up."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="weightDecay for AdamW.")
+    max_grad_norm: float = Field(1.0, ge=0.0, le=1000.0, description="maxGradNorm clips gradients.")
+    optimizer: Literal["adamw_8bit", "adamw_torch", "paged_adamw_8bit", "adamw_torch_fused", "sgd"] = Field(
+        "adamw_8bit", description="optimizer; 8-bit variants need a GPU and fall back to adamw_torch."
+    )
+    train_on_responses_only: bool = Field(
+        True, description="trainOnResponsesOnly supervises only the assistant turns."
+    )
+    gradient_checkpointing: Literal["on", "off", "offload"] = Field(
+        "on", description="gradientCheckpointing recomputes activations; offload also moves them to CPU."
+    )
+    checkpoint_every_steps: int = Field(
+        50, ge=1, le=1_000_000, description="checkpointEverySteps saves a resumable checkpoint."
+    )
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="keepCheckpoints keeps the newest K.")
+    logging_steps: int = Field(1, ge=1, le=100_000, description="loggingSteps between progress reports.")
+    seed: int = Field(3407, ge=0, le=2**31 - 1, description="seed for data order and adapter init.")
+    optimizations: bool = Field(
+        True,
+        description="optimizations turns on the fused kernels and launch-lean step; false runs the "
+        "plain Hugging Face modules.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.maxSteps) != has(self.epochs)",
+                    "training: set exactly one of maxSteps and epochs",
+                ),
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainingSettings:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("training: set exactly one of maxSteps and epochs")
+        return self
+
+
+class OutputTarget(SpecModel):
+    """Where the results go and in which form."""
+
+    uri: str = Field(
+        description="uri is the output prefix: s3://bucket/prefix or an absolute path. Adapters go to "
+        "adapter/, merged weights to merged/, checkpoints to checkpoints/.",
+        pattern=DATA_URI_PATTERN,
+        max_length=1024,
+    )
+    save_method: Literal["lora", "merged_16bit", "merged_4bit"] = Field(
+        "lora", description="saveMethod: lora adapters, or weights merged into a 16-bit or 4-bit model."
+    )
+
+
+class StorageSettings(SpecModel):
+    """How to reach S3-compatible storage. Credentials are referenced, never copied."""
+
+    endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/]+(:[0-9]+)?(/.*)?$",
+        max_length=512,
+        description="endpoint is the S3 API URL (MinIO, Ceph RGW, R2, SeaweedFS); empty means AWS.",
+    )
+    region: str = Field("us-east-1", max_length=64, pattern=r"^[a-z0-9\-]+$", description="region.")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="addressingStyle; most self-hosted servers need path."
+    )
+    verify_tls: bool = Field(True, description="verifyTls checks the server certificate.")
+    ca_bundle_config_map: str | None = Field(
+        None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="caBundleConfigMap names a ConfigMap in the same namespace with key ca.crt.",
+    )
+    credentials_secret: str | None = Field(
+        None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="credentialsSecret names a Secret in the same namespace with the access keys; empty "
+        "means the pod's own identity (IRSA, workload identity).",
+    )
+    access_key_id_key: str = Field(
+        "AWS_ACCESS_KEY_ID", max_length=253, description="accessKeyIdKey is the Secret key of the key id."
+    )
+    secret_access_key_key: str = Field(
+        "AWS_SECRET_ACCESS_KEY",
+        max_length=253,
+        description="secretAccessKeyKey is the Secret key of the secret key.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.verifyTls || !has(self.caBundleConfigMap)",
+                    "storage.caBundleConfigMap has no effect with verifyTls false: drop one of them",
+                )
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _tls(self) -> StorageSettings:
+        if not self.verify_tls and self.ca_bundle_config_map is not None:
+            raise ValueError("storage.caBundleConfigMap has no effect with verifyTls false: drop one of them")
+        return self
+
+
+class TrainingRecipe(SpecModel):
+    """Everything the trainer needs; shared by the resource's spec and the trainer's config file."""
+
+    model: ModelSource = Field(description="model is the base model to fine-tune.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="lora configures the adapters.")
+    dataset: DatasetSource = Field(description="dataset is the training data.")
+    training: TrainingSettings = Field(
+        default_factory=lambda: TrainingSettings(max_steps=100),
+        description="training configures the optimization.",
+    )
+    output: OutputTarget = Field(description="output is where adapters, weights and checkpoints go.")
+    storage: StorageSettings = Field(
+        default_factory=StorageSettings, description="storage configures S3-compatible access."
+    )
+
+    def uses_s3(self) -> bool:
+        """True when any location of the recipe is in object storage."""
+        return any(uri.startswith("s3://") for uri in (self.model.uri, self.dataset.uri, self.output.uri))

@@ -1,0 +1,235 @@
+"""The VisionFineTune resource: the recipe plus how to run it on a cluster, and the status it reports.
+
+`VisionFineTuneSpec` extends the trainer's `TrainingRecipe` with cluster concerns (GPUs, scheduling, retries,
+suspension). `VisionFineTuneStatus` is written by the operator (phase, conditions, attempts, times, outputs)
+and, for `progress` only, by the trainer pod through server-side apply with its own field manager.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from visionft_api.recipe import SpecModel, TrainingRecipe, cel
+
+GROUP = "visionft.io"
+VERSION = "v1alpha1"
+KIND = "VisionFineTune"
+PLURAL = "visionfinetunes"
+SINGULAR = "visionfinetune"
+SHORT_NAMES = ["vft"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Label and annotation keys that the operator owns; everything else in metadata belongs to the user (Git).
+LABEL_PREFIX = "visionft.io/"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# The field manager the trainer pod uses for server-side apply of status.progress.
+TRAINER_FIELD_MANAGER = "visionft-trainer"
+
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
+class Toleration(SpecModel):
+    """A pod toleration, as in the core API."""
+
+    key: str | None = Field(None, max_length=316, description="key is the taint key.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="operator is Exists or Equal.")
+    value: str | None = Field(None, max_length=63, description="value is the taint value.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="effect is the taint effect; empty matches all."
+    )
+    toleration_seconds: int | None = Field(
+        None, ge=0, description="tolerationSeconds bounds how long a NoExecute taint is tolerated."
+    )
+
+
+class ResourceSettings(SpecModel):
+    """Hardware and scheduling for the training pods."""
+
+    gpus_per_node: int = Field(1, ge=0, le=16, description="gpusPerNode is nvidia.com/gpu per pod.")
+    nodes: int = Field(1, ge=1, le=64, description="nodes is the number of pods (torchrun nodes).")
+    cpu: str = Field("4", pattern=r"^[0-9]+(\.[0-9]+)?m?$", max_length=16, description="cpu request.")
+    memory: str = Field(
+        "32Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$", max_length=16, description="memory."
+    )
+    scratch_size: str = Field(
+        "100Gi",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+        max_length=16,
+        description="scratchSize bounds the writable scratch volume for data, model and checkpoints.",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, max_length=32, description="nodeSelector for the training pods."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="tolerations for the training pods."
+    )
+    priority_class_name: str | None = Field(
+        None, max_length=253, pattern=_K8S_NAME, description="priorityClassName for the training pods."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.nodes * self.gpusPerNode <= 128",
+                    "resources: nodes * gpusPerNode must be at most 128",
+                ),
+                cel(
+                    "self.nodes == 1 || self.gpusPerNode >= 1",
+                    "resources: multi-node training needs gpusPerNode >= 1",
+                ),
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ResourceSettings:
+        if self.nodes * self.gpus_per_node > 128:
+            raise ValueError("resources: nodes * gpusPerNode must be at most 128")
+        if self.nodes > 1 and self.gpus_per_node < 1:
+            raise ValueError("resources: multi-node training needs gpusPerNode >= 1")
+        return self
+
+
+class RunPolicy(SpecModel):
+    """Retries, deadlines and clean-up."""
+
+    backoff_limit: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="backoffLimit is how many pod failures are retried; disruptions (preemption, node "
+        "loss) do not count.",
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=60, le=31_536_000, description="activeDeadlineSeconds bounds the whole run's duration."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        le=31_536_000,
+        description="ttlSecondsAfterFinished deletes the VisionFineTune (and its children) this long after "
+        "it succeeded or failed.",
+    )
+
+
+class VisionFineTuneSpec(TrainingRecipe):
+    """The desired fine-tune: the recipe and how to run it."""
+
+    resources: ResourceSettings = Field(
+        default_factory=ResourceSettings, description="resources are the GPUs and scheduling."
+    )
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="runPolicy: retries and deadlines.")
+    queue_name: str | None = Field(
+        None,
+        max_length=63,
+        pattern=_K8S_NAME,
+        description="queueName is a Kueue LocalQueue; the Job then starts suspended until Kueue admits it.",
+    )
+    suspend: bool = Field(
+        False, description="suspend stops the run (pods are deleted) and keeps its checkpoints to resume."
+    )
+    image: str | None = Field(
+        None,
+        max_length=512,
+        pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._\-/:@]*$",
+        description="image overrides the operator's default trainer image.",
+    )
+
+
+# --- status ---------------------------------------------------------------------------------------------
+
+Phase = Literal[
+    "Pending", "Queued", "Initializing", "Training", "Uploading", "Succeeded", "Failed", "Suspended"
+]
+PHASES: tuple[str, ...] = (
+    "Pending",
+    "Queued",
+    "Initializing",
+    "Training",
+    "Uploading",
+    "Succeeded",
+    "Failed",
+    "Suspended",
+)
+FINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+class Condition(SpecModel):
+    """A condition in the shape of metav1.Condition."""
+
+    type: str = Field(max_length=316, description="type of the condition, e.g. Ready.")
+    status: Literal["True", "False", "Unknown"] = Field(description="status of the condition.")
+    observed_generation: int | None = Field(
+        None, ge=0, description="observedGeneration is the spec generation the condition was set for."
+    )
+    last_transition_time: str = Field(description="lastTransitionTime is when status last changed.")
+    reason: str = Field(max_length=1024, description="reason is a CamelCase machine-readable cause.")
+    message: str = Field("", max_length=32768, description="message is for humans.")
+
+
+class Progress(SpecModel):
+    """Live training progress, pushed by the trainer pod (field manager visionft-trainer)."""
+
+    step: int | None = Field(None, ge=0, description="step is the current global optimizer step.")
+    total_steps: int | None = Field(None, ge=0, description="totalSteps is the planned number of steps.")
+    percent: int | None = Field(None, ge=0, le=100, description="percent done.")
+    summary: str | None = Field(None, max_length=64, description="summary such as 12/30 (40%).")
+    epoch: float | None = Field(None, ge=0, description="epoch is the fractional epoch.")
+    loss: float | None = Field(None, description="loss is the latest training loss.")
+    learning_rate: float | None = Field(None, description="learningRate is the current LR.")
+    tokens_per_second: float | None = Field(None, ge=0, description="tokensPerSecond across all ranks.")
+    eta_seconds: int | None = Field(None, ge=0, description="etaSeconds until the last step.")
+    eta: str | None = Field(None, max_length=32, description="eta, human-readable, e.g. 1m35s.")
+    stage: str | None = Field(
+        None, max_length=32, description="stage of the pod: Downloading, Loading, Training, Uploading, Done."
+    )
+    update_time: str | None = Field(None, description="updateTime is when the trainer last reported.")
+
+
+class Outputs(SpecModel):
+    """Where the results were published."""
+
+    adapter_uri: str | None = Field(None, description="adapterUri is the published LoRA adapter.")
+    merged_uri: str | None = Field(None, description="mergedUri is the published merged model.")
+    checkpoint_uri: str | None = Field(None, description="checkpointUri is the newest complete checkpoint.")
+
+
+class VisionFineTuneStatus(SpecModel):
+    """Observed state, owned by the operator except progress."""
+
+    observed_generation: int | None = Field(None, description="observedGeneration of the spec.")
+    phase: Phase | None = Field(None, description="phase is the coarse state of the run.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="conditions: Ready, Reconciling, Stalled and domain conditions."
+    )
+    progress: Progress | None = Field(None, description="progress is live training progress.")
+    outputs: Outputs | None = Field(None, description="outputs are the published results.")
+    attempts: int | None = Field(None, ge=0, description="attempts is how many pods were started.")
+    job_name: str | None = Field(None, description="jobName is the owned batch/v1 Job.")
+    start_time: str | None = Field(None, description="startTime is when training first started.")
+    completion_time: str | None = Field(None, description="completionTime is when the run finished.")
+    message: str | None = Field(None, max_length=4096, description="message explains the phase.")
+
+
+IMMUTABLE_AFTER_START = ("model", "lora", "dataset", "training", "output", "storage", "resources")
+"""Spec fields that may not change once training has started (status.startTime is set)."""
+
+
+def immutability_rules() -> list[dict[str, str]]:
+    """Root-level CEL transition rules: the recipe can't change under a running or finished fine-tune."""
+    rules = []
+    for field in IMMUTABLE_AFTER_START:
+        rules.append(
+            cel(
+                f"!has(oldSelf.status) || !has(oldSelf.status.startTime) || "
+                f"(has(self.spec.{field}) == has(oldSelf.spec.{field}) && "
+                f"(!has(self.spec.{field}) || self.spec.{field} == oldSelf.spec.{field}))",
+                f"spec.{field} is immutable once training has started: create a new VisionFineTune "
+                f"(or delete and re-create this one) to change it",
+                f".spec.{field}",
+            )
+        )
+    return rules
