@@ -203,7 +203,9 @@ def build_crd() -> dict[str, Any]:
 
 def render_crd() -> str:
     """The CRD as committed YAML text."""
-    header = "# Generated from visionft_api (pydantic) by `python -m visionft_api.crd --write`. Do not edit.\n"
+    header = (
+        "# Generated from visionft_api (pydantic) by `python -m visionft_api.crd --write`. Do not edit.\n"
+    )
     return header + yaml.safe_dump(build_crd(), sort_keys=False, width=100)
 
 

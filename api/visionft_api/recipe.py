@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # A bucket name as S3 allows it, then an optional key prefix.
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
 # s3://bucket/prefix, an absolute local path (a mounted volume), or a hub id such as org/name.
-MODEL_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9._\-]+)$"
+MODEL_URI_PATTERN = (
+    r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9._\-]+)$"
+)
 # Datasets and outputs: s3:// or an absolute local path. Relative paths are accepted by the trainer CLI only
 # (resolved against the config file), never in a cluster resource.
 DATA_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*)$"

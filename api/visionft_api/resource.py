@@ -7,7 +7,7 @@ and, for `progress` only, by the trainer pod through server-side apply with its 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -59,8 +59,10 @@ class ResourceSettings(SpecModel):
         max_length=16,
         description="scratchSize bounds the writable scratch volume for data, model and checkpoints.",
     )
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, max_length=32, description="nodeSelector for the training pods."
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="nodeSelector for the training pods; values are label values (at most 63 characters).",
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="tolerations for the training pods."
@@ -121,7 +123,13 @@ class VisionFineTuneSpec(TrainingRecipe):
     resources: ResourceSettings = Field(
         default_factory=ResourceSettings, description="resources are the GPUs and scheduling."
     )
-    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="runPolicy: retries and deadlines.")
+    run_policy: RunPolicy = Field(
+        default_factory=RunPolicy,
+        description="runPolicy: retries and deadlines.",
+        # Defaulted to {} by the apiserver, so that its own defaults (backoffLimit) are always filled in and
+        # the immutability rule on runPolicy.backoffLimit always compares two values.
+        json_schema_extra={"default": {}},
+    )
     queue_name: str | None = Field(
         None,
         max_length=63,
@@ -214,19 +222,43 @@ class VisionFineTuneStatus(SpecModel):
     message: str | None = Field(None, max_length=4096, description="message explains the phase.")
 
 
-IMMUTABLE_AFTER_START = ("model", "lora", "dataset", "training", "output", "storage", "resources")
-"""Spec fields that may not change once training has started (status.startTime is set)."""
+IMMUTABLE_AFTER_START = (
+    "model",
+    "lora",
+    "dataset",
+    "training",
+    "output",
+    "storage",
+    "resources",
+    "image",
+    "runPolicy.backoffLimit",
+)
+"""Spec fields that may not change once training has started (status.startTime is set): the recipe, and
+what is baked into the running Job's immutable pod template or spec (image, resources, backoffLimit).
+`suspend`, `runPolicy.activeDeadlineSeconds` and `runPolicy.ttlSecondsAfterFinished` stay mutable; the
+operator applies them to the live Job."""
 
 
 def immutability_rules() -> list[dict[str, str]]:
-    """Root-level CEL transition rules: the recipe can't change under a running or finished fine-tune."""
+    """Root-level CEL transition rules: the recipe can't change under a running or finished fine-tune.
+
+    A dotted field (runPolicy.backoffLimit) is compared only when both old and new objects have its
+    parent, since CEL's `has()` errors on a missing parent."""
+    started = "!has(oldSelf.status) || !has(oldSelf.status.startTime)"
     rules = []
     for field in IMMUTABLE_AFTER_START:
+        parent = field.rpartition(".")[0]
+        new, old = f"self.spec.{field}", f"oldSelf.spec.{field}"
+        same = f"has({new}) == has({old}) && (!has({new}) || {new} == {old})"
+        if parent:
+            # Both have the parent: compare the leaf; otherwise only a change from absent to absent passes.
+            same = (
+                f"(has(self.spec.{parent}) && has(oldSelf.spec.{parent})) ? ({same}) : "
+                f"(!has(self.spec.{parent}) || !has({new})) && (!has(oldSelf.spec.{parent}) || !has({old}))"
+            )
         rules.append(
             cel(
-                f"!has(oldSelf.status) || !has(oldSelf.status.startTime) || "
-                f"(has(self.spec.{field}) == has(oldSelf.spec.{field}) && "
-                f"(!has(self.spec.{field}) || self.spec.{field} == oldSelf.spec.{field}))",
+                f"{started} || ({same})",
                 f"spec.{field} is immutable once training has started: create a new VisionFineTune "
                 f"(or delete and re-create this one) to change it",
                 f".spec.{field}",

@@ -36,6 +36,11 @@ class RuntimeSettings(SpecModel):
     eval_samples: int = Field(
         0, ge=0, le=100_000, description="evalSamples held-out samples to score before and after training."
     )
+    prepare_quickstart: bool = Field(
+        False,
+        description="prepareQuickstart generates the shapes dataset and a tiny model at the dataset and "
+        "model paths when they are missing (the local quickstart).",
+    )
 
 
 class TrainerConfig(TrainingRecipe):

@@ -1,0 +1,90 @@
+"""The cluster examples (examples/cluster/) and the GitOps manifests (deploy/), offline.
+
+Each example must be a VisionFineTune that the pydantic model accepts (the apiserver's side is in
+test_cluster.py), must not pin a namespace (so `kubectl apply -n NS` works), and must name a Secret whose
+placeholder manifest or `kubectl create secret` command is documented.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from visionft_api import API_VERSION, KIND, VisionFineTuneSpec
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_EXAMPLES = REPO / "examples" / "cluster"
+SECRETS = CLUSTER_EXAMPLES / "secrets"
+EXAMPLE_FILES = sorted(CLUSTER_EXAMPLES.glob("*.yaml"))
+
+
+def documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_the_promised_examples_exist() -> None:
+    names = {path.stem for path in EXAMPLE_FILES}
+    assert {"latex-ocr", "radiology-captioning", "multi-gpu", "kueue-queue", "suspended"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.name)
+def test_example_is_a_valid_visionfinetune(path: Path) -> None:
+    docs = documents(path)
+    assert len(docs) == 1
+    (doc,) = docs
+    assert doc["apiVersion"] == API_VERSION
+    assert doc["kind"] == KIND
+    assert "namespace" not in doc["metadata"], "leave the namespace to `kubectl apply -n`"
+    VisionFineTuneSpec.model_validate(doc["spec"])
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.name)
+def test_example_secret_is_documented_with_placeholders(path: Path) -> None:
+    spec = documents(path)[0]["spec"]
+    secret = spec.get("storage", {}).get("credentialsSecret")
+    assert secret, "every example names its credentials Secret"
+    assert f"kubectl create secret generic {secret}" in path.read_text()
+    manifest = SECRETS / f"{secret}.yaml"
+    assert manifest.exists(), f"{manifest.relative_to(REPO)} (placeholder Secret) is missing"
+    (doc,) = documents(manifest)
+    assert doc["kind"] == "Secret"
+    assert doc["metadata"]["name"] == secret
+    data = doc["stringData"]
+    assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert all(value.startswith("REPLACE-ME") for value in data.values())
+
+
+def test_examples_cover_multi_gpu_kueue_and_suspend() -> None:
+    specs = {path.stem: documents(path)[0]["spec"] for path in EXAMPLE_FILES}
+    assert specs["multi-gpu"]["resources"]["nodes"] > 1
+    assert specs["multi-gpu"]["resources"]["gpusPerNode"] > 1
+    assert specs["kueue-queue"]["queueName"]
+    assert specs["suspended"]["suspend"] is True
+
+
+def test_example_folder_holds_only_resources() -> None:
+    # `kubectl apply -f examples/cluster/` must apply nothing but Kubernetes objects.
+    for path in CLUSTER_EXAMPLES.iterdir():
+        if path.is_file():
+            assert path.suffix == ".yaml", f"{path.name} would be read by kubectl apply -f"
+            for doc in documents(path):
+                assert {"apiVersion", "kind", "metadata"} <= set(doc)
+
+
+def test_gitops_manifests_point_at_the_repo_paths() -> None:
+    app = documents(REPO / "deploy" / "argocd" / "application.yaml")
+    kinds = {doc["kind"] for doc in app}
+    assert kinds == {"Application"}
+    paths = {doc["spec"]["source"].get("path") for doc in app}
+    assert "charts/visionft" in paths
+    for doc in app:
+        path = doc["spec"]["source"].get("path")
+        assert (REPO / path).is_dir(), path
+    flux = documents(REPO / "deploy" / "flux" / "kustomization.yaml")
+    by_kind: dict[str, list[dict]] = {}
+    for doc in flux:
+        by_kind.setdefault(doc["kind"], []).append(doc)
+    assert "GitRepository" in by_kind and "Kustomization" in by_kind
+    for kustomization in by_kind["Kustomization"]:
+        assert (REPO / kustomization["spec"]["path"].lstrip("./")).is_dir()
