@@ -1,0 +1,326 @@
+"""Pure functions from a VisionFineTune to the objects it owns: ConfigMap, Job, ServiceAccount, Role and
+RoleBinding. No API calls here: `reconcile.py` creates (or adopts) what these return.
+
+Every child carries an ownerReference to the resource (controller, blockOwnerDeletion), so the garbage
+collector removes it with the resource: the operator needs no finalizer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from visionft_api import API_VERSION, KIND, PLURAL, TrainerConfig, VisionFineTuneSpec
+from visionft_api.resource import GROUP, KUEUE_QUEUE_LABEL
+
+from visionft_operator import constants as c
+from visionft_operator import names
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The VisionFineTune that owns the children."""
+
+    namespace: str
+    name: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class PodDefaults:
+    """Settings that come from the operator (config and policy), not from the resource."""
+
+    image: str = "ghcr.io/visionft/trainer:0.1.0"
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    priority_class_name: str | None = None
+    tmp_size: str = "4Gi"
+    shm_size: str = "8Gi"
+    pod_annotations: dict[str, str] = field(default_factory=dict)
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def labels(owner: Owner) -> dict[str, str]:
+    """Labels of every child (and of the pods)."""
+    return {
+        c.LABEL_NAME: owner.name,
+        c.LABEL_COMPONENT: "trainer",
+        c.LABEL_MANAGED_BY: c.COMPONENT,
+        c.LABEL_PART_OF: c.PART_OF,
+    }
+
+
+def _metadata(owner: Owner, name: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": {**labels(owner), **(extra_labels or {})},
+        "ownerReferences": [owner_reference(owner)],
+    }
+
+
+def trainer_config(owner: Owner, spec: VisionFineTuneSpec) -> TrainerConfig:
+    """The trainer's config: the recipe part of the spec plus where to work and whom to report to."""
+    recipe = {
+        key: value
+        for key, value in spec.to_dict().items()
+        if key in TrainerConfig.model_fields or key in {m.alias for m in TrainerConfig.model_fields.values()}
+    }
+    recipe["runtime"] = {
+        "workDir": f"{c.SCRATCH_MOUNT}/work",
+        "jsonProgress": True,
+        "statusTarget": {"namespace": owner.namespace, "name": owner.name},
+    }
+    return TrainerConfig.model_validate(recipe)
+
+
+def config_map(owner: Owner, spec: VisionFineTuneSpec) -> dict[str, Any]:
+    """The ConfigMap with the trainer config as JSON. It never holds a secret: the spec only names the
+    Secret, and the credentials reach the pod as environment variables."""
+    text = json.dumps(trainer_config(owner, spec).to_dict(), indent=2, sort_keys=True)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, names.config_map_name(owner.name)),
+        "data": {c.CONFIG_FILE: text + "\n"},
+    }
+
+
+def service_account(owner: Owner) -> dict[str, Any]:
+    """The trainer pod's identity: it may only report this one resource's status."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(owner, names.service_account_name(owner.name)),
+        "automountServiceAccountToken": False,
+    }
+
+
+def role(owner: Owner) -> dict[str, Any]:
+    """Only `get` and `patch` on this resource's status subresource (resourceNames)."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(owner, names.role_name(owner.name)),
+        "rules": [
+            {
+                "apiGroups": [GROUP],
+                "resources": [f"{PLURAL}/status"],
+                "resourceNames": [owner.name],
+                "verbs": ["get", "patch"],
+            }
+        ],
+    }
+
+
+def role_binding(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(owner, names.role_name(owner.name)),
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": names.role_name(owner.name),
+        },
+        "subjects": [
+            {
+                "kind": "ServiceAccount",
+                "name": names.service_account_name(owner.name),
+                "namespace": owner.namespace,
+            }
+        ],
+    }
+
+
+def _env(spec: VisionFineTuneSpec) -> list[dict[str, Any]]:
+    scratch = c.SCRATCH_MOUNT
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": f"{scratch}/home"},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": f"{scratch}/cache"},
+        {"name": "HF_HOME", "value": f"{scratch}/cache/huggingface"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{scratch}/cache/triton"},
+        {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{scratch}/cache/inductor"},
+        {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "VISIONFT_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "VISIONFT_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    storage = spec.storage
+    if storage.credentials_secret:
+        for var, key in (
+            ("AWS_ACCESS_KEY_ID", storage.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", storage.secret_access_key_key),
+        ):
+            env.append(
+                {
+                    "name": var,
+                    "valueFrom": {"secretKeyRef": {"name": storage.credentials_secret, "key": key}},
+                }
+            )
+    if storage.ca_bundle_config_map:
+        env.append({"name": "AWS_CA_BUNDLE", "value": f"{c.CA_MOUNT}/ca.crt"})
+    return env
+
+
+def _resources(spec: VisionFineTuneSpec) -> dict[str, Any]:
+    res = spec.resources
+    requests: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
+    limits: dict[str, str] = {"memory": res.memory}
+    if res.gpus_per_node:
+        # Extended resources must have equal requests and limits.
+        requests["nvidia.com/gpu"] = str(res.gpus_per_node)
+        limits["nvidia.com/gpu"] = str(res.gpus_per_node)
+    return {"requests": requests, "limits": limits}
+
+
+def pod_template(owner: Owner, spec: VisionFineTuneSpec, defaults: PodDefaults) -> dict[str, Any]:
+    """The training pod: non-root, no privilege escalation, seccomp RuntimeDefault, no capabilities, a
+    read-only root filesystem with emptyDir scratch, /tmp and /dev/shm (Pod Security "restricted")."""
+    res = spec.resources
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": names.config_map_name(owner.name)}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": res.scratch_size}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": defaults.tmp_size}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": defaults.shm_size}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": c.CONFIG_MOUNT, "readOnly": True},
+        {"name": "scratch", "mountPath": c.SCRATCH_MOUNT},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    if spec.storage.ca_bundle_config_map:
+        volumes.append({"name": "ca", "configMap": {"name": spec.storage.ca_bundle_config_map}})
+        mounts.append({"name": "ca", "mountPath": c.CA_MOUNT, "readOnly": True})
+    container = {
+        "name": c.CONTAINER_NAME,
+        "image": spec.image or defaults.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["visionft-train", "--config", f"{c.CONFIG_MOUNT}/{c.CONFIG_FILE}"],
+        "env": _env(spec),
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "workingDir": c.SCRATCH_MOUNT,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": c.TRAINER_UID,
+            "runAsGroup": c.TRAINER_UID,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": names.service_account_name(owner.name),
+        # The trainer reports progress with this token; the ServiceAccount itself doesn't automount.
+        "automountServiceAccountToken": True,
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": c.TRAINER_UID,
+            "runAsGroup": c.TRAINER_UID,
+            "fsGroup": c.TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    node_selector = {**defaults.node_selector, **res.node_selector}
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    tolerations = [*defaults.tolerations, *(t.to_dict() for t in res.tolerations)]
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    priority = res.priority_class_name or defaults.priority_class_name
+    if priority:
+        pod_spec["priorityClassName"] = priority
+    metadata: dict[str, Any] = {"labels": labels(owner)}
+    if defaults.pod_annotations:
+        metadata["annotations"] = dict(defaults.pod_annotations)
+    return {"metadata": metadata, "spec": pod_spec}
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Disruptions (preemption, node drain or loss: the DisruptionTarget condition) never count against
+    backoffLimit; exit codes that mean "bad config" fail the Job at once; other failures are retried."""
+    return {
+        "rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": c.CONTAINER_NAME,
+                    "operator": "In",
+                    "values": list(c.NON_RETRYABLE_EXIT_CODES),
+                },
+            },
+        ]
+    }
+
+
+def job(owner: Owner, spec: VisionFineTuneSpec, defaults: PodDefaults) -> dict[str, Any]:
+    """The batch/v1 Job. With `queueName` it carries Kueue's queue label and starts suspended (Kueue
+    unsuspends it on admission); with `suspend` it starts suspended too."""
+    extra = {KUEUE_QUEUE_LABEL: spec.queue_name} if spec.queue_name else {}
+    nodes = spec.resources.nodes
+    job_spec: dict[str, Any] = {
+        "suspend": bool(spec.suspend or spec.queue_name),
+        "backoffLimit": spec.run_policy.backoff_limit,
+        "completions": nodes,
+        "parallelism": nodes,
+        "podFailurePolicy": pod_failure_policy(),
+        "template": pod_template(owner, spec, defaults),
+    }
+    if nodes > 1:
+        # One pod per node with a stable index and DNS name (<job>-<index>.<service>) for torchrun.
+        job_spec["completionMode"] = "Indexed"
+        job_spec["template"]["spec"]["subdomain"] = names.job_name(owner.name)
+    if spec.run_policy.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(owner, names.job_name(owner.name), extra),
+        "spec": job_spec,
+    }
+
+
+def headless_service(owner: Owner) -> dict[str, Any]:
+    """For multi-node runs: gives each indexed pod a DNS name, so rank 0 is reachable by the others."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, names.job_name(owner.name)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {c.LABEL_NAME: owner.name},
+            "ports": [{"name": "rendezvous", "port": 29500, "targetPort": 29500}],
+        },
+    }
+
+
+def all_children(owner: Owner, spec: VisionFineTuneSpec, defaults: PodDefaults) -> list[dict[str, Any]]:
+    """In creation order: the identity and config first, the Job (which starts pods) last."""
+    objs = [service_account(owner), role(owner), role_binding(owner), config_map(owner, spec)]
+    if spec.resources.nodes > 1:
+        objs.append(headless_service(owner))
+    objs.append(job(owner, spec, defaults))
+    return objs

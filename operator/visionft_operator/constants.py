@@ -1,0 +1,35 @@
+"""Names the operator owns: labels, field managers, component names. One place, so that tests and the chart
+can refer to them."""
+
+from __future__ import annotations
+
+from visionft_api.resource import GROUP, KUEUE_QUEUE_LABEL, LABEL_PREFIX, PLURAL, VERSION
+
+__all__ = ["GROUP", "KUEUE_QUEUE_LABEL", "PLURAL", "VERSION"]
+
+# The field manager of every write the operator makes (children and status). The trainer uses its own
+# (visionft_api.resource.TRAINER_FIELD_MANAGER), so the two never take each other's fields.
+FIELD_MANAGER = "visionft-operator"
+# The component name on Events and in app.kubernetes.io/managed-by.
+COMPONENT = "visionft-operator"
+
+# Labels on every child object. `visionft.io/name` selects all children (and pods) of one resource.
+LABEL_NAME = f"{LABEL_PREFIX}name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+PART_OF = "visionft"
+
+# The trainer container's name and the paths inside the pod.
+CONTAINER_NAME = "trainer"
+CONFIG_MOUNT = "/etc/visionft"
+CONFIG_FILE = "config.json"
+CA_MOUNT = "/etc/visionft-ca"
+SCRATCH_MOUNT = "/scratch"
+# A fixed non-root UID/GID for the trainer (the image's user); Pod Security "restricted" needs non-root.
+TRAINER_UID = 65532
+
+# Exit codes of `visionft-train` that no retry can fix: the Job fails at once (podFailurePolicy FailJob).
+# The CLI exits 2 on a config or data error (trainer/visionft/cli.py: EXIT_CONFIG); 1 (a crash, an
+# infrastructure failure) and signals (OOM) are retried up to backoffLimit.
+NON_RETRYABLE_EXIT_CODES = (2,)

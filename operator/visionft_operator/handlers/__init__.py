@@ -1,0 +1,1 @@
+"""One module per event source; `main.py` registers them with Kopf."""

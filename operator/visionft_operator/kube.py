@@ -1,0 +1,231 @@
+"""The few API calls the operator makes, on the kubernetes client (synchronous; callers run them in a
+thread). Objects go in and come out as plain dicts in their wire (camelCase) form.
+
+The operator only ever creates children, merge-patches a Job's `suspend`/`activeDeadlineSeconds`, writes
+its own status fields through the status subresource, and deletes a resource whose TTL ran out. It never
+writes a resource's spec, labels or annotations, and it never reads Secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+from visionft_api.resource import GROUP, PLURAL, VERSION
+
+from visionft_operator import constants as c
+
+MERGE_PATCH = "application/merge-patch+json"
+
+_lock = threading.Lock()
+_api: kubernetes.client.ApiClient | None = None
+
+
+def api_client() -> kubernetes.client.ApiClient:
+    """One client per process: in-cluster credentials, else the kubeconfig ($KUBECONFIG)."""
+    global _api
+    with _lock:
+        if _api is None:
+            configuration = kubernetes.client.Configuration()
+            try:
+                kubernetes.config.load_incluster_config(client_configuration=configuration)
+            except kubernetes.config.ConfigException:
+                kubernetes.config.load_kube_config(client_configuration=configuration)
+            send_bearer_token(configuration)
+            _api = kubernetes.client.ApiClient(configuration)
+        return _api
+
+
+def send_bearer_token(configuration: kubernetes.client.Configuration) -> None:
+    """Work around kubernetes-client 36: its config loaders store a token (in-cluster ServiceAccount
+    token, kubeconfig `token`) under api_key["authorization"], but its requests only send
+    api_key["BearerToken"], so token-authenticated calls go out anonymous (403 system:anonymous).
+    Copy the token over, also after each refresh of a rotating in-cluster token."""
+    original = configuration.refresh_api_key_hook
+
+    def refresh(conf: kubernetes.client.Configuration) -> None:
+        if original is not None:
+            original(conf)
+        token = conf.api_key.get("authorization")
+        if token and "BearerToken" not in conf.api_key_prefix:
+            conf.api_key["BearerToken"] = token
+
+    configuration.refresh_api_key_hook = refresh
+    refresh(configuration)
+
+
+def reset_client() -> None:
+    """Forget the client (tests point the process at another cluster)."""
+    global _api
+    with _lock:
+        _api = None
+
+
+def _json(response: Any) -> dict[str, Any]:
+    return json.loads(response.data)
+
+
+def _core() -> kubernetes.client.CoreV1Api:
+    return kubernetes.client.CoreV1Api(api_client())
+
+
+def _batch() -> kubernetes.client.BatchV1Api:
+    return kubernetes.client.BatchV1Api(api_client())
+
+
+def _rbac() -> kubernetes.client.RbacAuthorizationV1Api:
+    return kubernetes.client.RbacAuthorizationV1Api(api_client())
+
+
+def _custom() -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(api_client())
+
+
+_CREATE = {
+    "ServiceAccount": lambda ns, body: _core().create_namespaced_service_account(
+        ns, body, field_manager=c.FIELD_MANAGER, _preload_content=False
+    ),
+    "ConfigMap": lambda ns, body: _core().create_namespaced_config_map(
+        ns, body, field_manager=c.FIELD_MANAGER, _preload_content=False
+    ),
+    "Role": lambda ns, body: _rbac().create_namespaced_role(
+        ns, body, field_manager=c.FIELD_MANAGER, _preload_content=False
+    ),
+    "RoleBinding": lambda ns, body: _rbac().create_namespaced_role_binding(
+        ns, body, field_manager=c.FIELD_MANAGER, _preload_content=False
+    ),
+    "Service": lambda ns, body: _core().create_namespaced_service(
+        ns, body, field_manager=c.FIELD_MANAGER, _preload_content=False
+    ),
+    "Job": lambda ns, body: _batch().create_namespaced_job(
+        ns, body, field_manager=c.FIELD_MANAGER, _preload_content=False
+    ),
+}
+_READ = {
+    "ServiceAccount": lambda ns, name: _core().read_namespaced_service_account(
+        name, ns, _preload_content=False
+    ),
+    "ConfigMap": lambda ns, name: _core().read_namespaced_config_map(name, ns, _preload_content=False),
+    "Role": lambda ns, name: _rbac().read_namespaced_role(name, ns, _preload_content=False),
+    "RoleBinding": lambda ns, name: _rbac().read_namespaced_role_binding(name, ns, _preload_content=False),
+    "Service": lambda ns, name: _core().read_namespaced_service(name, ns, _preload_content=False),
+    "Job": lambda ns, name: _batch().read_namespaced_job(name, ns, _preload_content=False),
+}
+
+
+class NotOurs(Exception):
+    """A child's name is taken by an object that another owner controls."""
+
+
+def create_or_adopt(obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Create the object; when it exists (409: a restarted operator, a second replica), return the
+    existing one if it is ours. Returns (object, created)."""
+    kind, ns = obj["kind"], obj["metadata"]["namespace"]
+    try:
+        return _json(_CREATE[kind](ns, obj)), True
+    except ApiException as err:
+        if err.status != 409:
+            raise
+    existing = _json(_READ[kind](ns, obj["metadata"]["name"]))
+    want_uid = obj["metadata"]["ownerReferences"][0]["uid"]
+    owners = existing["metadata"].get("ownerReferences") or []
+    if not any(o.get("uid") == want_uid for o in owners):
+        controller = next((o for o in owners if o.get("controller")), None)
+        who = (
+            f"{controller['kind']} {controller['name']} (uid {controller['uid']})" if controller else "nobody"
+        )
+        raise NotOurs(f"{kind} {ns}/{obj['metadata']['name']} exists and is controlled by {who}")
+    return existing, False
+
+
+def read_job(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return _json(_batch().read_namespaced_job(name, namespace, _preload_content=False))
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def patch_job(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+    return _json(
+        _batch().patch_namespaced_job(
+            name,
+            namespace,
+            patch,
+            field_manager=c.FIELD_MANAGER,
+            _content_type=MERGE_PATCH,
+            _preload_content=False,
+        )
+    )
+
+
+def list_pods(namespace: str, resource_name: str) -> list[dict[str, Any]]:
+    response = _core().list_namespaced_pod(
+        namespace, label_selector=f"{c.LABEL_NAME}={resource_name}", _preload_content=False
+    )
+    return _json(response).get("items") or []
+
+
+def list_jobs(namespace: str) -> list[dict[str, Any]]:
+    """The operator's Jobs in a namespace (for the policy's usage count)."""
+    response = _batch().list_namespaced_job(
+        namespace, label_selector=f"{c.LABEL_MANAGED_BY}={c.COMPONENT}", _preload_content=False
+    )
+    return _json(response).get("items") or []
+
+
+def job_events(namespace: str, job_name: str) -> list[dict[str, Any]]:
+    response = _core().list_namespaced_event(
+        namespace,
+        field_selector=f"involvedObject.kind=Job,involvedObject.name={job_name}",
+        _preload_content=False,
+    )
+    return _json(response).get("items") or []
+
+
+def read_resource(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return _json(
+            _custom().get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
+            )
+        )
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def patch_status(namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch of the status subresource with only the operator's fields: `progress` (the
+    trainer's, server-side applied) is never part of it, so it is never clobbered."""
+    assert "progress" not in status, "status.progress belongs to the trainer"
+    return _json(
+        _custom().patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": status},
+            field_manager=c.FIELD_MANAGER,
+            _content_type=MERGE_PATCH,
+            _preload_content=False,
+        )
+    )
+
+
+def delete_resource(namespace: str, name: str, uid: str) -> None:
+    """Delete a resource (TTL), only if it is still the same object (uid precondition)."""
+    body = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(uid=uid))
+    try:
+        _custom().delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, body=body, propagation_policy="Background"
+        )
+    except ApiException as err:
+        if err.status not in (404, 409):
+            raise

@@ -1,0 +1,85 @@
+"""One table of malformed VisionFineTune specs, each with the field its rejection must name.
+
+`tests/api/test_rules.py` runs it through the pydantic models (what the operator and trainer check);
+`tests/operator/test_cluster_validation.py` runs it through the real apiserver (CRD schema and CEL rules).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.operator.specs import spec
+
+# (id, spec, field that the message must name)
+MALFORMED: list[tuple[str, dict[str, Any], str]] = [
+    ("model-missing", spec(model=None), "spec.model"),
+    ("model-uri-scheme", spec(**{"model.uri": "ftp://host/model"}), "spec.model.uri"),
+    ("dataset-uri-relative", spec(**{"dataset.uri": "data/train"}), "spec.dataset.uri"),
+    ("output-uri-http", spec(**{"output.uri": "http://host/out"}), "spec.output.uri"),
+    ("lora-rank-zero", spec(**{"lora.r": 0}), "spec.lora.r"),
+    ("lora-rank-huge", spec(**{"lora.r": 1000}), "spec.lora.r"),
+    ("lora-dropout", spec(**{"lora.dropout": 0.95}), "spec.lora.dropout"),
+    ("lora-bias-enum", spec(**{"lora.bias": "some"}), "spec.lora.bias"),
+    (
+        "lora-no-layers",
+        spec(**{"lora.finetuneVisionLayers": False, "lora.finetuneLanguageLayers": False}),
+        "spec.lora",
+    ),
+    (
+        "lora-no-modules",
+        spec(**{"lora.finetuneAttentionModules": False, "lora.finetuneMlpModules": False}),
+        "spec.lora",
+    ),
+    (
+        "lora-regex-and-list",
+        spec(**{"lora.targetModulesRegex": ".*q_proj", "lora.targetModules": ["q_proj"]}),
+        "spec.lora",
+    ),
+    ("lora-unknown-field", spec(**{"lora.rank": 8}), "spec.lora.rank"),
+    ("model-two-quantizations", spec(**{"model.loadIn4bit": True, "model.loadIn8bit": True}), "spec.model"),
+    ("model-seq-too-short", spec(**{"model.maxSeqLength": 32}), "spec.model.maxSeqLength"),
+    ("training-steps-and-epochs", spec(**{"training.epochs": 2}), "spec.training"),
+    ("training-neither", spec(**{"training.maxSteps": None}), "spec.training"),
+    ("training-lr-zero", spec(**{"training.learningRate": 0}), "spec.training.learningRate"),
+    ("training-lr-huge", spec(**{"training.learningRate": 2}), "spec.training.learningRate"),
+    ("training-optimizer-enum", spec(**{"training.optimizer": "adam"}), "spec.training.optimizer"),
+    (
+        "dataset-validation-fraction",
+        spec(**{"dataset.validationFraction": 0.9}),
+        "spec.dataset.validationFraction",
+    ),
+    ("dataset-pixels-tiny", spec(**{"dataset.maxImagePixels": 10}), "spec.dataset.maxImagePixels"),
+    ("dataset-format-enum", spec(**{"dataset.format": "csv"}), "spec.dataset.format"),
+    ("storage-endpoint-no-scheme", spec(**{"storage.endpoint": "s3.local:9000"}), "spec.storage.endpoint"),
+    (
+        "storage-secret-other-namespace",
+        spec(**{"storage.credentialsSecret": "team-b/s3-creds"}),
+        "spec.storage.credentialsSecret",
+    ),
+    (
+        "storage-ca-without-tls",
+        spec(**{"storage.verifyTls": False, "storage.caBundleConfigMap": "ca"}),
+        "spec.storage",
+    ),
+    ("resources-gpus-per-node", spec(**{"resources.gpusPerNode": 17}), "spec.resources.gpusPerNode"),
+    ("resources-multinode-cpu", spec(**{"resources.nodes": 2, "resources.gpusPerNode": 0}), "spec.resources"),
+    (
+        "resources-too-many-gpus",
+        spec(**{"resources.nodes": 64, "resources.gpusPerNode": 16}),
+        "spec.resources",
+    ),
+    ("resources-memory-format", spec(**{"resources.memory": "lots"}), "spec.resources.memory"),
+    (
+        "resources-toleration-operator",
+        spec(**{"resources.tolerations": [{"key": "k", "operator": "Maybe"}]}),
+        "spec.resources.tolerations[0].operator",
+    ),
+    ("run-policy-backoff-negative", spec(**{"runPolicy.backoffLimit": -1}), "spec.runPolicy.backoffLimit"),
+    (
+        "run-policy-deadline-short",
+        spec(**{"runPolicy.activeDeadlineSeconds": 10}),
+        "spec.runPolicy.activeDeadlineSeconds",
+    ),
+    ("queue-name-format", spec(queueName="Bad_Queue"), "spec.queueName"),
+    ("image-with-space", spec(image="bad image"), "spec.image"),
+]

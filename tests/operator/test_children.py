@@ -1,0 +1,186 @@
+"""The rendered children (no cluster): names, ownership, the Job's security and scheduling, the ConfigMap."""
+
+from __future__ import annotations
+
+import json
+
+from visionft_api import TrainerConfig, VisionFineTuneSpec
+from visionft_operator import children, names
+
+from tests.operator.specs import spec
+
+OWNER = children.Owner(namespace="team-a", name="latex-ocr", uid="1234")
+
+
+def _spec(**kw: object) -> VisionFineTuneSpec:
+    return VisionFineTuneSpec.model_validate(spec(**kw))
+
+
+def test_names_are_deterministic_and_fit_a_label() -> None:
+    assert names.job_name("latex-ocr") == "latex-ocr-trainer"
+    long = "x" * 200
+    assert names.job_name(long) == names.job_name(long)
+    assert len(names.job_name(long)) <= 63
+    assert names.job_name(long) != names.job_name("x" * 199)
+
+
+def test_every_child_is_owned_and_labelled() -> None:
+    objs = children.all_children(OWNER, _spec(), children.PodDefaults())
+    assert [o["kind"] for o in objs] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"]
+    for obj in objs:
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert ref == {
+            "apiVersion": "visionft.io/v1alpha1",
+            "kind": "VisionFineTune",
+            "name": "latex-ocr",
+            "uid": "1234",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        assert obj["metadata"]["namespace"] == "team-a"
+        assert obj["metadata"]["labels"]["visionft.io/name"] == "latex-ocr"
+
+
+def test_role_allows_only_this_resources_status() -> None:
+    (rule,) = children.role(OWNER)["rules"]
+    assert rule == {
+        "apiGroups": ["visionft.io"],
+        "resources": ["visionfinetunes/status"],
+        "resourceNames": ["latex-ocr"],
+        "verbs": ["get", "patch"],
+    }
+
+
+def test_config_map_holds_the_trainer_config_and_no_secret() -> None:
+    cm = children.config_map(OWNER, _spec())
+    raw = json.loads(cm["data"]["config.json"])
+    config = TrainerConfig.model_validate(raw)
+    assert config.runtime.status_target is not None
+    assert (config.runtime.status_target.namespace, config.runtime.status_target.name) == (
+        "team-a",
+        "latex-ocr",
+    )
+    assert config.runtime.json_progress
+    assert config.runtime.work_dir.startswith("/scratch")
+    for cluster_field in ("resources", "runPolicy", "queueName", "suspend", "image"):
+        assert cluster_field not in raw
+    # The Secret is referenced by name, never resolved.
+    assert raw["storage"]["credentialsSecret"] == "s3-creds"
+
+
+def test_job_pod_meets_pod_security_restricted() -> None:
+    job = children.job(OWNER, _spec(), children.PodDefaults())
+    pod = job["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["runAsUser"] > 0
+    # Writable scratch, /tmp and caches on emptyDirs; the config read-only.
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/etc/visionft"]["readOnly"] is True
+    assert {"/scratch", "/tmp", "/dev/shm"} <= set(mounts)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_HOME"]["value"].startswith("/scratch")
+    for volume in pod["volumes"]:
+        assert "hostPath" not in volume
+
+
+def test_job_requests_gpus_and_scheduling_from_spec_and_policy() -> None:
+    s = _spec(
+        **{
+            "resources.gpusPerNode": 2,
+            "resources.nodeSelector": {"pool": "h100"},
+            "resources.tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+            "resources.priorityClassName": "training",
+        }
+    )
+    defaults = children.PodDefaults(
+        node_selector={"zone": "a"}, tolerations=[{"key": "t", "operator": "Exists"}]
+    )
+    job = children.job(OWNER, s, defaults)
+    pod = job["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == "2" == resources["limits"]["nvidia.com/gpu"]
+    assert pod["nodeSelector"] == {"zone": "a", "pool": "h100"}
+    assert {"key": "t", "operator": "Exists"} in pod["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["priorityClassName"] == "training"
+
+
+def test_job_credentials_come_from_the_users_secret() -> None:
+    s = _spec(**{"storage.accessKeyIdKey": "id", "storage.secretAccessKeyKey": "key"})
+    env = {
+        e["name"]: e
+        for e in children.job(OWNER, s, children.PodDefaults())["spec"]["template"]["spec"]["containers"][0][
+            "env"
+        ]
+    }
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": "id"}}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": "key"}}
+    without = _spec(**{"storage.credentialsSecret": None})
+    env2 = {
+        e["name"]
+        for e in children.job(OWNER, without, children.PodDefaults())["spec"]["template"]["spec"][
+            "containers"
+        ][0]["env"]
+    }
+    assert "AWS_ACCESS_KEY_ID" not in env2
+
+
+def test_job_retries_ignore_disruptions_and_fail_fast_on_config_errors() -> None:
+    job = children.job(
+        OWNER,
+        _spec(**{"runPolicy.backoffLimit": 5, "runPolicy.activeDeadlineSeconds": 3600}),
+        children.PodDefaults(),
+    )
+    js = job["spec"]
+    assert js["backoffLimit"] == 5
+    assert js["activeDeadlineSeconds"] == 3600
+    rules = js["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    assert rules[1]["action"] == "FailJob"
+    assert js["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_queue_name_labels_the_job_and_starts_it_suspended() -> None:
+    job = children.job(OWNER, _spec(queueName="team-a-queue"), children.PodDefaults())
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-queue"
+    assert job["spec"]["suspend"] is True
+    plain = children.job(OWNER, _spec(), children.PodDefaults())
+    assert plain["spec"]["suspend"] is False
+    assert "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]
+
+
+def test_image_from_spec_or_default() -> None:
+    assert (
+        children.job(OWNER, _spec(), children.PodDefaults(image="reg/x:1"))["spec"]["template"]["spec"][
+            "containers"
+        ][0]["image"]
+        == "reg/x:1"
+    )
+    assert (
+        children.job(OWNER, _spec(image="mine/y:2"), children.PodDefaults())["spec"]["template"]["spec"][
+            "containers"
+        ][0]["image"]
+        == "mine/y:2"
+    )
+
+
+def test_multi_node_runs_get_an_indexed_job_and_a_headless_service() -> None:
+    s = _spec(**{"resources.nodes": 2, "resources.gpusPerNode": 4})
+    objs = children.all_children(OWNER, s, children.PodDefaults())
+    assert [o["kind"] for o in objs][-2:] == ["Service", "Job"]
+    service, job = objs[-2], objs[-1]
+    assert service["spec"]["clusterIP"] == "None"
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    assert job["spec"]["template"]["spec"]["subdomain"] == service["metadata"]["name"]

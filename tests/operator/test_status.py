@@ -1,0 +1,212 @@
+"""Phase and condition derivation (no cluster): each phase from the Job, pods, progress and policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from visionft_api import conditions as cond
+from visionft_operator import status as st
+
+from tests.operator.specs import spec
+
+T0, T1 = "2026-11-26T10:00:00Z", "2026-11-26T10:05:00Z"
+
+
+def _job(
+    suspend: bool = False, conditions: list[dict[str, Any]] | None = None, **status: Any
+) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "r-trainer"},
+        "spec": {"suspend": suspend},
+        "status": {"conditions": conditions or [], **status},
+    }
+
+
+def _pod(phase: str, name: str = "r-trainer-abc", **status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "creationTimestamp": T0}, "status": {"phase": phase, **status}}
+
+
+def _derive(status: dict[str, Any] | None = None, **kw: Any) -> st.Derived:
+    obs = st.Observation(generation=3, spec=kw.pop("spec", spec()), status=status or {}, **kw)
+    return st.derive(obs, now=T1)
+
+
+def _cond(derived: st.Derived, type_: str) -> dict[str, Any]:
+    found = st.get_condition(derived.status["conditions"], type_)
+    assert found is not None, type_
+    return found
+
+
+def test_pending_before_the_job_exists() -> None:
+    d = _derive()
+    assert d.status["phase"] == "Pending"
+    assert _cond(d, cond.RECONCILING)["status"] == "True"
+    assert _cond(d, cond.READY)["status"] == "False"
+    assert d.event == ("Normal", "Pending", "creating the trainer's Job")
+
+
+def test_policy_wait_and_deny() -> None:
+    wait = _derive(
+        policy=st.PolicyDecision("wait", "maxConcurrentJobs", "policy maxConcurrentJobs: limit is 1")
+    )
+    assert wait.status["phase"] == "Pending"
+    assert (_cond(wait, cond.ADMITTED)["status"], _cond(wait, cond.ADMITTED)["reason"]) == (
+        "False",
+        cond.REASON_POLICY_LIMIT,
+    )
+    assert "maxConcurrentJobs" in _cond(wait, cond.ADMITTED)["message"]
+    deny = _derive(policy=st.PolicyDecision("deny", "allowedImages", "policy allowedImages: no"))
+    assert deny.status["phase"] == "Failed"
+    assert _cond(deny, cond.STALLED)["reason"] == cond.REASON_POLICY_VIOLATION
+    assert deny.event is not None and deny.event[0] == "Warning"
+
+
+def test_invalid_spec_fails_with_the_message() -> None:
+    d = _derive(spec_error="spec.training: set exactly one of maxSteps and epochs")
+    assert d.status["phase"] == "Failed"
+    assert "spec.training" in d.status["message"]
+    assert _cond(d, cond.STALLED)["reason"] == cond.REASON_INVALID_SPEC
+
+
+def test_queued_while_kueue_holds_the_job() -> None:
+    d = _derive(spec=spec(queueName="q"), job=_job(suspend=True))
+    assert d.status["phase"] == "Queued"
+    assert _cond(d, cond.ADMITTED)["reason"] == cond.REASON_QUEUED_BY_KUEUE
+    assert "startTime" not in d.status
+
+
+def test_initializing_training_uploading_follow_pods_and_progress() -> None:
+    job = _job(active=1, startTime=T0)
+    assert _derive(job=job, pods=[_pod("Pending")]).status["phase"] == "Initializing"
+    assert _derive(job=job, pods=[_pod("Running")]).status["phase"] == "Initializing"
+    training = _derive({"progress": {"stage": "Training", "step": 3}}, job=job, pods=[_pod("Running")])
+    assert training.status["phase"] == "Training"
+    assert training.status["startTime"] == T0
+    assert training.status["attempts"] == 1
+    assert "progress" not in training.status  # the trainer's field is never written by the operator
+    uploading = _derive({"progress": {"stage": "Uploading"}}, job=job, pods=[_pod("Running")])
+    assert uploading.status["phase"] == "Uploading"
+    # The container exited 0 and the Job is not complete yet: still finishing, not starting over.
+    finishing = _derive({"progress": {"stage": "Done"}}, job=job, pods=[_pod("Succeeded")])
+    assert finishing.status["phase"] == "Uploading"
+
+
+def test_succeeded_sets_outputs_ready_and_completion() -> None:
+    job = _job(conditions=[{"type": "Complete", "status": "True"}], succeeded=1, completionTime=T1)
+    d = _derive({"phase": "Training"}, spec=spec(**{"output.saveMethod": "merged_16bit"}), job=job)
+    assert d.status["phase"] == "Succeeded"
+    assert d.status["completionTime"] == T1
+    assert d.status["outputs"] == {
+        "adapterUri": "s3://outputs/team-a/latex-ocr/adapter/",
+        "checkpointUri": "s3://outputs/team-a/latex-ocr/checkpoints/",
+        "mergedUri": "s3://outputs/team-a/latex-ocr/merged/",
+    }
+    assert _cond(d, cond.READY)["status"] == "True"
+    assert _cond(d, cond.COMPLETE)["status"] == "True"
+    assert _cond(d, cond.RECONCILING)["status"] == "False"
+    assert d.event == ("Normal", "Succeeded", "training finished and the outputs are published")
+
+
+def test_failed_carries_the_pods_reason_and_message() -> None:
+    job = _job(
+        conditions=[
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": "BackoffLimitExceeded",
+                "message": "Job has reached the specified backoff limit",
+            }
+        ],
+        failed=2,
+    )
+    pod = _pod(
+        "Failed",
+        containerStatuses=[
+            {
+                "name": "trainer",
+                "state": {"terminated": {"reason": "OOMKilled", "exitCode": 137, "message": "out of memory"}},
+            }
+        ],
+    )
+    d = _derive({"phase": "Training"}, job=job, pods=[pod])
+    assert d.status["phase"] == "Failed"
+    assert "OOMKilled" in d.status["message"]
+    assert "exit code 137" in d.status["message"]
+    assert "out of memory" in d.status["message"]
+    assert _cond(d, cond.FAILED)["reason"] == cond.REASON_BACKOFF_LIMIT
+    assert d.status["attempts"] == 2
+    assert d.event is not None and d.event[0] == "Warning" and "OOMKilled" in d.event[2]
+
+
+def test_deadline_exceeded() -> None:
+    job = _job(
+        conditions=[
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": "DeadlineExceeded",
+                "message": "Job was active longer than specified deadline",
+            }
+        ]
+    )
+    d = _derive(job=job)
+    assert d.status["phase"] == "Failed"
+    assert _cond(d, cond.STALLED)["reason"] == cond.REASON_DEADLINE_EXCEEDED
+
+
+def test_suspended() -> None:
+    d = _derive({"phase": "Training"}, spec=spec(suspend=True), job=_job(suspend=True))
+    assert d.status["phase"] == "Suspended"
+    assert _cond(d, cond.RECONCILING)["status"] == "False"
+    assert _cond(d, cond.ADMITTED)["reason"] == cond.REASON_SUSPENDED
+
+
+def test_missing_secret_and_key_are_named() -> None:
+    job = _job(active=1)
+    waiting = {"reason": "CreateContainerConfigError", "message": 'secret "s3-creds" not found'}
+    pod = _pod("Pending", containerStatuses=[{"name": "trainer", "state": {"waiting": waiting}}])
+    d = _derive(job=job, pods=[pod])
+    assert (_cond(d, cond.STALLED)["status"], _cond(d, cond.STALLED)["reason"]) == (
+        "True",
+        cond.REASON_MISSING_SECRET,
+    )
+    assert "s3-creds" in _cond(d, cond.STALLED)["message"]
+    waiting = {
+        "reason": "CreateContainerConfigError",
+        "message": "couldn't find key AWS_ACCESS_KEY_ID in Secret team-a/s3-creds",
+    }
+    pod = _pod("Pending", containerStatuses=[{"name": "trainer", "state": {"waiting": waiting}}])
+    d = _derive(job=job, pods=[pod])
+    assert _cond(d, cond.STALLED)["reason"] == cond.REASON_MISSING_SECRET_KEY
+    assert "AWS_ACCESS_KEY_ID" in _cond(d, cond.STALLED)["message"]
+
+
+def test_quota_blocking_pod_creation() -> None:
+    d = _derive(
+        job=_job(),
+        quota_message='pods "x" is forbidden: exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1',
+    )
+    assert d.status["phase"] == "Pending"
+    assert _cond(d, cond.ADMITTED)["reason"] == cond.REASON_QUOTA_EXCEEDED
+    assert "gpu-quota" in _cond(d, cond.ADMITTED)["message"]
+
+
+def test_last_transition_time_moves_only_on_status_change() -> None:
+    first = _derive()
+    again = st.derive(
+        st.Observation(generation=4, spec=spec(), status=first.status), now="2026-11-26T11:00:00Z"
+    )
+    ready_before = _cond(first, cond.READY)
+    ready_after = _cond(again, cond.READY)
+    assert ready_after["lastTransitionTime"] == ready_before["lastTransitionTime"] == T1
+    assert ready_after["observedGeneration"] == 4
+    assert again.event is None  # no transition, no Event
+    assert not st.changed(
+        {**first.status, "observedGeneration": 4, "conditions": again.status["conditions"]}, again.status
+    )
+
+
+def test_final_phase_survives_a_deleted_job() -> None:
+    done = _derive({"phase": "Training"}, job=_job(conditions=[{"type": "Complete", "status": "True"}]))
+    later = st.derive(st.Observation(generation=3, spec=spec(), status=done.status, job=None))
+    assert later.status["phase"] == "Succeeded"
