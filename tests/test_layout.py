@@ -35,7 +35,9 @@ def test_no_package_named_operator_shadows_the_standard_library() -> None:
     assert not (REPO / "operator" / "__init__.py").exists()
     assert not (REPO / "operator.py").exists()
     # From the repository root (where a bare `operator/` folder sits), `import operator` is still stdlib.
-    result = _python("import operator, sysconfig; print(operator.__file__); print(sysconfig.get_paths()['stdlib'])")
+    result = _python(
+        "import operator, sysconfig; print(operator.__file__); print(sysconfig.get_paths()['stdlib'])"
+    )
     assert result.returncode == 0, result.stderr
     module_file, stdlib = result.stdout.split()
     assert module_file.startswith(stdlib), f"`import operator` resolved to {module_file}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 
 from visionft_api.recipe import SpecModel, TrainingRecipe, cel
 
@@ -239,7 +240,7 @@ what is baked into the running Job's immutable pod template or spec (image, reso
 operator applies them to the live Job."""
 
 
-def immutability_rules() -> list[dict[str, str]]:
+def immutability_rules() -> list[JsonDict]:
     """Root-level CEL transition rules: the recipe can't change under a running or finished fine-tune.
 
     A dotted field (runPolicy.backoffLimit) is compared only when both old and new objects have its
