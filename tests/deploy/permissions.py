@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from visionft_api import resource as api_resource
+from visionft_operator import peering as operator_peering
 
 REPO = Path(__file__).resolve().parents[2]
 OPERATOR_SOURCES = REPO / "operator" / "visionft_operator"
@@ -110,8 +111,11 @@ def _constant(node: ast.expr) -> str | None:
     name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
     if name is None:
         return None
-    value = getattr(api_resource, name, None)
-    return value if isinstance(value, str) else None
+    for module in (api_resource, operator_peering):
+        value = getattr(module, name, None)
+        if isinstance(value, str):
+            return value
+    return None
 
 
 def _client_permissions(tree: ast.Module, where: str) -> Iterator[Permission]:
@@ -139,19 +143,35 @@ def _client_permissions(tree: ast.Module, where: str) -> Iterator[Permission]:
                 "charts/visionft/templates/_helpers.tpl if the operator really needs it"
             )
         if what.startswith("custom_object"):
-            _custom_object_target(node, where)
+            peering_plural = _custom_object_target(node, where)
+            if peering_plural is not None:
+                yield Permission(
+                    PEERING_GROUP, peering_plural, verb, f"{where}:{node.lineno} {node.func.attr} (peering)"
+                )
+                continue
         group, plural = CLIENT_RESOURCES[what]
         yield Permission(group, plural, verb, f"{where}:{node.lineno} {node.func.attr}")
 
 
-def _custom_object_target(node: ast.Call, where: str) -> None:
-    """Custom-object calls must address the VisionFineTune resource (GROUP, ..., PLURAL)."""
+# Kopf's peering objects: the operator reads them only when peering is on (several replicas).
+PEERING_GROUP = "kopf.dev"
+PEERING_PLURALS = {"kopfpeerings", "clusterkopfpeerings"}
+
+
+def _custom_object_target(node: ast.Call, where: str) -> str | None:
+    """Custom-object calls must address the VisionFineTune resource (GROUP, ..., PLURAL), or Kopf's peering
+    objects, whose plural is returned (None for the VisionFineTune)."""
     values = [_constant(arg) for arg in node.args]
+    if PEERING_GROUP in values:
+        plurals = PEERING_PLURALS.intersection(v for v in values if v)
+        if len(plurals) == 1:
+            return plurals.pop()
     if api_resource.GROUP not in values or api_resource.PLURAL not in values:
         raise LookupError(
             f"{where}:{node.lineno}: `{node.func.attr}` addresses a custom resource other than "  # type: ignore[attr-defined]
             f"{api_resource.PLURAL}.{api_resource.GROUP}: extend tests/deploy/permissions.py"
         )
+    return None
 
 
 def _kopf_resource(decorator: ast.Call) -> tuple[str, str] | None:
@@ -203,12 +223,16 @@ def _kopf_permissions(tree: ast.Module, where: str) -> Iterator[Permission]:
 KOPF_FRAMEWORK = (Permission("", "events", "create", "Kopf posts Events"),)
 
 
-def required_permissions() -> list[Permission]:
-    """Every namespaced permission the operator code uses, deduplicated by (group, resource, verb)."""
+def required_permissions(peering_plural: str | None = None) -> list[Permission]:
+    """Every permission the operator code uses, deduplicated by (group, resource, verb). Peering calls count
+    only when peering is on, for the plural of that mode (kopfpeerings when namespaced, clusterkopfpeerings
+    when cluster-wide)."""
     found: dict[tuple[str, str, str], Permission] = {}
     for path, tree in _sources():
         where = str(path.relative_to(REPO))
         for permission in (*_client_permissions(tree, where), *_kopf_permissions(tree, where)):
+            if permission.group == PEERING_GROUP and permission.resource != peering_plural:
+                continue
             found.setdefault(permission.key(), permission)
     for permission in KOPF_FRAMEWORK:
         found.setdefault(permission.key(), permission)

@@ -27,11 +27,13 @@ def trainer_grants() -> list[Permission]:
 
 
 def operator_rules(scenario: str) -> list[list[dict]]:
-    """The rule sets that apply in one served namespace: the ClusterRole, or the namespace's Role."""
+    """The rule sets that apply in one served namespace: the ClusterRole, or the namespace's Role, each
+    together with the cluster-scoped discovery ClusterRole that is bound to the same ServiceAccount."""
     docs = rendered(scenario)
+    discovery = [rule for role in find(docs, "ClusterRole", "visionft-discovery") for rule in role["rules"]]
     if scenario.startswith("namespaced"):
-        return [role["rules"] for role in find(docs, "Role")]
-    return [role["rules"] for role in find(docs, "ClusterRole", "visionft")]
+        return [[*role["rules"], *discovery] for role in find(docs, "Role")]
+    return [[*role["rules"], *discovery] for role in find(docs, "ClusterRole", "visionft")]
 
 
 def test_the_derivation_finds_the_operators_calls() -> None:
@@ -42,14 +44,26 @@ def test_the_derivation_finds_the_operators_calls() -> None:
     assert ("visionft.io", "visionfinetunes/status", "patch") in keys
 
 
+def peering_plural(scenario: str) -> str | None:
+    """The Kopf peering resource the operator reads in a scenario, or None without peering."""
+    if not scenario.endswith("peering"):
+        return None
+    return "kopfpeerings" if scenario.startswith("namespaced") else "clusterkopfpeerings"
+
+
+def test_the_derivation_finds_the_peering_calls() -> None:
+    keys = {p.key() for p in required_permissions("clusterkopfpeerings")}
+    assert ("kopf.dev", "clusterkopfpeerings", "get") in keys
+    assert not any(group == "kopf.dev" for group, _, _ in (p.key() for p in required_permissions()))
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_rules_cover_the_code(scenario: str) -> None:
     rule_sets = operator_rules(scenario)
     assert rule_sets
+    needed = (*required_permissions(peering_plural(scenario)), *trainer_grants())
     for rules in rule_sets:
-        missing = [
-            p for p in (*required_permissions(), *trainer_grants()) if not rules_allow(rules, *p.key())
-        ]
+        missing = [p for p in needed if not rules_allow(rules, *p.key())]
         assert not missing, "\n".join(f"{p.key()} needed by {p.why}" for p in missing)
 
 

@@ -225,15 +225,11 @@ def _load_model(config: TrainerConfig, model_dir: Path):
 
 
 def _apply_optimizations(model, enabled: bool) -> None:
-    """Calls the kernels engineer's switch when it exists; the plain modules run otherwise."""
-    try:
-        from visionft import patching
-    except ImportError:
-        return
-    apply = getattr(patching, "apply_optimizations", None)
-    if callable(apply):
-        report = apply(model, optimizations=enabled)
-        logger.info("visionft: optimizations=%s: %s", enabled, report)
+    """Swaps in the fused kernels (visionft.patching), or records that the plain modules run."""
+    from visionft import patching
+
+    report = patching.apply_optimizations(model, optimizations=enabled)
+    logger.info("visionft: optimizations=%s: %s", enabled, report)
 
 
 def _load_data(config: TrainerConfig, dataset_dir: Path):
@@ -383,6 +379,11 @@ def _save(
         processor.save_pretrained(str(output_dir / "adapter"))
         saved["adapter"] = str(output_dir / "adapter")
     else:
+        from visionft import patching
+
+        # Merging reads every base weight; the patched model keeps the embedding table in host memory and
+        # its LoRA forwards outside PEFT's modules, so the plain modules go back first.
+        patching.revert_optimizations(model)
         model.save_pretrained_merged(str(output_dir / "merged"), processor, save_method=method)
         saved["merged"] = str(output_dir / "merged")
     curve = save_loss_curve(log_history, output_dir / "loss.png")

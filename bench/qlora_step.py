@@ -1,0 +1,525 @@
+"""QLoRA step benchmark of a random-weight Qwen2.5-VL-7B-shaped model: plain HF + bitsandbytes + PEFT,
+this engine (the same stack + ``visionft.patching``), and optionally Unsloth and Liger-Kernel, each in
+its own process, in one run on one GPU.
+
+    python bench/qlora_step.py --workload headline --engines plain,engine,unsloth,liger \
+        --model-dir /tmp/vft-qwen25vl-7b --log bench.log --json results.json
+
+The model (8.29 B parameters, bf16, random weights, seed 0) and a stand-in processor are built once
+into ``--model-dir`` and reused by every process. The processor's tokenizer is a byte-level BPE
+with no merges (one token per byte, so sequence lengths are exact) whose 22 Qwen special tokens sit
+at their real ids 151643-151664.
+
+Every engine gets the same model folder, the same batch, LoRA r=16 / alpha=16 / dropout 0 on every
+linear layer of vision and language (PEFT's ``all-linear``: lm_head excluded), the vision tower kept
+in 16 bit (``llm_int8_skip_modules=["model.visual", "lm_head"]``), NF4 with double quantization for
+the language model, non-reentrant gradient checkpointing, bf16 autocast and bitsandbytes'
+8-bit AdamW (lr 2e-4). Each step is forward + backward + optimizer step; the loss is read every
+step (a sync each engine pays alike). Reported: median s/step over the timed steps, tokens/s, peak
+allocated and reserved memory since the model was loaded, the loss curve, and for the
+throughput workloads MFU = 4 N T / (step time x 790 TFLOP/s).
+
+Workloads (``--workload``):
+    headline     1 x 1024 tokens, one 672x672 image (576 image tokens), 256 supervised tokens
+    throughput   8 x 2048 tokens, one 896x896 image each (1024 image tokens), 512 supervised each
+    longctx      1 x 8192 tokens, four 896x896 images (4096 image tokens), 1024 supervised
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
+FIRST_SPECIAL_ID = 151643
+PEAK_BF16_FLOPS = 790e12
+
+WORKLOADS = {
+    "headline": {"batch": 1, "tokens": 1024, "images": 1, "side": 672, "supervised": 256},
+    "throughput": {"batch": 8, "tokens": 2048, "images": 1, "side": 896, "supervised": 512},
+    "longctx": {"batch": 1, "tokens": 8192, "images": 4, "side": 896, "supervised": 1024},
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model folder: config, random weights, stand-in processor
+# --------------------------------------------------------------------------------------------------
+
+
+def build_processor():
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from visionft.compat import image_processor_class
+    from visionft.testing.chat_templates import chatml
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    for i in range(len(vocab), FIRST_SPECIAL_ID):  # unused fillers, so the specials land at their real ids
+        vocab[f"unused{i}"] = i
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(QWEN_SPECIALS)
+    template = chatml("<|vision_start|><|image_pad|><|vision_end|>", default_system=None)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        chat_template=template,
+        add_bos_token=False,
+        model_max_length=32768,
+    )
+    for i, tok in enumerate(QWEN_SPECIALS):
+        assert tokenizer.convert_tokens_to_ids(tok) == FIRST_SPECIAL_ID + i, tok
+    image_processor = image_processor_class("Qwen2VLImageProcessor")(
+        patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+    video_processor = transformers.Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
+    return transformers.Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=template,
+    )
+
+
+def build_model_folder(folder: Path) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
+
+    processor = build_processor()
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": 152064,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 128000,
+            "rms_norm_eps": 1e-6,
+            "hidden_act": "silu",
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+            "pad_token_id": 151643,
+        },
+        vision_config={
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "out_hidden_size": 3584,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+            "hidden_act": "silu",
+        },
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters())
+    tmp = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "n_params.txt").write_text(str(n_params))
+    tmp.rename(folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch
+# --------------------------------------------------------------------------------------------------
+
+
+def make_batch(processor, workload: str):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    w = WORKLOADS[workload]
+    rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz     "))
+
+    def text(n):
+        return "".join(rng.choice(letters, size=n))
+
+    def sample(filler: int, answer: str):
+        img = "<|vision_start|><|image_pad|><|vision_end|>" * w["images"]
+        return f"<|im_start|>user\n{img}{text(filler)}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
+
+    images = [
+        [
+            Image.fromarray(rng.integers(0, 256, (w["side"], w["side"], 3), dtype=np.uint8))
+            for _ in range(w["images"])
+        ]
+        for _ in range(w["batch"])
+    ]
+    answer = text(w["supervised"] - 2)
+    probe = processor(text=[sample(0, answer)], images=[images[0]], return_tensors="pt")
+    filler = w["tokens"] - probe["input_ids"].shape[1]
+    assert filler >= 0, f"{workload}: images and answer alone take {probe['input_ids'].shape[1]} tokens"
+    texts = [sample(filler, answer) for _ in range(w["batch"])]
+    batch = processor(text=texts, images=images, return_tensors="pt")
+    assert batch["input_ids"].shape == (w["batch"], w["tokens"]), batch["input_ids"].shape
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -w["supervised"] :] = batch["input_ids"][:, -w["supervised"] :]
+    batch["labels"] = labels
+    return {k: v.cuda() for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# One engine, in its own process
+# --------------------------------------------------------------------------------------------------
+
+
+def _bnb_config():
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=["model.visual", "lm_head"],
+    )
+
+
+def _hf_peft(folder: Path, patch_liger: bool = False):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    if patch_liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2_5_vl
+
+        apply_liger_kernel_to_qwen2_5_vl()
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder, quantization_config=_bnb_config(), dtype=torch.bfloat16, device_map={"": 0}
+    )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    torch.manual_seed(0)
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+    )
+    return model
+
+
+def load_engine(engine: str, folder: Path):
+    info: dict = {}
+    if engine == "plain":
+        return _hf_peft(folder), info
+    if engine == "liger":
+        import importlib.metadata as md
+
+        info["liger_kernel"] = md.version("liger-kernel")
+        return _hf_peft(folder, patch_liger=True), info
+    if engine == "engine":
+        from visionft.patching import apply_optimizations
+
+        model = _hf_peft(folder)
+        report = apply_optimizations(model)
+        info["patches"] = report.summary()
+        return model, info
+    if engine == "unsloth":
+        import torch
+        import unsloth
+        from unsloth import FastVisionModel
+
+        info["unsloth"] = unsloth.__version__
+        model, _ = FastVisionModel.from_pretrained(
+            str(folder),
+            load_in_4bit=True,
+            dtype=torch.bfloat16,
+            local_files_only=True,
+            use_gradient_checkpointing="unsloth",
+        )
+        model = FastVisionModel.get_peft_model(
+            model,
+            finetune_vision_layers=True,
+            finetune_language_layers=True,
+            finetune_attention_modules=True,
+            finetune_mlp_modules=True,
+            r=16,
+            lora_alpha=16,
+            lora_dropout=0,
+            bias="none",
+            random_state=0,
+            use_gradient_checkpointing="unsloth",
+        )
+        FastVisionModel.for_training(model)
+        return model, info
+    raise ValueError(f"engine={engine!r}")
+
+
+def run_worker(args) -> dict:
+    if args.engine == "unsloth":
+        import unsloth  # noqa: F401
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoProcessor
+
+    folder = Path(args.model_dir)
+    t0 = time.perf_counter()
+    model, info = load_engine(args.engine, folder)
+    load_s = time.perf_counter() - t0
+    model.train()
+    processor = AutoProcessor.from_pretrained(folder)
+    batch = make_batch(processor, args.workload)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = bnb.optim.AdamW8bit(trainable, lr=2e-4)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(args.warmup + args.steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    timed = times[args.warmup :]
+    kernels, busy = _profile_step(model, batch, opt) if args.profile else (None, None)
+    step = statistics.median(timed)
+    n_tokens = int(batch["input_ids"].numel())
+    n_params = int((folder / "n_params.txt").read_text())
+    return {
+        "engine": args.engine,
+        "workload": args.workload,
+        "load_s": round(load_s, 1),
+        "step_s_median": round(step, 4),
+        "step_s_min": round(min(timed), 4),
+        "step_s_max": round(max(timed), 4),
+        "first_step_s": round(times[0], 2),
+        "tokens_per_s": round(n_tokens / step, 1),
+        "mfu": round(4 * n_params * n_tokens / (step * PEAK_BF16_FLOPS), 4),
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "losses": [round(x, 5) for x in losses],
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "tokens": n_tokens,
+        "kernels_per_step": kernels,
+        "gpu_busy_s": busy,
+        **info,
+    }
+
+
+def _profile_step(model, batch, opt):
+    """One extra step under the profiler: (CUDA kernels launched, seconds the GPU spent in them)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(
+        e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in events
+    )
+    return len(events), round(busy_us / 1e6, 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Orchestrator
+# --------------------------------------------------------------------------------------------------
+
+
+def _env_line() -> str:
+    import torch
+    import transformers
+
+    parts = [
+        f"card={torch.cuda.get_device_name(0)}",
+        f"torch={torch.__version__}",
+        f"transformers={transformers.__version__}",
+    ]
+    for mod in ("triton", "peft", "bitsandbytes"):
+        try:
+            parts.append(f"{mod}={__import__(mod).__version__}")
+        except Exception:
+            parts.append(f"{mod}=missing")
+    try:
+        drv = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+        parts.append(f"driver={drv}")
+    except OSError:
+        pass
+    return " ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", default="headline", help=",".join(WORKLOADS) + " (comma-separated)")
+    parser.add_argument("--engines", default="plain,engine,unsloth,liger")
+    parser.add_argument("--model-dir", default="/tmp/vft-qwen25vl-7b")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--timeout", type=int, default=420, help="seconds per engine process")
+    parser.add_argument("--log", default="qlora_step.log")
+    parser.add_argument("--json", default="qlora_step.json")
+    parser.add_argument(
+        "--profile", action="store_true", help="count kernels and GPU busy time of one extra step"
+    )
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--engine", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        result = run_worker(args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    folder = Path(args.model_dir)
+    log = open(args.log, "a")  # noqa: SIM115
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+        log.write(msg + "\n")
+        log.flush()
+
+    say(f"# qlora_step {time.strftime('%Y-%m-%d %H:%M:%S')} {_env_line()}")
+    if not (folder / "config.json").exists():
+        t0 = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                f"import qlora_step as q; from pathlib import Path; q.build_model_folder(Path({str(folder)!r}))",
+            ],
+            check=True,
+        )
+        say(f"built {folder} in {time.perf_counter() - t0:.1f} s")
+    results = []
+    for workload in args.workload.split(","):
+        for engine in args.engines.split(","):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                "1",
+                "--engine",
+                engine,
+                "--workload",
+                workload,
+                "--model-dir",
+                str(folder),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
+            cmd += ["--profile"] if args.profile else []
+            env = dict(
+                os.environ, UNSLOTH_DISABLE_STATISTICS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"
+            )
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+                out, rc = proc.stdout + proc.stderr, proc.returncode
+            except subprocess.TimeoutExpired as err:
+                out, rc = (
+                    (err.stdout or b"").decode() + (err.stderr or b"").decode()
+                    if isinstance(err.stdout, bytes)
+                    else f"{err.stdout or ''}{err.stderr or ''}",
+                    "timeout",
+                )
+            lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+            log.write(
+                f"\n## {workload}/{engine} rc={rc} wall={time.perf_counter() - t0:.1f}s\n{out[-6000:]}\n"
+            )
+            if lines:
+                res = json.loads(lines[-1][7:])
+                results.append(res)
+                say(json.dumps(res))
+            else:
+                results.append(
+                    {"engine": engine, "workload": workload, "error": f"rc={rc}", "tail": out[-1500:]}
+                )
+                say(f"{workload}/{engine}: FAILED rc={rc}\n{out[-1500:]}")
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    say(
+        "\n| workload | engine | s/step (median) | tokens/s | MFU | peak alloc GiB | peak reserved GiB | kernels/step | GPU busy s | loss[0] | loss[-1] | max rel. loss diff vs plain |"
+    )
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            say(f"| {r['workload']} | {r['engine']} | failed ({r['error']}) | | | | | | | | | |")
+            continue
+        plain = next(
+            (
+                p
+                for p in results
+                if p.get("engine") == "plain" and p["workload"] == r["workload"] and "losses" in p
+            ),
+            None,
+        )
+        diff = ""
+        if plain:
+            n = min(len(plain["losses"]), len(r["losses"]))
+            diff = f"{max(abs(a - b) / abs(a) for a, b in zip(plain['losses'][:n], r['losses'][:n], strict=True)):.2e}"
+        say(
+            f"| {r['workload']} | {r['engine']} | {r['step_s_median']:.3f} | {r['tokens_per_s']:.0f} | {r['mfu']:.3f} | "
+            f"{r['peak_alloc_gib']:.2f} | {r['peak_reserved_gib']:.2f} | {r.get('kernels_per_step')} | {r.get('gpu_busy_s')} | "
+            f"{r['losses'][0]:.4f} | {r['losses'][-1]:.4f} | {diff} |"
+        )
+    log.close()
+
+
+if __name__ == "__main__":
+    main()
