@@ -147,7 +147,41 @@ def from_pretrained(
     attn_implementation: str | None = None,
     **kwargs,
 ):
-    """Loads a VLM and its processor (see ``FastVisionModel.from_pretrained`` for the arguments)."""
+    """Loads a VLM (``AutoModelForImageTextToText``) and its processor (``AutoProcessor``).
+
+    On CUDA, ``load_in_4bit`` quantizes to NF4 with bitsandbytes (double quantization, compute
+    in ``dtype``), keeping the architecture's sensitive modules (patch embedding, projector or
+    merger, ``lm_head``) in 16-bit. A checkpoint that is already quantized (its config has a
+    quantization_config) loads as it is. Without CUDA the model loads unquantized and one
+    warning says that 4-bit needs a GPU.
+
+    Args:
+        model_name_or_path (str | os.PathLike): a local model folder (holding config.json) or a
+            hub id.
+        max_seq_length (int): the longest training sequence; recorded on the model
+            (``model.max_seq_length``) for the data collator. Default: 2048.
+        load_in_4bit (bool): QLoRA: NF4 weights on CUDA. Default: True.
+        load_in_8bit (bool): LLM.int8 weights on CUDA. Default: False.
+        dtype (torch.dtype | str | None): compute dtype; None picks bf16 on GPUs that support
+            it, fp16 on other GPUs, fp32 on CPU. Default: None.
+        full_finetuning (bool): train all weights; turns quantization off. Default: False.
+        trust_remote_code (bool): allow model code from the checkpoint. Default: False.
+        device_map (str | dict | None): passed to transformers; None puts the whole model on
+            the current CUDA device (or the CPU). Default: None.
+        local_files_only (bool | None): never reach a hub; None follows HF_HUB_OFFLINE.
+        attn_implementation (str | None): "sdpa", "eager", "flash_attention_2", ...
+        **kwargs: passed to ``AutoModelForImageTextToText.from_pretrained``.
+
+    Returns:
+        tuple: ``(model, processor)``.
+
+    Raises:
+        ValueError: both 4-bit and 8-bit; a path that does not exist or has no config.json;
+            a URI; a model type that is not image-text-to-text (the message lists the
+            supported ones); a bad ``max_seq_length`` or ``dtype``; a pre-quantized
+            checkpoint without CUDA; a folder without processor files.
+        ImportError: 4-bit/8-bit on CUDA without bitsandbytes.
+    """
     if load_in_4bit and load_in_8bit:
         raise ValueError("load_in_4bit=True and load_in_8bit=True: pick one (QLoRA is load_in_4bit=True)")
     if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:

@@ -127,7 +127,49 @@ def get_peft_model(
     init_lora_weights: bool | str = True,
     **lora_kwargs,
 ) -> PeftModel:
-    """Adds LoRA adapters (see ``FastVisionModel.get_peft_model`` for the arguments)."""
+    """Adds LoRA adapters chosen from the architecture map.
+
+    Linear modules are grouped into vision/language x attention/MLP from the per-architecture
+    map (a keyword fallback, logged, covers unmapped architectures); the ``finetune_*``
+    switches pick groups and ``target_modules`` filters them. The projector/merger,
+    ``lm_head`` and embeddings are adapted only when ``target_modules`` names them (or train
+    fully through ``modules_to_save``). A summary of adapted modules per group and the
+    trainable-parameter count are logged at INFO.
+
+    The returned PeftModel has ``save_pretrained(dir, processor=None)`` (adapters in PEFT
+    format plus the processor) and ``save_pretrained_merged(dir, processor=None,
+    save_method="merged_16bit"|"merged_4bit"|"lora", max_shard_size="5GB")``.
+
+    Args:
+        model: the model from ``from_pretrained``.
+        r (int): LoRA rank. Default: 16.
+        lora_alpha (int): LoRA scaling numerator. Default: 16.
+        lora_dropout (float): dropout on the LoRA input. Default: 0.0.
+        bias (str): "none", "all" or "lora_only". Default: "none".
+        target_modules (str | Sequence[str]): "all-linear"; a list of module names (a module
+            matches an entry it equals or ends with, e.g. "q_proj"); or a regex string
+            matched against full module names. Default: "all-linear".
+        finetune_vision_layers (bool): adapt the vision tower. Default: True.
+        finetune_language_layers (bool): adapt the language model. Default: True.
+        finetune_attention_modules (bool): adapt attention projections. Default: True.
+        finetune_mlp_modules (bool): adapt MLP projections. Default: True.
+        use_rslora (bool): rank-stabilised scaling alpha/sqrt(r). Default: False.
+        modules_to_save (Sequence[str] | None): modules trained in full and saved with the
+            adapters (e.g. ["lm_head"]). Default: None.
+        use_gradient_checkpointing (bool | str): True, False, or "offload" (checkpointed
+            activations held in CPU memory; "unsloth" is an alias). Default: True.
+        random_state (int): seeds the LoRA initialisation. Default: 3407.
+        init_lora_weights (bool | str): passed to ``peft.LoraConfig``. Default: True.
+        **lora_kwargs: passed to ``peft.LoraConfig``.
+
+    Returns:
+        peft.PeftModel: the wrapped model.
+
+    Raises:
+        ValueError: both vision and language off, or both attention and MLP off (the message
+            names the switches); malformed ``target_modules``; nothing matched; the model
+            already has adapters.
+    """
     if isinstance(model, PeftModel):
         raise ValueError(
             "model already has LoRA adapters; pass the model from FastVisionModel.from_pretrained"
