@@ -1,0 +1,181 @@
+"""DDP throughput scaling of a random-weight Qwen2.5-VL-7B-shaped QLoRA from 1 to 2 GPUs (issue 9).
+
+    python bench/ddp_scaling.py --model-dir /tmp/vft-qwen25vl-7b --workload headline \
+        --gpus 1,2 --log ddp_scaling.log --json ddp_scaling.json
+
+The parent process builds the model folder once (``bench/qlora_step.py``'s builder: 8.29 B parameters,
+bf16, seed 0, stand-in processor), then launches one ``torchrun --standalone --nproc_per_node N`` per
+entry of ``--gpus``. Each rank loads its own 4-bit copy onto its own GPU (``device_map={"": LOCAL_RANK}``
+via ``visionft.distributed.device_map``), adds LoRA r=16 / alpha=16 on all linear layers (vision tower kept
+in 16 bit, NF4 double-quant language model, non-reentrant activation checkpointing), wraps it in
+``DistributedDataParallel`` (NCCL, ``find_unused_parameters=False``: only the LoRA weights require grad,
+so only they are all-reduced) and runs a visible loop: forward, backward, bitsandbytes 8-bit AdamW step.
+
+Weak scaling: every rank keeps the per-device batch of the workload, so N GPUs process N times the tokens
+per step. Reported per N: median s/step over the timed steps (the slowest rank's, after a barrier), the
+job's tokens/s (sum over ranks, ``visionft.distributed.aggregate_tokens_per_second``), peak memory per
+rank; then scaling = tokens/s(N) / tokens/s(1). The goal (issue 9) is >= 1.8x at N=2.
+
+Each rank uses the same batch content (``qlora_step.make_batch``, seed 0): throughput does not depend on
+the values, and the ranks' gradients still all-reduce in full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import qlora_step  # noqa: E402  (bench/qlora_step.py: model folder, batch, environment line)
+
+
+def _load(folder: Path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+    from visionft import distributed
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder,
+        quantization_config=qlora_step._bnb_config(),
+        dtype=torch.bfloat16,
+        device_map=distributed.device_map(),
+    )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    torch.manual_seed(0)  # the same LoRA init on every rank (DDP also broadcasts rank 0's at wrap time)
+    return get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+    )
+
+
+def worker(args) -> None:
+    """One rank under torchrun: the timed DDP loop; rank 0 writes the result JSON."""
+    import bitsandbytes as bnb
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from transformers import AutoProcessor
+    from visionft import distributed
+
+    torch.cuda.set_device(distributed.local_rank())  # make_batch's .cuda() and NCCL use this rank's GPU
+    dist.init_process_group(backend="nccl", device_id=distributed.device())
+    folder = Path(args.model_dir)
+    processor = AutoProcessor.from_pretrained(folder)
+    batch = qlora_step.make_batch(processor, args.workload)
+    tokens_per_step = int(batch["attention_mask"].sum())
+
+    model = _load(folder)
+    reduced = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ddp = DDP(model, device_ids=[distributed.local_rank()], find_unused_parameters=False)
+    opt = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    ddp.train()
+
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        dist.barrier()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = ddp(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        torch.cuda.synchronize()
+        elapsed = torch.tensor([time.perf_counter() - t0], device=distributed.device())
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
+        if step >= args.warmup:
+            times.append(elapsed.item())
+
+    median = statistics.median(times)
+    job_tps = distributed.aggregate_tokens_per_second(tokens_per_step, median)
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=distributed.device())
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if distributed.is_main_process():
+        Path(args.result).write_text(
+            json.dumps(
+                {
+                    "gpus": distributed.world_size(),
+                    "workload": args.workload,
+                    "tokens_per_rank_step": tokens_per_step,
+                    "median_s_per_step": median,
+                    "tokens_per_second": job_tps,
+                    "peak_allocated_gib_max_rank": round(peak.item(), 2),
+                    "all_reduced_parameters": reduced,
+                    "losses": losses,
+                    "env": qlora_step._env_line(),
+                },
+                indent=1,
+            )
+        )
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", default="/tmp/vft-qwen25vl-7b")
+    p.add_argument("--workload", default="headline", choices=sorted(qlora_step.WORKLOADS))
+    p.add_argument("--gpus", default="1,2", help="comma-separated process counts, one run each")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--timeout", type=int, default=900, help="seconds per torchrun")
+    p.add_argument("--log", default="ddp_scaling.log")
+    p.add_argument("--json", default="ddp_scaling.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    folder = Path(args.model_dir)
+    if not folder.is_dir():
+        qlora_step.build_model_folder(folder)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    results = []
+    with open(args.log, "a") as log:
+        for n in [int(x) for x in args.gpus.split(",")]:
+            result = Path(args.json).with_suffix(f".gpus{n}.json")
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                str(Path(__file__).resolve()), "--worker", "--result", str(result),
+                "--model-dir", str(folder), "--workload", args.workload,
+                "--steps", str(args.steps), "--warmup", str(args.warmup),
+            ]  # fmt: skip
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
+            if proc.returncode != 0 or not result.is_file():
+                results.append({"gpus": n, "error": f"exit {proc.returncode}, see {args.log}"})
+            else:
+                results.append(json.loads(result.read_text()))
+            print(json.dumps(results[-1] | {"losses": "..."}), flush=True)
+    base = next((r for r in results if r.get("gpus") == 1 and "tokens_per_second" in r), None)
+    for r in results:
+        if base and "tokens_per_second" in r:
+            r["scaling_vs_1_gpu"] = round(r["tokens_per_second"] / base["tokens_per_second"], 3)
+            r["efficiency"] = round(r["scaling_vs_1_gpu"] / r["gpus"], 3)
+    Path(args.json).write_text(json.dumps(results, indent=1))
+    for r in results:
+        print(
+            f"gpus={r['gpus']}: "
+            + (
+                r["error"]
+                if "error" in r
+                else f"{r['median_s_per_step']:.3f} s/step, {r['tokens_per_second']:.0f} tok/s, "
+                f"scaling {r.get('scaling_vs_1_gpu')}x, peak {r['peak_allocated_gib_max_rank']} GiB"
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""A small DDP training driver for ``test_ddp.py``: the public API + TRL's ``SFTTrainer`` on a tiny VLM.
+
+Run once as a single process or under ``torchrun`` (gloo on CPU)::
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/trainer/ddp_driver.py \
+        --model DIR --out DIR --steps 6 --batch 2
+
+It writes ``OUT/rank{r}.json`` per rank (the logged per-step losses, the dataset indices each step's
+micro-batch held, and the supervised-token counts) and, through the Trainer, checkpoints under
+``OUT/checkpoints`` (rank 0 only) and the adapter under ``OUT/adapter`` (rank 0 only, via
+``visionft.distributed.is_main_process``).
+
+This is not the ``visionft-train`` CLI: ``visionft.run`` still writes its outputs on every rank (see the
+report to the lead); this driver exercises the same API, collator and trainer settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import datasets
+import torch
+from visionft import FastVisionModel
+from visionft import distributed as dist_utils
+from visionft.data.collator import IGNORE_INDEX, VisionDataCollator
+from visionft.testing.tiny import tiny_image
+
+ARCH = "qwen2_vl"
+#: (colour, answer); answers of one short word each so supervised-token counts stay close across samples.
+COLOURS = [
+    ((220, 30, 30), "red"),
+    ((30, 30, 220), "blue"),
+    ((30, 200, 30), "green"),
+    ((20, 20, 20), "black"),
+]
+
+
+def record(i: int) -> dict:
+    """Sample ``i``: a coloured square (position drawn from ``i``) and its colour as the answer.
+
+    The dataset the Trainer shards holds only the index; the collator builds the record from it, so the
+    images need no serialisation into an Arrow table.
+    """
+    colour, answer = COLOURS[i % len(COLOURS)]
+    return {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": tiny_image(ARCH, colour, seed=i)},
+                    {"type": "text", "text": "What colour is the square?"},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+    }
+
+
+class RecordingCollator:
+    """Wraps the collator; remembers each micro-batch's dataset indices and supervised-token count."""
+
+    def __init__(self, inner: VisionDataCollator):
+        self.inner = inner
+        self.indices: list[list[int]] = []
+        self.supervised: list[int] = []
+
+    def __call__(self, features):
+        indices = [int(f["__index__"]) for f in features]
+        self.indices.append(indices)
+        batch = self.inner([record(i) for i in indices])
+        self.supervised.append(int((batch["labels"] != IGNORE_INDEX).sum()))
+        return batch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch", type=int, default=2, help="per-device batch size")
+    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="resume from the newest checkpoint")
+    p.add_argument("--seed", type=int, default=3407)
+    a = p.parse_args()
+
+    from trl import SFTConfig, SFTTrainer
+
+    torch.set_num_threads(1)
+    dist_utils.setup()  # the group exists before the Trainer, as visionft.run would do it
+    out = Path(a.out)
+    model, processor = FastVisionModel.from_pretrained(
+        a.model, load_in_4bit=False, device_map=dist_utils.device_map()
+    )
+    model = FastVisionModel.get_peft_model(
+        model, r=8, lora_alpha=16, use_gradient_checkpointing=True, random_state=a.seed
+    )
+    collator = RecordingCollator(VisionDataCollator(model, processor, max_seq_length=512))
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        max_steps=a.steps,
+        per_device_train_batch_size=a.batch,
+        gradient_accumulation_steps=1,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        seed=a.seed,
+        data_seed=a.seed,
+        logging_steps=1,
+        save_strategy="steps" if a.save_steps else "no",
+        save_steps=a.save_steps or 500,
+        gradient_checkpointing=False,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen=True,
+        report_to="none",
+        use_cpu=True,
+        **dist_utils.ddp_training_kwargs(),
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"__index__": list(range(a.samples))}),
+        data_collator=collator,
+        processing_class=processor,
+    )
+    resume = None
+    if a.resume:
+        done = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda q: int(q.name.split("-")[-1]))
+        resume = str(done[-1]) if done else None
+    trainer.train(resume_from_checkpoint=resume)
+
+    grads_reduced = sorted(
+        n for n, q in model.named_parameters() if q.requires_grad
+    )  # what DDP's reducer covers
+    record = {
+        "rank": dist_utils.rank(),
+        "world_size": dist_utils.world_size(),
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "steps": [e["step"] for e in trainer.state.log_history if "loss" in e],
+        "indices": collator.indices,
+        "supervised": collator.supervised,
+        "global_step": trainer.state.global_step,
+        "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
+        "trainable": len(grads_reduced),
+        "all_trainable_are_lora": all("lora_" in n for n in grads_reduced),
+        "ddp_reduced_params": dist_utils.ddp_reduced_parameter_count(trainer.model_wrapped),
+        "resumed_from": resume,
+    }
+    (out / f"rank{dist_utils.rank()}.json").write_text(json.dumps(record, indent=1))
+    if dist_utils.is_main_process():
+        model.save_pretrained(str(out / "adapter"))
+    dist_utils.barrier()
+
+
+if __name__ == "__main__":
+    main()
