@@ -148,3 +148,28 @@ def test_rank_helpers_read_the_torchrun_environment(monkeypatch):
         "ddp_backend": distributed.backend(),
         "ddp_find_unused_parameters": False,
     }
+
+
+def test_cli_under_torchrun_writes_outputs_from_rank_zero_only(model_dir, tmp_path) -> None:
+    """The real `visionft-train` under torchrun (2 gloo ranks): it trains, rank 0 alone prints progress
+    lines and writes the summary, adapter and checkpoints, and every rank exits cleanly."""
+    from tests.trainer.test_cli import config, progress_lines
+
+    path = config(tmp_path, lambda arch: model_dir, maxSteps=8, loggingSteps=2, checkpointEverySteps=4)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "visionft.cli", "--config", str(path)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    # One progress line per logging step: rank 1 prints none.
+    assert [r["step"] for r in progress_lines(proc.stdout)] == [2, 4, 6, 8]
+    assert proc.stdout.count("held-out accuracy after training") == 1
+    out = tmp_path / "out"
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["steps"] == 8
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-8"]
+    # HF Trainer saves one RNG state per rank into rank 0's checkpoint folder (same disk here).
+    assert sorted(p.name for p in (out / "checkpoints" / "checkpoint-8").glob("rng_state*")) == [
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    ]

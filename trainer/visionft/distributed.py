@@ -39,6 +39,7 @@ How the pieces fit (issue 9, items 2 and 3):
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -121,6 +122,21 @@ def ddp_training_kwargs() -> dict:
     if not is_distributed():
         return {}
     return {"ddp_backend": backend(), "ddp_find_unused_parameters": False}
+
+
+@contextmanager
+def local_main_first():
+    """Runs the block on each node's local main process first, then on the node's other ranks.
+
+    For per-node work that the other ranks then reuse: syncing inputs from S3 (a second sync of an
+    unchanged prefix transfers nothing), generating the quickstart's files. Every rank calls
+    ``barrier()`` exactly once, so the collective calls match.
+    """
+    if not is_local_main_process():
+        barrier()
+    yield
+    if is_local_main_process():
+        barrier()
 
 
 def barrier() -> None:

@@ -80,18 +80,23 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
         RunResult: the run's summary (also written to ``run.json`` in the output folder).
     """
     t0, cpu0 = time.monotonic(), time.process_time()
+    from visionft import distributed
     from visionft.reporting import ProgressCallback, StatusReporter
 
+    # Under torchrun every rank runs this function; only rank 0 reports, scores and writes outputs.
+    distributed.setup()
+    main = distributed.is_main_process()
     target = config.runtime.status_target
-    reporter = StatusReporter(target.namespace, target.name) if target else None
-    progress = ProgressCallback(json_lines=config.runtime.json_progress, reporter=reporter)
+    reporter = StatusReporter(target.namespace, target.name) if target and main else None
+    progress = ProgressCallback(json_lines=config.runtime.json_progress and main, reporter=reporter)
     work = Path(config.runtime.work_dir)
 
     progress.stage("Downloading")
-    if config.runtime.prepare_quickstart:
-        _prepare_quickstart(config)
-    dataset_dir = _local_input(config.dataset.uri, work / "dataset", config, "dataset")
-    model_dir = _local_input(config.model.uri, work / "model", config, "model")
+    with distributed.local_main_first():
+        if config.runtime.prepare_quickstart:
+            _prepare_quickstart(config)
+        dataset_dir = _local_input(config.dataset.uri, work / "dataset", config, "dataset")
+        model_dir = _local_input(config.model.uri, work / "model", config, "model")
     output_dir = Path(config.output.uri) if not config.output.uri.startswith("s3://") else work / "output"
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -106,12 +111,13 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
         echo(
             "visionft: runtime.evalSamples is set but there is no held-out split; set dataset.validationFraction"
         )
-    if n_eval:
+    if n_eval and main:
         before = _score(model, collator, eval_set, n_eval)
         result.accuracy_before, result.eval_samples = before.value, before.total
         echo(f"held-out accuracy before training: {before}")
 
     trainer = _trainer(config, model, processor, train_set, collator, output_dir, progress)
+    distributed.barrier()  # each node's local main has fetched the newest S3 checkpoint by now
     resume = _newest_checkpoint(output_dir / "checkpoints")
     if resume:
         echo(f"visionft: resuming from {resume}")
@@ -121,6 +127,9 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     result.final_loss = losses[-1] if losses else None
     result.skipped_samples = collator.skipped
 
+    if not main:
+        distributed.barrier()  # rank 0 saves and uploads below, then releases the others
+        return result
     if n_eval:
         after = _score(model, collator, eval_set, n_eval)
         result.accuracy_after = after.value
@@ -134,6 +143,7 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     if config.output.uri.startswith("s3://"):
         _upload(config, output_dir)
     progress.stage("Done", trainer.state)
+    distributed.barrier()
     if collator.skipped:
         echo(
             f"visionft: skipped {collator.skipped} bad samples (onBadSample: skip); last: "
@@ -189,11 +199,12 @@ def _upload(config: TrainerConfig, output_dir: Path) -> None:
 
 
 def _load_model(config: TrainerConfig, model_dir: Path):
-    from visionft import FastVisionModel
+    from visionft import FastVisionModel, distributed
 
     m, lora, t = config.model, config.lora, config.training
     model, processor = FastVisionModel.from_pretrained(
         str(model_dir),
+        device_map=distributed.device_map(),
         max_seq_length=m.max_seq_length,
         load_in_4bit=m.load_in_4bit,
         load_in_8bit=m.load_in_8bit,
@@ -290,6 +301,8 @@ def _trainer(config: TrainerConfig, model, processor, train_set, collator, outpu
     import torch
     from trl import SFTConfig, SFTTrainer
 
+    from visionft import distributed
+
     t = config.training
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     cuda = torch.cuda.is_available()
@@ -323,6 +336,7 @@ def _trainer(config: TrainerConfig, model, processor, train_set, collator, outpu
         include_num_input_tokens_seen=True,
         report_to="none",
         use_cpu=not cuda,
+        **distributed.ddp_training_kwargs(),
     )
     trainer = SFTTrainer(
         model=model,
@@ -332,8 +346,10 @@ def _trainer(config: TrainerConfig, model, processor, train_set, collator, outpu
         processing_class=processor,
         callbacks=[progress],
     )
-    storage_callback = _storage_callback(config, output_dir)
-    if storage_callback is not None:
+    # Every node's local main fetches the newest complete S3 checkpoint (in the callback's constructor), so
+    # that all ranks resume from one step; only rank 0 uploads new ones.
+    storage_callback = _storage_callback(config, output_dir) if distributed.is_local_main_process() else None
+    if storage_callback is not None and distributed.is_main_process():
         trainer.add_callback(storage_callback)
     return trainer
 
