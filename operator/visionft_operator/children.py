@@ -186,6 +186,64 @@ def _resources(spec: VisionFineTuneSpec) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
+RENDEZVOUS_PORT = 29500
+
+
+def launch_command(owner: Owner, spec: VisionFineTuneSpec) -> list[str]:
+    """The container's command: the trainer CLI itself on one GPU, else torchrun over it.
+
+    One process per GPU. Several nodes use a static rendezvous at the index-0 pod, whose stable DNS name
+    the headless Service gives (`<job>-0.<service>`); each pod's node rank is its completion index. The
+    `$(VAR)` references are expanded by the kubelet from the container's env (see `_torchrun_env`).
+    """
+    cli = ["--config", f"{c.CONFIG_MOUNT}/{c.CONFIG_FILE}"]
+    res = spec.resources
+    if res.nodes == 1 and res.gpus_per_node <= 1:
+        return ["visionft-train", *cli]
+    launcher = ["torchrun", f"--nproc-per-node={max(res.gpus_per_node, 1)}"]
+    if res.nodes == 1:
+        launcher.append("--standalone")
+    else:
+        launcher += [
+            f"--nnodes={res.nodes}",
+            "--node-rank=$(NODE_RANK)",
+            "--master-addr=$(MASTER_ADDR)",
+            "--master-port=$(MASTER_PORT)",
+        ]
+    return [*launcher, "-m", "visionft.cli", *cli]
+
+
+def _torchrun_env(owner: Owner, spec: VisionFineTuneSpec) -> list[dict[str, Any]]:
+    """What torchrun needs on several nodes: the rank-0 pod's address and this pod's node rank."""
+    if spec.resources.nodes == 1:
+        return []
+    job = names.job_name(owner.name)
+    return [
+        {"name": "MASTER_ADDR", "value": f"{job}-0.{job}"},
+        {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {
+            "name": "NODE_RANK",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+            },
+        },
+    ]
+
+
+def _one_pod_per_node(owner: Owner) -> dict[str, Any]:
+    """Pods of one multi-node run never share a node: each holds a whole node's worth of GPUs."""
+    return {
+        "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "labelSelector": {"matchLabels": {c.LABEL_NAME: owner.name}},
+                    "topologyKey": "kubernetes.io/hostname",
+                }
+            ]
+        }
+    }
+
+
 def pod_template(owner: Owner, spec: VisionFineTuneSpec, defaults: PodDefaults) -> dict[str, Any]:
     """The training pod: non-root, no privilege escalation, seccomp RuntimeDefault, no capabilities, a
     read-only root filesystem with emptyDir scratch, /tmp and /dev/shm (Pod Security "restricted")."""
@@ -209,8 +267,8 @@ def pod_template(owner: Owner, spec: VisionFineTuneSpec, defaults: PodDefaults) 
         "name": c.CONTAINER_NAME,
         "image": spec.image or defaults.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["visionft-train", "--config", f"{c.CONFIG_MOUNT}/{c.CONFIG_FILE}"],
-        "env": _env(spec),
+        "command": launch_command(owner, spec),
+        "env": _env(spec) + _torchrun_env(owner, spec),
         "resources": _resources(spec),
         "volumeMounts": mounts,
         "workingDir": c.SCRATCH_MOUNT,
@@ -248,6 +306,8 @@ def pod_template(owner: Owner, spec: VisionFineTuneSpec, defaults: PodDefaults) 
     tolerations = [*defaults.tolerations, *(t.to_dict() for t in res.tolerations)]
     if tolerations:
         pod_spec["tolerations"] = tolerations
+    if res.nodes > 1:
+        pod_spec["affinity"] = _one_pod_per_node(owner)
     priority = res.priority_class_name or defaults.priority_class_name
     if priority:
         pod_spec["priorityClassName"] = priority
@@ -312,7 +372,7 @@ def headless_service(owner: Owner) -> dict[str, Any]:
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
             "selector": {c.LABEL_NAME: owner.name},
-            "ports": [{"name": "rendezvous", "port": 29500, "targetPort": 29500}],
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
         },
     }
 

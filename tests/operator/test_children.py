@@ -184,3 +184,35 @@ def test_multi_node_runs_get_an_indexed_job_and_a_headless_service() -> None:
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     assert job["spec"]["template"]["spec"]["subdomain"] == service["metadata"]["name"]
+
+
+def test_launch_command_is_the_cli_on_one_gpu_and_torchrun_on_several() -> None:
+    one = children.launch_command(OWNER, _spec())
+    assert one == ["visionft-train", "--config", "/etc/visionft/config.json"]
+    local = children.launch_command(OWNER, _spec(**{"resources.gpusPerNode": 4}))
+    assert local[:3] == ["torchrun", "--nproc-per-node=4", "--standalone"]
+    assert local[-4:] == ["-m", "visionft.cli", "--config", "/etc/visionft/config.json"]
+
+
+def test_multi_node_pods_get_the_torchrun_environment_and_one_node_each() -> None:
+    s = _spec(**{"resources.nodes": 2, "resources.gpusPerNode": 4})
+    job = children.job(OWNER, s, children.PodDefaults())
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"][:6] == [
+        "torchrun",
+        "--nproc-per-node=4",
+        "--nnodes=2",
+        "--node-rank=$(NODE_RANK)",
+        "--master-addr=$(MASTER_ADDR)",
+        "--master-port=$(MASTER_PORT)",
+    ]
+    env = {e["name"]: e for e in container["env"]}
+    job_name = job["metadata"]["name"]
+    # Rank 0's stable DNS name: <job>-0.<headless service>, where the service is named like the Job.
+    assert env["MASTER_ADDR"]["value"] == f"{job_name}-0.{job_name}"
+    assert env["MASTER_PORT"]["value"] == "29500"
+    assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    term = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
