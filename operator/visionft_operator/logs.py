@@ -7,6 +7,9 @@ import logging
 from datetime import UTC, datetime
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# Kopf's own plumbing on its per-object records: the object reference (written as namespace/name/kind
+# below), the operator's whole settings object (about 2 KB of repr on every line) and a posting flag.
+_KOPF_PLUMBING = {"k8s_ref", "settings", "k8s_skip"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,7 +27,7 @@ class JsonFormatter(logging.Formatter):
             entry["name"] = ref.get("name")
             entry["kind"] = ref.get("kind")
         for key, value in vars(record).items():
-            if key not in _STANDARD and key != "k8s_ref" and not key.startswith("_"):
+            if key not in _STANDARD and key not in _KOPF_PLUMBING and not key.startswith("_"):
                 try:
                     json.dumps(value)
                 except (TypeError, ValueError):

@@ -38,6 +38,14 @@ def test_failed_reports_never_raise_log_once_and_are_throttled(caplog):
     assert len(warnings) == 1 and "training continues" in warnings[0].getMessage()
 
 
+def test_a_forced_stage_write_does_not_hold_back_the_first_loss():
+    reporter = StatusReporter("team-a", "job", min_interval_s=60, api=unreachable_api())
+    assert reporter.report({"stage": "Training"}, force=True) is False  # attempted (and failed)
+    assert reporter.report({"step": 1, "loss": 2.0}) is False  # attempted too: not throttled
+    assert reporter.report({"step": 2, "loss": 1.9}) is False  # now throttled: no attempt
+    assert reporter.failures == 2
+
+
 def test_progress_callback_json_lines(capsys):
     from transformers import TrainerControl, TrainerState, TrainingArguments
 

@@ -77,9 +77,12 @@ class StatusReporter:
             bool: whether a write succeeded.
         """
         now = time.monotonic()
-        if not force and now - self._last_write < self.min_interval_s:
-            return False
-        self._last_write = now
+        if not force:
+            if now - self._last_write < self.min_interval_s:
+                return False
+            # Only throttled writes open a new window: a forced stage write (Loading, Training) must not
+            # hold back the first loss, which `kubectl get vft` should show as soon as there is one.
+            self._last_write = now
         progress = {k: v for k, v in progress.items() if v is not None}
         progress["updateTime"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
