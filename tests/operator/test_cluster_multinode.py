@@ -20,11 +20,24 @@ def _running(kube: Kube, name: str, namespace: str) -> list[dict]:
     ]
 
 
+POOL = {"visionft.io/test-pool": "multinode"}
+
+
+@pytest.fixture(scope="module")
+def gpu_pool(control_plane) -> dict[str, str]:
+    """Two fake nodes of this module's own, 8 GPUs each: room for both pods on one node, so that only the
+    anti-affinity can place them apart; the shared nodes' GPUs stay free for the other tests."""
+    for index in range(2):
+        control_plane.add_gpu_node(f"multinode-{index}", gpus=8, labels=POOL)
+    return POOL
+
+
 def test_two_nodes_by_four_gpus_get_torchrun_and_schedule_apart(
-    kube: Kube, namespace: str, operator: OperatorProcess
+    kube: Kube, namespace: str, operator: OperatorProcess, gpu_pool: dict[str, str]
 ) -> None:
     name = "gang"
-    kube.apply(resource(name, namespace, spec(**{"resources.nodes": 2, "resources.gpusPerNode": 4})))
+    body = spec(**{"resources.nodes": 2, "resources.gpusPerNode": 4, "resources.nodeSelector": gpu_pool})
+    kube.apply(resource(name, namespace, body))
     first = wait_for(
         lambda: pods if len(pods := _running(kube, name, namespace)) == 2 else None,
         timeout=60,
@@ -38,7 +51,7 @@ def test_two_nodes_by_four_gpus_get_torchrun_and_schedule_apart(
     assert service is not None and service["spec"]["clusterIP"] == "None"
 
     # The scheduler honours the anti-affinity: one pod per fake GPU node, 4 GPUs each.
-    assert len({p["spec"]["nodeName"] for p in first}) == 2
+    assert {p["spec"]["nodeName"] for p in first} == {"multinode-0", "multinode-1"}
     for pod in first:
         assert pod["spec"]["hostname"].startswith(f"{name}-trainer-")
         assert pod["spec"]["subdomain"] == f"{name}-trainer"
@@ -49,3 +62,4 @@ def test_two_nodes_by_four_gpus_get_torchrun_and_schedule_apart(
         assert env["MASTER_ADDR"]["value"] == f"{name}-trainer-0.{name}-trainer"
     indices = sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in first)
     assert indices == ["0", "1"]
+    kube.delete("visionfinetunes.visionft.io", name, namespace)
