@@ -308,20 +308,4 @@ def download_prefix(
         expected = entry.size if entry else remote.size
         if not local.is_file() or local.stat().st_size != expected:
             raise IntegrityError(str(src.join(rel)), "missing or wrong size after the sync; sync again")
-    result = SyncResult(
-        len(plan),
-        tracker.transferred,
-        len(plan) - tracker.transferred,
-        tracker.bytes_transferred,
-        time.monotonic() - began,
-    )
-    log.info(
-        "%s -> %s: %d files fetched (%.1f MB), %d unchanged, %.1f s",
-        src,
-        dest,
-        result.files_transferred,
-        result.bytes_transferred / 1e6,
-        result.files_skipped,
-        result.seconds,
-    )
-    return result
+    return tracker.finish(began, f"{src} -> {dest}", "fetched")

@@ -99,6 +99,27 @@ class Tracker:
             if self.callback is not None:
                 self.callback(report)
 
+    def finish(self, began: float, route: str, verb: str, note: str = "") -> SyncResult:
+        """The sync's summary (wall time since `began`, a `time.monotonic()`), logged in one line."""
+        result = SyncResult(
+            self.files_total,
+            self.transferred,
+            self.files_total - self.transferred,
+            self.bytes_transferred,
+            time.monotonic() - began,
+        )
+        log.info(
+            "%s: %d files %s (%.1f MB), %d unchanged, %.1f s%s",
+            route,
+            result.files_transferred,
+            verb,
+            result.bytes_transferred / 1e6,
+            result.files_skipped,
+            result.seconds,
+            note,
+        )
+        return result
+
 
 def run_all(fn: Callable[[T], None], items: Iterable[T], concurrency: int) -> None:
     """Run `fn` on every item on a bounded pool; on the first failure, cancel what has not started and

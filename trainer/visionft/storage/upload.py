@@ -153,23 +153,7 @@ def upload_folder(
         dest,
         endpoint,
     )
-    result = SyncResult(
-        len(rels),
-        tracker.transferred,
-        len(rels) - tracker.transferred,
-        tracker.bytes_transferred,
-        time.monotonic() - began,
-    )
-    log.info(
-        "%s -> %s: %d files sent (%.1f MB), %d unchanged, %.1f s; manifest written",
-        root,
-        dest,
-        result.files_transferred,
-        result.bytes_transferred / 1e6,
-        result.files_skipped,
-        result.seconds,
-    )
-    return result
+    return tracker.finish(began, f"{root} -> {dest}", "sent", "; manifest written")
 
 
 def _retry_op(fn: Callable[[], Any], uri: StorageURI, endpoint: str) -> Any:
