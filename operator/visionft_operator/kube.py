@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 import kubernetes
@@ -168,6 +169,39 @@ def list_pods(namespace: str, resource_name: str) -> list[dict[str, Any]]:
         namespace, label_selector=f"{c.LABEL_NAME}={resource_name}", _preload_content=False
     )
     return _json(response).get("items") or []
+
+
+def post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """Post a core/v1 Event about a VisionFineTune.
+
+    Posted directly rather than through `kopf.event`, whose queue exists only inside Kopf's per-object
+    tasks: the periodic resync runs outside them, and a transition it observed would lose its Event.
+    """
+    meta = body["metadata"]
+    now = datetime.now(UTC)
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
+            "kind": body.get("kind", "VisionFineTune"),
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": c.COMPONENT},
+        "reportingComponent": c.COMPONENT,
+        "reportingInstance": c.COMPONENT,
+        "firstTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "count": 1,
+    }
+    _core().create_namespaced_event(meta["namespace"], event)
 
 
 def list_jobs(namespace: str) -> list[dict[str, Any]]:

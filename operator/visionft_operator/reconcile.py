@@ -18,7 +18,7 @@ import logging
 import threading
 from collections import defaultdict
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import kopf
 from pydantic import ValidationError
@@ -246,7 +246,10 @@ async def reconcile(body: dict[str, Any], handler: str) -> None:
     REGISTRY.set_phase(*key, derived.status.get("phase"))
     if derived.event:
         kind, reason, message = derived.event
-        kopf.event(kopf.Body(cast(Any, fresh)), type=kind, reason=reason, message=message[:1024])
+        try:
+            await asyncio.to_thread(kube.post_event, fresh, kind, reason, message)
+        except Exception:  # an Event is for people; a failed post must not fail the reconcile
+            log.exception("could not post the %s Event for %s/%s", reason, *key)
 
 
 def _serialized(body: dict[str, Any]) -> tuple[st.Derived, dict[str, Any]] | None:
