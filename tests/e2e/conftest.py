@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness.kube import BUILD_SCRIPT, ControlPlane, ControlPlaneError, missing_binaries
+from tests.harness.kube import ControlPlane
+from tests.harness.kube_fixtures import run_control_plane
 from tests.harness.s3 import S3Credentials, SeaweedS3, find_weed
 
 #: What the apiserver records (first matching rule wins), at Metadata level (never request bodies, so the
@@ -86,22 +87,7 @@ class AuditedControlPlane(ControlPlane):
 @pytest.fixture(scope="module")
 def audited_control_plane() -> Iterator[AuditedControlPlane]:
     """A control plane of this module's own, with the apiserver audit log on; fails when not built."""
-    missing = missing_binaries()
-    if missing:
-        pytest.fail(
-            f"the test control plane needs {', '.join(missing)}; build them with `{BUILD_SCRIPT}`",
-            pytrace=False,
-        )
-    plane = AuditedControlPlane(gpu_nodes=1)
-    try:
-        report = plane.start()
-    except ControlPlaneError as exc:
-        pytest.fail(f"the audited test control plane did not start: {exc}", pytrace=False)
-    print(f"\naudited control plane at {plane.server} started in {report}")
-    try:
-        yield plane
-    finally:
-        plane.stop()
+    yield from run_control_plane(AuditedControlPlane(gpu_nodes=1), "audited test control plane")
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,18 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from tests.harness.kube import BUILD_SCRIPT, ControlPlane, ControlPlaneError, missing_binaries
 
+PlaneT = TypeVar("PlaneT", bound=ControlPlane)
 
-@pytest.fixture(scope="session")
-def control_plane() -> Iterator[ControlPlane]:
-    """The session's control plane; fails with the build command when the binaries are missing."""
+
+def run_control_plane(plane: PlaneT, label: str) -> Iterator[PlaneT]:
+    """Start `plane`, yield it, stop it: the body of every control-plane fixture. Fails (never skips) with
+    the build command when the binaries are missing, or with the reason when the plane can't start."""
     missing = missing_binaries()
     if missing:
         pytest.fail(
@@ -34,16 +36,21 @@ def control_plane() -> Iterator[ControlPlane]:
             "(README command 1 runs it)",
             pytrace=False,
         )
-    plane = ControlPlane()
     try:
         report = plane.start()
     except ControlPlaneError as exc:
-        pytest.fail(f"the test control plane did not start: {exc}", pytrace=False)
-    print(f"\nKubernetes test control plane at {plane.server} started in {report}")
+        pytest.fail(f"the {label} did not start: {exc}", pytrace=False)
+    print(f"\n{label} at {plane.server} started in {report}")
     try:
         yield plane
     finally:
         plane.stop()
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    """The session's control plane; fails with the build command when the binaries are missing."""
+    yield from run_control_plane(ControlPlane(), "Kubernetes test control plane")
 
 
 @pytest.fixture(scope="session")
