@@ -254,7 +254,7 @@ def load_engine(engine: str, folder: Path):
 
         info["liger_kernel"] = md.version("liger-kernel")
         return _hf_peft(folder, patch_liger=True), info
-    if engine == "engine":
+    if engine in ("engine", "graphs"):
         from visionft.patching import apply_optimizations
 
         model = _hf_peft(folder)
@@ -307,23 +307,46 @@ def run_worker(args) -> dict:
     processor = AutoProcessor.from_pretrained(folder)
     batch = make_batch(processor, args.workload)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = bnb.optim.AdamW8bit(trainable, lr=2e-4)
+    if args.engine == "graphs":
+        # The same 8-bit AdamW, without bitsandbytes' device sync after every parameter.
+        from visionft.optim import adamw_8bit
+
+        opt = adamw_8bit(trainable, lr=2e-4)
+    else:
+        opt = bnb.optim.AdamW8bit(trainable, lr=2e-4)
+    forward_backward = _forward_backward(args.engine, model, info)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times, losses, opt_host = [], [], []
     for _ in range(args.warmup + args.steps):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
+        loss = forward_backward(batch)
+        t_opt = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        opt_host.append(time.perf_counter() - t_opt)
         losses.append(loss.item())
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     timed = times[args.warmup :]
-    kernels, busy = _profile_step(model, batch, opt) if args.profile else (None, None)
+    # Host time of the optimizer call (its launches; the GPU runs them asynchronously).
+    info["optimizer_host_s_median"] = round(statistics.median(opt_host[args.warmup :]), 4)
+    if args.engine == "graphs":
+        step = forward_backward.__self__  # type: ignore[attr-defined]
+        n = max(step.replays, 1)
+        info["cuda_graphs"] = {
+            "captured": step.captured,
+            "replays": step.replays,
+            "eager": step.eager_steps,
+            "host_s_per_step": {
+                k: round(v / (n + step.eager_steps), 4) for k, v in step.host_seconds.items()
+            },
+            "capture_gib_alloc_peak_peak_alloc": [
+                [round(x / 2**30, 3) for x in m] for m in step.capture_memory
+            ],
+        }
+    kernels, busy = _profile_step(forward_backward, batch, opt) if args.profile else (None, None)
     step = statistics.median(timed)
     n_tokens = int(batch["input_ids"].numel())
     n_params = int((folder / "n_params.txt").read_text())
@@ -350,15 +373,34 @@ def run_worker(args) -> dict:
     }
 
 
-def _profile_step(model, batch, opt):
+def _forward_backward(engine: str, model, info: dict):
+    """The step's forward + backward for ``engine``: a CUDA-graph replay for "graphs", else eager."""
+    import torch
+
+    if engine == "graphs":
+        from visionft.cuda_graphs import CudaGraphTrainStep
+
+        step = CudaGraphTrainStep(model, warmup=2)
+        if step.disabled:
+            raise RuntimeError(f"CUDA graphs unavailable: {step.disabled}")
+        return step.__call__
+
+    def eager(batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.detach()
+
+    return eager
+
+
+def _profile_step(forward_backward, batch, opt):
     """One extra step under the profiler: (CUDA kernels launched, seconds the GPU spent in them)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
+        forward_backward(batch)
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()

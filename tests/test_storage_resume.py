@@ -50,6 +50,7 @@ def make_config(work: Path, output_uri: str, data: Path, model: Path) -> Trainer
                 "format": "imagefolder",
                 "columns": {"image": "image", "instruction": "instruction", "response": "response"},
                 "maxImagePixels": 3136,
+                "evalSamples": 0,
             },
             "training": {
                 "maxSteps": 2 * N,
@@ -66,7 +67,7 @@ def make_config(work: Path, output_uri: str, data: Path, model: Path) -> Trainer
                 "optimizations": False,
             },
             "output": {"uri": output_uri, "saveMethod": "lora"},
-            "runtime": {"workDir": str(work), "evalSamples": 0},
+            "runtime": {"workDir": str(work)},
         }
     )
 

@@ -29,6 +29,8 @@ REASON_WAITING_FOR_POD = "WaitingForPod"
 REASON_TRAINING = "Training"
 REASON_UPLOADING = "Uploading"
 REASON_SUSPENDING = "Suspending"
+# A pod of a multi-node run failed: the whole group starts again from the last checkpoint.
+REASON_RESTARTING_GROUP = "RestartingGroup"
 # Reasons for Admitted.
 REASON_ADMITTED = "Admitted"
 REASON_QUEUED_BY_KUEUE = "QueuedByKueue"

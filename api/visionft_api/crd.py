@@ -90,7 +90,10 @@ def _structural(node: Any) -> Any:
             raise ValueError(f"a CRD field can't be a union of {len(branches)} types: {any_of}")
         merged = dict(branches[0])
         for key, value in node.items():
-            merged.setdefault(key, value)
+            if key == "description":
+                merged[key] = value  # the field's own description wins over the model's docstring
+            else:
+                merged.setdefault(key, value)
         node = merged
         if node.get("default", 0) is None:
             node.pop("default")

@@ -16,18 +16,53 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.config import JsonDict
 
 # A bucket name as S3 allows it, then an optional key prefix.
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
-# s3://bucket/prefix, an absolute local path (a mounted volume), or a hub id such as org/name.
+# s3://bucket/prefix, an absolute local path (a mounted volume), a hub id such as org/name, or builtin://NAME.
 MODEL_URI_PATTERN = (
-    r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9._\-]+)$"
+    r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9._\-]+"
+    r"|builtin://[a-z0-9][a-z0-9\-]*)$"
 )
-# Datasets and outputs: s3:// or an absolute local path. Relative paths are accepted by the trainer CLI only
-# (resolved against the config file), never in a cluster resource.
+# Outputs: s3:// or an absolute local path. Relative paths are accepted by the trainer CLI only (resolved
+# against the config file), never in a cluster resource.
 DATA_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*)$"
+# Datasets: as outputs, or builtin://NAME.
+DATASET_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|builtin://[a-z0-9][a-z0-9\-]*)$"
+
+# Generated sources: the trainer makes these in its work folder instead of reading them, so that a run
+# needs no bucket, download or GPU (the quickstart, and a smoke test of an install). The patterns above
+# accept any builtin://NAME; the rules below name the closed set, so that a typo gets a message listing it.
+BUILTIN_SCHEME = "builtin://"
+#: A tiny random-weight Qwen2-VL-family model with a working processor (visionft.testing.tiny).
+BUILTIN_MODELS = ("builtin://tiny-qwen2-vl",)
+#: The shapes task: name the colour of one shape, 400 training and 100 held-out 56x56 images
+#: (visionft.data.synthetic).
+BUILTIN_DATASETS = ("builtin://shapes",)
+
+
+def is_builtin(uri: str) -> bool:
+    """True for a generated source (builtin://NAME)."""
+    return uri.startswith(BUILTIN_SCHEME)
+
+
+def _builtin_rule(field: str, allowed: tuple[str, ...]) -> tuple[str, str]:
+    """The CEL rule and the message (shared with the pydantic check) that close a builtin:// set; the
+    apiserver and pydantic both put the field's path in front of the message."""
+    names = ", ".join(f"'{name}'" for name in allowed)
+    rule = f"!self.uri.startsWith('{BUILTIN_SCHEME}') || self.uri in [{names}]"
+    message = f"a {BUILTIN_SCHEME} {field.split('.')[0]} must be one of {', '.join(allowed)}"
+    return rule, message
+
+
+_MODEL_BUILTIN_RULE, _MODEL_BUILTIN_MESSAGE = _builtin_rule("model.uri", BUILTIN_MODELS)
+_DATASET_BUILTIN_RULE, _DATASET_BUILTIN_MESSAGE = _builtin_rule("dataset.uri", BUILTIN_DATASETS)
+_OUTPUT_REQUIRED_MESSAGE = (
+    f"output is required unless model.uri is a generated model ({BUILTIN_SCHEME}): set output.uri to "
+    "where the results go"
+)
 
 
 def to_camel(name: str) -> str:
@@ -65,7 +100,9 @@ class ModelSource(SpecModel):
 
     uri: str = Field(
         description="uri is the base model: s3://bucket/prefix of a Hugging Face model folder, an absolute "
-        "path on a mounted volume, or a hub id (org/name) when pods may reach a hub.",
+        "path on a mounted volume, a hub id (org/name) when pods may reach a hub, or "
+        f"{' / '.join(BUILTIN_MODELS)}, a tiny random-weight model that the trainer generates (no download; "
+        "for the quickstart and smoke tests).",
         pattern=MODEL_URI_PATTERN,
         max_length=1024,
     )
@@ -91,10 +128,18 @@ class ModelSource(SpecModel):
                 cel(
                     "!(self.loadIn4bit && self.loadIn8bit)",
                     "model.loadIn4bit and model.loadIn8bit are exclusive: set at most one to true",
-                )
+                ),
+                cel(_MODEL_BUILTIN_RULE, _MODEL_BUILTIN_MESSAGE, ".uri"),
             ]
         }
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _known_builtin(cls, uri: str) -> str:
+        if is_builtin(uri) and uri not in BUILTIN_MODELS:
+            raise ValueError(_MODEL_BUILTIN_MESSAGE)
+        return uri
 
     @model_validator(mode="after")
     def _one_quantization(self) -> ModelSource:
@@ -201,8 +246,10 @@ class DatasetSource(SpecModel):
 
     uri: str = Field(
         description="uri is the dataset: s3://bucket/prefix or an absolute path, holding JSONL, JSON, "
-        "parquet, a datasets save_to_disk folder, or an imagefolder with metadata.jsonl.",
-        pattern=DATA_URI_PATTERN,
+        "parquet, a datasets save_to_disk folder, or an imagefolder with metadata.jsonl; or "
+        f"{' / '.join(BUILTIN_DATASETS)}, a generated imagefolder (name the colour of a shape; 400 "
+        "training and 100 held-out images).",
+        pattern=DATASET_URI_PATTERN,
         max_length=1024,
     )
     format: Literal["auto", "jsonl", "json", "parquet", "arrow", "imagefolder"] = Field(
@@ -231,6 +278,27 @@ class DatasetSource(SpecModel):
         description="onBadSample says what a broken image or over-long sample does: fail the run, or be "
         "skipped and counted.",
     )
+    eval_samples: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="evalSamples is how many held-out samples (the dataset's test or validation split, or "
+        "the validationFraction share) are scored by exact-match accuracy before and after training; 0 "
+        "scores none.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [cel(_DATASET_BUILTIN_RULE, _DATASET_BUILTIN_MESSAGE, ".uri")]
+        }
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _known_builtin(cls, uri: str) -> str:
+        if is_builtin(uri) and uri not in BUILTIN_DATASETS:
+            raise ValueError(_DATASET_BUILTIN_MESSAGE)
+        return uri
 
 
 class TrainingSettings(SpecModel):
@@ -370,11 +438,40 @@ class TrainingRecipe(SpecModel):
         default_factory=lambda: TrainingSettings(max_steps=100),
         description="training configures the optimization.",
     )
-    output: OutputTarget = Field(description="output is where adapters, weights and checkpoints go.")
+    output: OutputTarget | None = Field(
+        None,
+        validate_default=True,
+        description="output is where adapters, weights and checkpoints go; required unless model.uri is a "
+        "builtin:// model. Without it, a local run (visionft-train) writes to <workDir>/output, and a "
+        "training pod keeps its results in its scratch volume, which is deleted with the pod.",
+    )
     storage: StorageSettings = Field(
         default_factory=StorageSettings, description="storage configures S3-compatible access."
     )
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    f"has(self.output) || (has(self.model) && self.model.uri.startsWith('{BUILTIN_SCHEME}'))",
+                    _OUTPUT_REQUIRED_MESSAGE,
+                    ".output",
+                )
+            ]
+        }
+    )
+
+    @field_validator("output")
+    @classmethod
+    def _output_unless_generated(
+        cls, output: OutputTarget | None, info: ValidationInfo
+    ) -> OutputTarget | None:
+        model = info.data.get("model")  # absent when the model itself failed validation
+        if output is None and isinstance(model, ModelSource) and not is_builtin(model.uri):
+            raise ValueError(_OUTPUT_REQUIRED_MESSAGE)
+        return output
+
     def uses_s3(self) -> bool:
         """True when any location of the recipe is in object storage."""
-        return any(uri.startswith("s3://") for uri in (self.model.uri, self.dataset.uri, self.output.uri))
+        uris = (self.model.uri, self.dataset.uri, self.output.uri if self.output else "")
+        return any(uri.startswith("s3://") for uri in uris)

@@ -1,8 +1,8 @@
 """The VisionFineTune resource: the recipe plus how to run it on a cluster, and the status it reports.
 
 `VisionFineTuneSpec` extends the trainer's `TrainingRecipe` with cluster concerns (GPUs, scheduling, retries,
-suspension). `VisionFineTuneStatus` is written by the operator (phase, conditions, attempts, times, outputs)
-and, for `progress` only, by the trainer pod through server-side apply with its own field manager.
+suspension). `VisionFineTuneStatus` is written by the operator (phase, conditions, attempts, restarts, times,
+outputs) and, for `progress` only, by the trainer pod through server-side apply with its own field manager.
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ class RunPolicy(SpecModel):
         3,
         ge=0,
         le=100,
-        description="backoffLimit is how many pod failures are retried; disruptions (preemption, node "
-        "loss) do not count.",
+        description="backoffLimit is how many pod failures are retried (over several nodes, a failed pod "
+        "restarts the whole group from the last checkpoint); disruptions (preemption, node loss) do not "
+        "count.",
     )
     active_deadline_seconds: int | None = Field(
         None, ge=60, le=31_536_000, description="activeDeadlineSeconds bounds the whole run's duration."
@@ -217,6 +218,12 @@ class VisionFineTuneStatus(SpecModel):
     progress: Progress | None = Field(None, description="progress is live training progress.")
     outputs: Outputs | None = Field(None, description="outputs are the published results.")
     attempts: int | None = Field(None, ge=0, description="attempts is how many pods were started.")
+    restarts: int | None = Field(
+        None,
+        ge=0,
+        description="restarts is how many times a multi-node run's whole group was restarted after a pod "
+        "failed.",
+    )
     job_name: str | None = Field(None, description="jobName is the owned batch/v1 Job.")
     start_time: str | None = Field(None, description="startTime is when training first started.")
     completion_time: str | None = Field(None, description="completionTime is when the run finished.")

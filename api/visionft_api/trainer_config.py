@@ -1,8 +1,9 @@
 """The trainer's config file: a recipe plus where the trainer runs and whom it reports to.
 
 The operator renders this into the ConfigMap that the training pod mounts (no secrets: the pod's storage
-credentials arrive as environment variables from a secretKeyRef). The same file format drives a local run:
-`visionft-train --config examples/quickstart.yaml`.
+credentials arrive as environment variables from a secretKeyRef). The same file format drives a local run
+(`visionft-train config.yaml`); `visionft-train` also takes a VisionFineTune manifest, whose recipe it turns
+into this config with `TrainerConfig.from_recipe` (`visionft.config_file`), as the operator does.
 """
 
 from __future__ import annotations
@@ -27,19 +28,12 @@ class RuntimeSettings(SpecModel):
 
     work_dir: str = Field(
         "./runs/work",
-        description="workDir is local scratch for the synced dataset, model and checkpoints.",
+        description="workDir is local scratch for the synced or generated dataset and model, and the "
+        "output folder when the recipe sets no output.",
     )
     json_progress: bool = Field(False, description="jsonProgress prints one JSON line per report.")
     status_target: StatusTarget | None = Field(
         None, description="statusTarget, when set, receives progress through server-side apply."
-    )
-    eval_samples: int = Field(
-        0, ge=0, le=100_000, description="evalSamples held-out samples to score before and after training."
-    )
-    prepare_quickstart: bool = Field(
-        False,
-        description="prepareQuickstart generates the shapes dataset and a tiny model at the dataset and "
-        "model paths when they are missing (the local quickstart).",
     )
 
 
@@ -47,6 +41,14 @@ class TrainerConfig(TrainingRecipe):
     """The whole config file of `visionft-train`."""
 
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings, description="runtime settings.")
+
+    @classmethod
+    def from_recipe(cls, recipe: TrainingRecipe, runtime: RuntimeSettings) -> TrainerConfig:
+        """The recipe part of ``recipe`` (a VisionFineTune spec carries cluster fields too) plus ``runtime``."""
+        fields = {field.alias or name for name, field in TrainingRecipe.model_fields.items()}
+        raw = {key: value for key, value in recipe.to_dict().items() if key in fields}
+        raw["runtime"] = runtime.to_dict()
+        return cls.model_validate(raw)
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainerConfig:

@@ -16,6 +16,11 @@ MALFORMED: list[tuple[str, dict[str, Any], str]] = [
     ("model-uri-scheme", spec(**{"model.uri": "ftp://host/model"}), "spec.model.uri"),
     ("dataset-uri-relative", spec(**{"dataset.uri": "data/train"}), "spec.dataset.uri"),
     ("output-uri-http", spec(**{"output.uri": "http://host/out"}), "spec.output.uri"),
+    # Only a generated model may leave out the output (its results stay in the work folder).
+    ("output-missing", spec(output=None), "spec.output"),
+    ("model-uri-builtin-unknown", spec(**{"model.uri": "builtin://tiny-llama"}), "spec.model.uri"),
+    ("dataset-uri-builtin-unknown", spec(**{"dataset.uri": "builtin://mnist"}), "spec.dataset.uri"),
+    ("dataset-eval-samples-negative", spec(**{"dataset.evalSamples": -1}), "spec.dataset.evalSamples"),
     ("lora-rank-zero", spec(**{"lora.r": 0}), "spec.lora.r"),
     ("lora-rank-huge", spec(**{"lora.r": 1000}), "spec.lora.r"),
     ("lora-dropout", spec(**{"lora.dropout": 0.95}), "spec.lora.dropout"),

@@ -39,6 +39,7 @@ PATHS = [
     "dataset.maxImagePixels",
     "dataset.validationFraction",
     "dataset.onBadSample",
+    "dataset.evalSamples",
     "training",
     "training.maxSteps",
     "training.epochs",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 from visionft_api import VisionFineTuneSpec
+from visionft_api.recipe import BUILTIN_DATASETS, BUILTIN_MODELS
 from visionft_operator.reconcile import format_validation_error
 
 from tests.api.malformed import MALFORMED
@@ -36,3 +37,30 @@ def test_invalid_regex_is_flagged_by_pydantic_only() -> None:
     with pytest.raises(ValidationError) as info:
         VisionFineTuneSpec.model_validate(spec(**{"lora.targetModulesRegex": "(["}))
     assert "lora.targetModulesRegex" in format_validation_error(info.value)
+
+
+def test_a_generated_model_needs_no_output_and_runs_locally() -> None:
+    # The quickstart's shape: builtin:// model and dataset, no output, no bucket, no GPU.
+    body = spec(
+        output=None,
+        storage=None,
+        **{"model.uri": "builtin://tiny-qwen2-vl", "dataset.uri": "builtin://shapes"},
+    )
+    parsed = VisionFineTuneSpec.model_validate(body)
+    assert parsed.output is None and not parsed.uses_s3()
+    # A generated model may still publish to a bucket.
+    VisionFineTuneSpec.model_validate(spec(**{"model.uri": "builtin://tiny-qwen2-vl"}))
+
+
+@pytest.mark.parametrize(
+    ("field", "typo", "allowed"),
+    [
+        ("model.uri", "builtin://tiny-llama", BUILTIN_MODELS),
+        ("dataset.uri", "builtin://mnist", BUILTIN_DATASETS),
+    ],
+)
+def test_an_unknown_builtin_names_the_allowed_ones(field: str, typo: str, allowed: tuple[str, ...]) -> None:
+    with pytest.raises(ValidationError) as info:
+        VisionFineTuneSpec.model_validate(spec(**{field: typo}))
+    message = format_validation_error(info.value)
+    assert message.startswith(f"spec.{field}: ") and all(name in message for name in allowed), message

@@ -1,8 +1,10 @@
-"""The cluster examples (examples/cluster/) and the GitOps manifests (deploy/), offline.
+"""The examples (examples/*.yaml) and the GitOps manifests (deploy/), offline.
 
-Each example must be a VisionFineTune that the pydantic model accepts (the apiserver's side is in
-test_cluster.py), must not pin a namespace (so `kubectl apply -n NS` works), and must name a Secret whose
-placeholder manifest or `kubectl create secret` command is documented.
+Each example must be a VisionFineTune that the pydantic model accepts (the apiserver's side, the literal
+`kubectl apply -f examples/`, is in test_cluster.py), must not pin a namespace (so `kubectl apply -n NS`
+works), and, when it reads S3, must name a Secret whose placeholder manifest (examples/secrets/, out of
+reach of `kubectl apply -f examples/`) and `kubectl create secret` command are documented. The quickstart
+needs neither: its sources are generated and it runs on CPU.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 from visionft_api import API_VERSION, KIND, VisionFineTuneSpec
+from visionft_api.recipe import is_builtin
 
 REPO = Path(__file__).resolve().parents[2]
-CLUSTER_EXAMPLES = REPO / "examples" / "cluster"
-SECRETS = CLUSTER_EXAMPLES / "secrets"
-EXAMPLE_FILES = sorted(CLUSTER_EXAMPLES.glob("*.yaml"))
+EXAMPLES = REPO / "examples"
+SECRETS = EXAMPLES / "secrets"
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+S3_EXAMPLE_FILES = [path for path in EXAMPLE_FILES if path.stem != "quickstart"]
 
 
 def documents(path: Path) -> list[dict]:
@@ -25,7 +29,14 @@ def documents(path: Path) -> list[dict]:
 
 def test_the_promised_examples_exist() -> None:
     names = {path.stem for path in EXAMPLE_FILES}
-    assert {"latex-ocr", "radiology-captioning", "multi-gpu", "kueue-queue", "suspended"} <= names
+    assert {
+        "quickstart",
+        "latex-ocr",
+        "radiology-captioning",
+        "multi-gpu",
+        "kueue-queue",
+        "suspended",
+    } <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.name)
@@ -39,7 +50,7 @@ def test_example_is_a_valid_visionfinetune(path: Path) -> None:
     VisionFineTuneSpec.model_validate(doc["spec"])
 
 
-@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", S3_EXAMPLE_FILES, ids=lambda p: p.name)
 def test_example_secret_is_documented_with_placeholders(path: Path) -> None:
     spec = documents(path)[0]["spec"]
     secret = spec.get("storage", {}).get("credentialsSecret")
@@ -63,13 +74,28 @@ def test_examples_cover_multi_gpu_kueue_and_suspend() -> None:
     assert specs["suspended"]["suspend"] is True
 
 
+def test_the_quickstart_needs_no_bucket_secret_or_gpu() -> None:
+    (doc,) = documents(EXAMPLES / "quickstart.yaml")
+    assert doc["metadata"]["name"] == "quickstart"
+    spec = VisionFineTuneSpec.model_validate(doc["spec"])
+    assert is_builtin(spec.model.uri) and is_builtin(spec.dataset.uri)
+    assert spec.output is None and not spec.uses_s3() and spec.storage.credentials_secret is None
+    assert spec.resources.gpus_per_node == 0 and not spec.model.load_in_4bit  # 4-bit needs a GPU
+    assert spec.dataset.eval_samples > 0  # it shows accuracy before and after
+
+
 def test_example_folder_holds_only_resources() -> None:
-    # `kubectl apply -f examples/cluster/` must apply nothing but Kubernetes objects.
-    for path in CLUSTER_EXAMPLES.iterdir():
-        if path.is_file():
-            assert path.suffix == ".yaml", f"{path.name} would be read by kubectl apply -f"
+    # `kubectl apply -f examples/` reads the .yaml, .yml and .json files of the folder (not of its
+    # subfolders): they must be Kubernetes objects, and none of them a placeholder Secret.
+    for path in EXAMPLES.iterdir():
+        if path.is_file() and path.suffix in {".yaml", ".yml", ".json"}:
             for doc in documents(path):
-                assert {"apiVersion", "kind", "metadata"} <= set(doc)
+                assert {"apiVersion", "kind", "metadata"} <= set(doc), path.name
+                assert doc["kind"] == KIND, f"{path.name}: only VisionFineTunes belong in examples/"
+    assert sorted(p.name for p in SECRETS.iterdir()) == ["latex-ocr-s3.yaml", "radiology-s3.yaml"]
+    # Flux reads a Kustomization's folder recursively: examples/.sourceignore keeps secrets/ out of it.
+    ignored = (EXAMPLES / ".sourceignore").read_text().split("\n")
+    assert "secrets/" in ignored
 
 
 def test_gitops_manifests_point_at_the_repo_paths() -> None:

@@ -23,7 +23,7 @@ def config(tmp_path, tiny_dir, **training):
     raw = {
         "model": {"uri": str(tiny_dir("qwen2_vl")), "loadIn4bit": False, "maxSeqLength": 256},
         "lora": {"r": 16, "alpha": 16},
-        "dataset": {"uri": str(data), "format": "auto"},
+        "dataset": {"uri": str(data), "format": "auto", "evalSamples": 4},
         "training": {
             "maxSteps": 20,
             "perDeviceBatchSize": 4,
@@ -38,7 +38,7 @@ def config(tmp_path, tiny_dir, **training):
             **training,
         },
         "output": {"uri": str(tmp_path / "out"), "saveMethod": "lora"},
-        "runtime": {"workDir": str(tmp_path / "work"), "jsonProgress": True, "evalSamples": 4},
+        "runtime": {"workDir": str(tmp_path / "work"), "jsonProgress": True},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -135,7 +135,7 @@ def test_a_bad_image_in_the_dataset(tmp_path, tiny_dir, capsys, policy):
     path = config(tmp_path, tiny_dir, maxSteps=2, loggingSteps=1)
     raw = yaml.safe_load(path.read_text())
     raw["dataset"]["onBadSample"] = policy
-    raw["runtime"]["evalSamples"] = 0
+    raw["dataset"]["evalSamples"] = 0
     path.write_text(yaml.safe_dump(raw))
     meta = tmp_path / "shapes" / "train" / "metadata.jsonl"
     rows = [json.loads(line) for line in meta.read_text().splitlines()]
@@ -166,7 +166,7 @@ def test_s3_dataset_model_and_output_with_resume_on_a_fresh_pod(tmp_path, tiny_d
     raw["model"]["uri"] = s3_bucket.uri("models/tiny/")
     raw["output"]["uri"] = s3_bucket.uri("out/run1/")
     raw["runtime"]["workDir"] = str(tmp_path / "pod1")
-    raw["runtime"]["evalSamples"] = 0
+    raw["dataset"]["evalSamples"] = 0
     path = tmp_path / "s3.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main([str(path)]) == 0
@@ -196,3 +196,44 @@ def test_s3_dataset_model_and_output_with_resume_on_a_fresh_pod(tmp_path, tiny_d
     assert "resuming from" in out and "checkpoint-10" in out
     run = json.loads(client.get_object(Bucket=s3_bucket.name, Key="out/run1/run.json")["Body"].read())
     assert run["steps"] == 15
+
+
+def test_a_manifest_with_generated_sources_runs_here_and_each_run_starts_over(tmp_path, capsys, monkeypatch):
+    # A VisionFineTune like examples/quickstart.yaml, shortened: builtin:// model and dataset, no output.
+    monkeypatch.chdir(tmp_path)
+    doc = {
+        "apiVersion": "visionft.io/v1alpha1",
+        "kind": "VisionFineTune",
+        "metadata": {"name": "smoke"},
+        "spec": {
+            "model": {"uri": "builtin://tiny-qwen2-vl", "loadIn4bit": False, "maxSeqLength": 256},
+            "dataset": {"uri": "builtin://shapes", "maxImagePixels": 3136, "evalSamples": 4},
+            "training": {
+                "maxSteps": 4,
+                "perDeviceBatchSize": 2,
+                "learningRate": 5e-3,
+                "optimizer": "adamw_torch",
+                "gradientCheckpointing": "off",
+                "checkpointEverySteps": 2,
+                "keepCheckpoints": 1,
+                "optimizations": False,
+            },
+            "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "2Gi"},
+            "queueName": "cpu-queue",
+        },
+    }
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    output = tmp_path / "runs" / "smoke" / "output"  # <workDir>/output, workDir = runs/<metadata.name>
+    for _ in range(2):
+        assert main([str(path)]) == 0
+        captured = capsys.readouterr()
+        assert "held-out accuracy before training" in captured.out
+        assert "resuming from" not in captured.out  # no output: every run trains from the first step
+        summary = json.loads((output / "run.json").read_text())
+        assert summary["steps"] == 4 and summary["eval_samples"] == 4
+        assert (output / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "runs" / "smoke" / "builtin").iterdir()) == [
+        "shapes",
+        "tiny-qwen2-vl",
+    ]

@@ -1,7 +1,10 @@
-"""``visionft-train``: run one training job from a trainer config file.
+"""``visionft-train``: run one training job from a trainer config or a VisionFineTune manifest.
 
-    visionft-train --config /etc/visionft/config.json      # the training pod
-    visionft-train examples/quickstart.yaml                # the local quickstart
+    visionft-train --config /etc/visionft/config.json      # the training pod (the operator's config)
+    visionft-train examples/quickstart.yaml                # the quickstart: a VisionFineTune, run here
+    visionft-train my-run.yaml --work-dir /data/runs/a     # either kind, with another work folder
+
+``visionft.config_file`` says how each kind of file is read (a manifest's cluster-only fields are ignored).
 
 Exit codes: 0 success; 2 a config or data error (one line on stderr says what and how to fix it);
 1 anything else (with its traceback, since that is a bug or an infrastructure failure). The config is
@@ -21,21 +24,21 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="visionft-train", description="Fine-tune a VLM from a trainer config."
+        prog="visionft-train",
+        description="Fine-tune a VLM from a trainer config or a VisionFineTune manifest.",
     )
-    parser.add_argument("file", nargs="?", help="the trainer config (YAML or JSON)")
-    parser.add_argument("--config", dest="config", help="the trainer config (YAML or JSON)")
+    what = "a trainer config or a VisionFineTune manifest (YAML or JSON)"
+    parser.add_argument("file", nargs="?", help=what)
+    parser.add_argument("--config", dest="config", help=what)
+    parser.add_argument(
+        "--work-dir",
+        dest="work_dir",
+        help="the work folder: synced or generated inputs, and the output when the file sets none. "
+        "Default: runs/<metadata.name> under the current directory for a manifest, runtime.workDir "
+        "for a trainer config",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return parser
-
-
-def _one_line_validation(err) -> str:
-    """A pydantic ValidationError as one line: ``field.path: message; ...``."""
-    parts = []
-    for item in err.errors():
-        loc = ".".join(str(p) for p in item.get("loc", ()))
-        parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
-    return "invalid trainer config: " + "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,15 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from pydantic import ValidationError
-    from visionft_api.trainer_config import TrainerConfig
+    from visionft import config_file
 
     try:
-        config = TrainerConfig.from_file(path)
-    except ValidationError as err:
-        return _fail(_one_line_validation(err))
+        loaded = config_file.load(path, work_dir=args.work_dir)
     except (OSError, ValueError) as err:
         return _fail(str(err))
+    for note in loaded.notes:
+        logging.getLogger(__name__).info(note)
+    config = loaded.config
 
     from visionft.data.images import BadSampleError
     from visionft.run import ConfigError, train

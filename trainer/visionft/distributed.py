@@ -129,7 +129,7 @@ def local_main_first():
     """Runs the block on each node's local main process first, then on the node's other ranks.
 
     For per-node work that the other ranks then reuse: syncing inputs from S3 (a second sync of an
-    unchanged prefix transfers nothing), generating the quickstart's files. Every rank calls
+    unchanged prefix transfers nothing), generating builtin:// sources. Every rank calls
     ``barrier()`` exactly once, so the collective calls match.
     """
     if not is_local_main_process():

@@ -2,7 +2,7 @@
 
 The comparison is exact match after normalization (case, surrounding whitespace and punctuation), which
 suits short-answer tasks such as the quickstart's colour names. It is the number the CLI prints before and
-after training when ``runtime.evalSamples`` is set.
+after training when ``dataset.evalSamples`` is set.
 """
 
 from __future__ import annotations

@@ -3,16 +3,19 @@
 The steps, top to bottom in ``train``:
 
 1. locate inputs: local paths are used in place; ``s3://`` dataset/model URIs are synced into
-   ``runtime.workDir`` (``visionft.storage``); ``runtime.prepareQuickstart`` first generates the
-   quickstart's dataset and tiny model when missing;
+   ``runtime.workDir`` (``visionft.storage``); ``builtin://`` ones are generated there
+   (``visionft.builtin``);
 2. load the model (``FastVisionModel.from_pretrained``) and add LoRA (``get_peft_model``) as the recipe says,
    then the optional fused kernels (``training.optimizations``);
 3. load the dataset, split off validation, build the ``VisionDataCollator``;
-4. score ``runtime.evalSamples`` held-out samples (exact-match accuracy), train with TRL's ``SFTTrainer``
+4. score ``dataset.evalSamples`` held-out samples (exact-match accuracy), train with TRL's ``SFTTrainer``
    (checkpoints every ``checkpointEverySteps``, resuming from the newest complete one), score again;
 5. save adapters or merged weights, the loss curve (``loss.png``) and ``run.json`` (the summary, written
    last, so that its presence means the output folder is complete), then upload to S3 when the output is
    an ``s3://`` URI.
+
+Without ``output`` (allowed for a generated model only), the output folder is ``<workDir>/output`` and each
+run starts from the first step: its checkpoints are a scratch copy, not a run to resume.
 
 Errors in the config or the data raise ``ConfigError`` / ``BadSampleError`` / ``ValueError`` with a message
 meant for the user; ``visionft.cli`` turns them into a one-line message and a non-zero exit code.
@@ -28,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from visionft_api.recipe import is_builtin
 from visionft_api.trainer_config import TrainerConfig
 
 logger = logging.getLogger(__name__)
@@ -91,13 +95,17 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     progress = ProgressCallback(json_lines=config.runtime.json_progress and main, reporter=reporter)
     work = Path(config.runtime.work_dir)
 
+    _check_builtin_format(config)
     progress.stage("Downloading")
+    output_uri = config.output.uri if config.output else None
+    output_dir = work / "output" if output_uri is None or output_uri.startswith("s3://") else Path(output_uri)
     with distributed.local_main_first():
-        if config.runtime.prepare_quickstart:
-            _prepare_quickstart(config)
+        if output_uri is None and distributed.is_local_main_process():
+            # No output to resume into: a scratch run (the quickstart) trains from the first step each time,
+            # instead of resuming the previous run's last checkpoint (which would train zero steps).
+            shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
         dataset_dir = _local_input(config.dataset.uri, work / "dataset", config, "dataset")
         model_dir = _local_input(config.model.uri, work / "model", config, "model")
-    output_dir = Path(config.output.uri) if not config.output.uri.startswith("s3://") else work / "output"
     output_dir.mkdir(parents=True, exist_ok=True)
 
     progress.stage("Loading")
@@ -106,10 +114,10 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     collator = _collator(config, model, processor, dataset_dir)
     result = RunResult(output_dir=str(output_dir))
 
-    n_eval = min(config.runtime.eval_samples, len(eval_set)) if eval_set is not None else 0
-    if config.runtime.eval_samples and eval_set is None:
+    n_eval = min(config.dataset.eval_samples, len(eval_set)) if eval_set is not None else 0
+    if config.dataset.eval_samples and eval_set is None:
         echo(
-            "visionft: runtime.evalSamples is set but there is no held-out split; set dataset.validationFraction"
+            "visionft: dataset.evalSamples is set but there is no held-out split; set dataset.validationFraction"
         )
     if n_eval and main:
         before = _score(model, collator, eval_set, n_eval)
@@ -135,12 +143,13 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
         result.accuracy_after = after.value
         echo(f"held-out accuracy after training: {after}")
 
-    progress.stage("Uploading" if config.output.uri.startswith("s3://") else "Saving", trainer.state)
+    to_s3 = output_uri is not None and output_uri.startswith("s3://")
+    progress.stage("Uploading" if to_s3 else "Saving", trainer.state)
     result.saved = _save(config, model, processor, output_dir, trainer.state.log_history)
     result.wall_seconds = round(time.monotonic() - t0, 1)
     result.cpu_seconds = round(time.process_time() - cpu0, 1)
     (output_dir / "run.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-    if config.output.uri.startswith("s3://"):
+    if to_s3:
         _upload(config, output_dir)
     progress.stage("Done", trainer.state)
     distributed.barrier()
@@ -161,19 +170,21 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
 # ------------------------------------------------------------------------------------------------------
 
 
-def _prepare_quickstart(config: TrainerConfig) -> None:
-    from visionft.quickstart import prepare
-
-    if any(not uri.startswith("/") for uri in (config.dataset.uri, config.model.uri, config.output.uri)):
-        raise ConfigError("runtime.prepareQuickstart needs local dataset.uri, model.uri and output.uri paths")
-    prepare(config.dataset.uri, config.model.uri)
-    # The quickstart is a demonstration: every run trains from the start instead of resuming a finished
-    # run's checkpoint (which would train zero steps).
-    shutil.rmtree(Path(config.output.uri) / "checkpoints", ignore_errors=True)
+def _check_builtin_format(config: TrainerConfig) -> None:
+    if is_builtin(config.dataset.uri) and config.dataset.format not in ("auto", "imagefolder"):
+        raise ConfigError(
+            f"dataset.format {config.dataset.format} can't read {config.dataset.uri}, a generated "
+            "imagefolder: set dataset.format to auto or imagefolder"
+        )
 
 
 def _local_input(uri: str, scratch: Path, config: TrainerConfig, what: str) -> Path:
-    """The local folder for ``uri``: the path itself, or an S3 prefix synced into ``scratch``."""
+    """The local folder for ``uri``: the path itself, an S3 prefix synced into ``scratch``, or a generated
+    source in ``<workDir>/builtin``."""
+    if is_builtin(uri):
+        from visionft import builtin
+
+        return builtin.materialize(uri, Path(config.runtime.work_dir) / "builtin")
     if uri.startswith("s3://"):
         from visionft import storage
 
@@ -190,6 +201,7 @@ def _local_input(uri: str, scratch: Path, config: TrainerConfig, what: str) -> P
 def _upload(config: TrainerConfig, output_dir: Path) -> None:
     from visionft import storage
 
+    assert config.output is not None  # only called for an s3:// output
     storage.upload_outputs(output_dir, config.output.uri, config.storage)
 
 
@@ -356,7 +368,7 @@ def _trainer(config: TrainerConfig, model, processor, train_set, collator, outpu
 
 def _storage_callback(config: TrainerConfig, output_dir: Path):
     """The storage engineer's checkpoint-upload callback, for s3:// outputs."""
-    if not config.output.uri.startswith("s3://"):
+    if config.output is None or not config.output.uri.startswith("s3://"):
         return None
     from visionft import storage
 
@@ -389,7 +401,7 @@ def _save(
     from visionft.plotting import save_loss_curve
 
     saved: dict[str, str] = {}
-    method = config.output.save_method
+    method = config.output.save_method if config.output else "lora"
     if method == "lora":
         model.save_pretrained(str(output_dir / "adapter"))
         processor.save_pretrained(str(output_dir / "adapter"))

@@ -32,6 +32,7 @@ from visionft.patching.modules import (
     patch_lora_layers,
     patch_rms_norms,
 )
+from visionft.patching.static_inputs import install as install_static_inputs
 from visionft.patching.vision_attention import patch_vision_attention
 
 MODELING = {
@@ -99,6 +100,7 @@ def apply(
     fused_loss: bool = True,
     vision_attention: bool = True,
     offload_embeddings: bool = True,
+    static_inputs: bool = True,
 ) -> None:
     """Applies the Qwen2-VL / Qwen2.5-VL set to ``hf_model`` (and its PEFT wrapper ``model``)."""
     device = next(hf_model.parameters()).device
@@ -119,3 +121,5 @@ def apply(
         patch_lm_loss(hf_model, report)
     if offload_embeddings and device.type == "cuda":
         offload_input_embeddings(hf_model, report)
+    if static_inputs:  # inert until visionft.cuda_graphs activates a plan
+        install_static_inputs(hf_model, report)
