@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 import qlora_step  # noqa: E402  (bench/qlora_step.py: model folder, batch, environment line)
 
 
-def _load(folder: Path):
+def _load(folder: Path, engine: str):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
@@ -52,9 +52,14 @@ def _load(folder: Path):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     torch.manual_seed(0)  # the same LoRA init on every rank (DDP also broadcasts rank 0's at wrap time)
-    return get_peft_model(
+    model = get_peft_model(
         model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
     )
+    if engine == "engine":  # this engine's kernels (eager steps: CUDA graphs are off under DDP)
+        from visionft.patching import apply_optimizations
+
+        apply_optimizations(model)
+    return model
 
 
 def worker(args) -> None:
@@ -73,7 +78,7 @@ def worker(args) -> None:
     batch = qlora_step.make_batch(processor, args.workload)
     tokens_per_step = int(batch["attention_mask"].sum())
 
-    model = _load(folder)
+    model = _load(folder, args.engine)
     reduced = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ddp = DDP(model, device_ids=[distributed.local_rank()], find_unused_parameters=False)
     opt = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
@@ -105,6 +110,7 @@ def worker(args) -> None:
             json.dumps(
                 {
                     "gpus": distributed.world_size(),
+                    "engine": args.engine,
                     "workload": args.workload,
                     "tokens_per_rank_step": tokens_per_step,
                     "median_s_per_step": median,
@@ -125,6 +131,9 @@ def main() -> None:
     p.add_argument("--model-dir", default="/tmp/vft-qwen25vl-7b")
     p.add_argument("--workload", default="headline", choices=sorted(qlora_step.WORKLOADS))
     p.add_argument("--gpus", default="1,2", help="comma-separated process counts, one run each")
+    p.add_argument(
+        "--engine", default="engine", choices=["plain", "engine"], help="plain HF or + visionft kernels"
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--timeout", type=int, default=900, help="seconds per torchrun")
@@ -149,7 +158,7 @@ def main() -> None:
                 sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                 str(Path(__file__).resolve()), "--worker", "--result", str(result),
                 "--model-dir", str(folder), "--workload", args.workload,
-                "--steps", str(args.steps), "--warmup", str(args.warmup),
+                "--steps", str(args.steps), "--warmup", str(args.warmup), "--engine", args.engine,
             ]  # fmt: skip
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()

@@ -98,16 +98,28 @@ def test_graph_replay_trains_like_eager_steps(tmp_path, arch):
     assert losses_g[-1] < 0.6 * losses_g[0], losses_g
 
 
-def test_sync_free_adamw_8bit_matches_bitsandbytes():
+@pytest.mark.parametrize("hf_style", [False, True], ids=["AdamW8bit", "AdamW-optim_bits-8"])
+def test_sync_free_adamw_8bit_matches_bitsandbytes(hf_style):
     bnb = pytest.importorskip("bitsandbytes")
-    from visionft.optim import adamw_8bit
+    from visionft.optim import adamw_8bit, remove_per_parameter_sync
+
+    def make(params):
+        if not hf_style:
+            return adamw_8bit(params, lr=1e-2, weight_decay=0.01)
+        # What the HF Trainer builds for optim="adamw_bnb_8bit".
+        opt = bnb.optim.AdamW(params, lr=1e-2, weight_decay=0.01, optim_bits=8)
+        assert remove_per_parameter_sync(opt)
+        return opt
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     shapes = [(16, 4096), (4096, 16), (300,), (64, 64)]  # 8-bit and (small) 32-bit states
     params_a = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in shapes]
     params_b = [torch.nn.Parameter(p.detach().clone()) for p in params_a]
-    opt_a = bnb.optim.AdamW8bit(params_a, lr=1e-2, weight_decay=0.01)
-    opt_b = adamw_8bit(params_b, lr=1e-2, weight_decay=0.01)
+    if hf_style:
+        opt_a = bnb.optim.AdamW(params_a, lr=1e-2, weight_decay=0.01, optim_bits=8)
+    else:
+        opt_a = bnb.optim.AdamW8bit(params_a, lr=1e-2, weight_decay=0.01)
+    opt_b = make(params_b)
     for _ in range(5):
         grads = [torch.randn(s, generator=gen).cuda() for s in shapes]
         for pa, pb, g in zip(params_a, params_b, grads, strict=True):

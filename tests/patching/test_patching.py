@@ -207,3 +207,18 @@ def test_gemma3_patched_matches_plain(lora):
     for name, g in grads_plain.items():
         err = (grads_fast[name] - g).norm() / g.norm().clamp(min=1e-12)
         assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"
+
+
+def test_patched_model_still_generates():
+    # generate() checks its inputs against the forward's signature, which the fused-loss wrapper keeps.
+    model, processor = _model("qwen2_vl", lora=True)
+    batch = {k: v for k, v in _batch("qwen2_vl", processor).items() if k != "labels"}
+    model.eval()
+    with torch.no_grad():
+        plain = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    report = apply_optimizations(model, optimizations=True)
+    assert report.counts.get("loss") == 1, report.summary()
+    with torch.no_grad():
+        patched = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    revert_optimizations(model)
+    assert torch.equal(patched, plain)

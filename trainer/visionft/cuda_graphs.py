@@ -156,28 +156,35 @@ class CudaGraphTrainStep:
 
     # -- public --------------------------------------------------------------------------------------
 
-    def __call__(self, batch: dict[str, Any], loss_scale: float = 1.0) -> torch.Tensor:
+    def __call__(
+        self, batch: dict[str, Any], loss_scale: float = 1.0, extra: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Forward and backward of ``batch`` (gradients accumulate into ``.grad``); returns the loss.
 
         Args:
             batch (dict): model inputs with ``labels``, on the model's device.
             loss_scale (float): backward runs on ``loss * loss_scale`` (1 / accumulation steps).
+            extra (dict | None): more forward keyword arguments that are device tensors and differ
+                between steps, e.g. ``num_items_in_batch`` (copied into the graph like the batch).
         """
+        extra = extra or {}
         if self.disabled:
-            return self._eager(batch, None, loss_scale)
+            return self._eager({**batch, **extra}, None, loss_scale)
         start = time.perf_counter()
         try:
             plan = static_inputs.prepare(self.hf, batch, cache=self._vision_cache)
         except ValueError as err:
             self._say(f"CUDA graphs: eager step for this batch ({err})")
-            return self._eager(batch, None, loss_scale)
+            return self._eager({**batch, **extra}, None, loss_scale)
         finally:
             self.host_seconds["prepare"] += time.perf_counter() - start
+        plan.dynamic.update(extra)
+        plan.signature += tuple(sorted(extra))
         sig = self._signatures.setdefault(plan.signature, _Signature())
         if sig.graph is None:
             if self.captured >= self.max_graphs:
                 self._say(f"CUDA graphs: {self.max_graphs} signatures captured; later ones run eagerly")
-                return self._eager(batch, None, loss_scale)
+                return self._eager({**batch, **extra}, None, loss_scale)
             if sig.warm < self.warmup:
                 sig.warm += 1
                 if sig.warm == self.warmup and os.environ.get(SYNC_DEBUG_ENV) == "1":

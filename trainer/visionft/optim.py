@@ -20,42 +20,57 @@ from typing import Any
 import torch
 
 
+@torch.no_grad()
+def _step_without_per_parameter_sync(self, closure=None):
+    """``Optimizer8bit.step`` with one sync at the end, and only for paged states."""
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    if not self.initialized:
+        self.check_overrides()
+        self.to_gpu()
+        self.initialized = True
+    for gindex, group in enumerate(self.param_groups):
+        for pindex, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if not self.state[p]:
+                self.init_state(group, p, gindex, pindex)
+            self.prefetch_state(p)
+            self.update_step(group, p, gindex, pindex)
+    if self.is_paged:
+        torch.cuda.synchronize()  # paged states are moved asynchronously
+    return loss
+
+
 @functools.cache
-def adamw_8bit_class() -> type[torch.optim.Optimizer]:
-    """The class (built on first use: bitsandbytes is imported only where a GPU run needs it)."""
-    import bitsandbytes as bnb
+def _sync_free(cls: type) -> type:
+    return type(cls.__name__, (cls,), {"step": _step_without_per_parameter_sync, "__module__": __name__})
 
-    class AdamW8bit(bnb.optim.AdamW8bit):
-        """``bitsandbytes.optim.AdamW8bit`` minus the per-parameter ``torch.cuda.synchronize()``."""
 
-        @torch.no_grad()
-        def step(self, closure=None):
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            if not self.initialized:
-                self.check_overrides()
-                self.to_gpu()
-                self.initialized = True
-            for gindex, group in enumerate(self.param_groups):
-                for pindex, p in enumerate(group["params"]):
-                    if p.grad is None:
-                        continue
-                    if not self.state[p]:
-                        self.init_state(group, p, gindex, pindex)
-                    self.prefetch_state(p)
-                    self.update_step(group, p, gindex, pindex)
-            if self.is_paged:
-                torch.cuda.synchronize()  # paged states are moved asynchronously
-            return loss
-
-    return AdamW8bit
+def remove_per_parameter_sync(optimizer: torch.optim.Optimizer) -> bool:
+    """Makes a bitsandbytes 8-bit/32-bit optimizer (any ``Optimizer8bit``: AdamW, Adam, Lion, ...) step
+    without the per-parameter sync, in place (same state and layout: only ``step`` differs).
+    Returns whether it did; paged optimizers and other classes are left alone."""
+    try:
+        from bitsandbytes.optim.optimizer import Optimizer8bit
+    except ImportError:
+        return False
+    if not isinstance(optimizer, Optimizer8bit) or optimizer.is_paged:
+        return False
+    if type(optimizer).step is not _step_without_per_parameter_sync:
+        optimizer.__class__ = _sync_free(type(optimizer))
+    return True
 
 
 def adamw_8bit(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
-    """``AdamW8bit(params, **kwargs)``; the keyword arguments are bitsandbytes' (lr, betas, eps, ...)."""
-    return adamw_8bit_class()(params, **kwargs)
+    """bitsandbytes' ``AdamW8bit(params, **kwargs)`` (lr, betas, eps, ...), stepping without per-parameter syncs."""
+    import bitsandbytes as bnb
+
+    optimizer = bnb.optim.AdamW8bit(params, **kwargs)
+    remove_per_parameter_sync(optimizer)
+    return optimizer
 
 
-__all__ = ["adamw_8bit", "adamw_8bit_class"]
+__all__ = ["adamw_8bit", "remove_per_parameter_sync"]

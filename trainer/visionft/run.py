@@ -311,9 +311,10 @@ def _optimizer(name: str) -> str:
 
 def _trainer(config: TrainerConfig, model, processor, train_set, collator, output_dir: Path, progress):
     import torch
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from visionft import distributed
+    from visionft.sft import vision_sft_trainer_class
 
     t = config.training
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -350,7 +351,7 @@ def _trainer(config: TrainerConfig, model, processor, train_set, collator, outpu
         use_cpu=not cuda,
         **distributed.ddp_training_kwargs(),
     )
-    trainer = SFTTrainer(
+    trainer = vision_sft_trainer_class()(
         model=model,
         args=args,
         train_dataset=train_set,

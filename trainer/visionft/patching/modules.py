@@ -9,6 +9,8 @@ Anything it does not recognise, or that fails a check, stays plain and is listed
 
 from __future__ import annotations
 
+import inspect
+import os
 import types
 from typing import Any
 
@@ -229,6 +231,11 @@ def offload_input_embeddings(hf_model: Any, report: PatchReport) -> None:
     if head is not None and getattr(head, "weight", None) is emb.weight:
         report.skipped.append("embeddings: tied to lm_head (kept on the GPU)")
         return
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # DistributedDataParallel refuses a module whose parameters sit on two kinds of device.
+        report.skipped.append("embeddings: distributed run, DDP needs every parameter on the GPU (kept)")
+        return
     device = emb.weight.device
     gpu_weight = emb.weight
     emb.weight = nn.Parameter(gpu_weight.detach().to("cpu").pin_memory(), requires_grad=False)
@@ -236,6 +243,11 @@ def offload_input_embeddings(hf_model: Any, report: PatchReport) -> None:
     torch.cuda.empty_cache()
 
     def forward(self, input_ids):
+        if self.weight.device.type != "cpu":
+            # A later ``.to(device)`` of the whole model (the HF Trainer and accelerate place models that
+            # way) brought the table back to the GPU: return it to pinned host memory, once.
+            self.weight = nn.Parameter(self.weight.detach().to("cpu").pin_memory(), requires_grad=False)
+            torch.cuda.empty_cache()
         rows = nn.functional.embedding(input_ids.to("cpu"), self.weight, self.padding_idx)
         return rows.pin_memory().to(device, non_blocking=True)
 
@@ -305,6 +317,8 @@ def patch_lm_loss(hf_model: nn.Module, report: PatchReport) -> None:
             out["logits"] = None
         return out
 
+    # generate() validates its keyword arguments against the forward's signature: keep the model's.
+    forward.__signature__ = inspect.signature(type(hf_model).forward)  # type: ignore[attr-defined]
     report.swap(head, "forward", types.MethodType(head_forward, head), "loss")
     # ``loss_function`` is a property reading ``_loss_function`` when set (transformers 5.x).
     report.swap(hf_model, "_loss_function", loss_function, "loss_fn")
