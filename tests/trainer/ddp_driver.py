@@ -8,7 +8,14 @@ Run once as a single process or under ``torchrun`` (gloo on CPU)::
 It writes ``OUT/rank{r}.json`` per rank (the logged per-step losses, the dataset indices each step's
 micro-batch held, and the supervised-token counts) and, through the Trainer, checkpoints under
 ``OUT/checkpoints`` (rank 0 only) and the adapter under ``OUT/adapter`` (rank 0 only, via
-``visionft.distributed.is_main_process``).
+``visionft.distributed.is_main_process``). As in ``visionft.run``, every rank has the
+``GatherRngStatesCallback`` and rank 0 alone the S3 upload callback (``--s3-output``), added after it.
+
+``--separate-disks`` stands in for a multi-node run: rank ``r > 0`` gets its own Trainer output folder,
+``OUT/node{r}/checkpoints``, for the per-rank files the Trainer writes there (its RNG state). ``--rng-probe``
+makes each rank draw a rank-dependent amount of randomness every step (the ranks are seeded alike, so
+their RNG states would otherwise be equal) and records digests of its RNG state at each save
+(``rng_at_save``: step -> ``rng_digests``).
 
 This is not the ``visionft-train`` CLI: ``visionft.run`` still writes its outputs on every rank (see the
 report to the lead); this driver exercises the same API, collator and trainer settings.
@@ -17,13 +24,18 @@ report to the lead); this driver exercises the same API, collator and trainer se
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import random
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
+from transformers import TrainerCallback
 from visionft import FastVisionModel
 from visionft import distributed as dist_utils
+from visionft.checkpoint_rng import GatherRngStatesCallback
 from visionft.data.collator import IGNORE_INDEX, VisionDataCollator
 from visionft.testing.tiny import tiny_image
 
@@ -74,6 +86,39 @@ class RecordingCollator:
         return batch
 
 
+def rng_digests(states: dict) -> dict[str, str]:
+    """Digests of an RNG state dict as the Trainer saves it (``python``, ``numpy``, ``cpu`` keys)."""
+    _, keys, pos, has_gauss, cached = states["numpy"]
+    parts = {
+        "python": repr(states["python"]).encode(),
+        "numpy": np.asarray(keys).tobytes() + repr((int(pos), int(has_gauss), float(cached))).encode(),
+        "cpu": states["cpu"].numpy().tobytes(),
+    }
+    return {k: hashlib.sha256(v).hexdigest() for k, v in parts.items()}
+
+
+class RngProbe(TrainerCallback):
+    """Draws ``rank + 1`` numbers from each RNG per step; records this rank's RNG digests at each save."""
+
+    def __init__(self) -> None:
+        self.at_save: dict[int, dict[str, str]] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        n = dist_utils.rank() + 1
+        torch.rand(n)
+        np.random.rand(n)
+        for _ in range(n):
+            random.random()
+
+    def on_save(self, args, state, control, **kwargs):
+        now = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cpu": torch.random.get_rng_state(),
+        }
+        self.at_save[state.global_step] = rng_digests(now)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -84,6 +129,9 @@ def main() -> None:
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="resume from the newest checkpoint")
     p.add_argument("--seed", type=int, default=3407)
+    p.add_argument("--separate-disks", action="store_true", help="ranks > 0 keep checkpoints in OUT/node{r}")
+    p.add_argument("--rng-probe", action="store_true", help="rank-dependent draws; RNG digests at saves")
+    p.add_argument("--s3-output", help="rank 0 uploads checkpoints under this s3:// output prefix")
     a = p.parse_args()
 
     from trl import SFTConfig, SFTTrainer
@@ -91,6 +139,7 @@ def main() -> None:
     torch.set_num_threads(1)
     dist_utils.setup()  # the group exists before the Trainer, as visionft.run would do it
     out = Path(a.out)
+    local = out if dist_utils.is_main_process() or not a.separate_disks else out / f"node{dist_utils.rank()}"
     model, processor = FastVisionModel.from_pretrained(
         a.model, load_in_4bit=False, device_map=dist_utils.device_map()
     )
@@ -99,7 +148,7 @@ def main() -> None:
     )
     collator = RecordingCollator(VisionDataCollator(model, processor, max_seq_length=512))
     args = SFTConfig(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(local / "checkpoints"),
         max_steps=a.steps,
         per_device_train_batch_size=a.batch,
         gradient_accumulation_steps=1,
@@ -124,13 +173,22 @@ def main() -> None:
         use_cpu=True,
         **dist_utils.ddp_training_kwargs(),
     )
+    probe = RngProbe()
+    callbacks: list = [probe] if a.rng_probe else []
+    if dist_utils.is_distributed():
+        callbacks.append(GatherRngStatesCallback())
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_dict({"__index__": list(range(a.samples))}),
         data_collator=collator,
         processing_class=processor,
+        callbacks=callbacks,
     )
+    if a.s3_output and dist_utils.is_main_process():
+        from visionft import storage
+
+        trainer.add_callback(storage.checkpoint_callback(a.s3_output, out / "checkpoints"))
     resume = None
     if a.resume:
         done = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda q: int(q.name.split("-")[-1]))
@@ -153,6 +211,7 @@ def main() -> None:
         "all_trainable_are_lora": all("lora_" in n for n in grads_reduced),
         "ddp_reduced_params": dist_utils.ddp_reduced_parameter_count(trainer.model_wrapped),
         "resumed_from": resume,
+        "rng_at_save": probe.at_save,
     }
     (out / f"rank{dist_utils.rank()}.json").write_text(json.dumps(record, indent=1))
     if dist_utils.is_main_process():

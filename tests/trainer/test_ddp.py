@@ -1,6 +1,7 @@
 """DDP on CPU (gloo, 2 processes under torchrun) trains a tiny Qwen2-VL with the same loss curve as one
 process with twice the batch; only LoRA weights are all-reduced; a checkpoint from 2 ranks resumes in
-1 process.
+1 process; every rank's RNG state reaches rank 0's checkpoint and its S3 upload when ranks write to
+separate disks.
 
 Runs ``tests/trainer/ddp_driver.py`` (public API + TRL ``SFTTrainer``), not the ``visionft-train`` CLI:
 ``visionft.run`` does not yet gate its writes on ``visionft.distributed.is_main_process``.
@@ -21,13 +22,19 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 from visionft import distributed
 from visionft.testing.tiny import save_tiny_vlm
+
+from tests.trainer.ddp_driver import rng_digests
 
 DRIVER = Path(__file__).with_name("ddp_driver.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -128,6 +135,73 @@ def test_checkpoint_from_two_ranks_resumes_in_one_process(model_dir, runs, tmp_p
     tail = resumed["losses"][half:]
     diffs = [_rel(r, s) for r, s in zip(tail, single["losses"][half:], strict=True)]
     assert len(tail) == STEPS - half and max(diffs) < RTOL, (tail, single["losses"][half:])
+
+
+def _hf_restores(checkpoint: Path, process_index: int, world_size: int) -> dict[str, str]:
+    """The RNG digests after the Trainer's own ``_load_rng_state`` restores ``checkpoint`` as rank
+    ``process_index`` of ``world_size``; this process's RNG states are put back afterwards."""
+    from transformers import Trainer
+    from transformers.training_args import ParallelMode
+
+    args = SimpleNamespace(
+        world_size=world_size, process_index=process_index, parallel_mode=ParallelMode.DISTRIBUTED
+    )
+    saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        Trainer._load_rng_state(SimpleNamespace(args=args), str(checkpoint))
+        return rng_digests(
+            {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+        )
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.random.set_rng_state(saved[2])
+
+
+@pytest.mark.s3
+def test_every_ranks_rng_state_reaches_rank_zeros_checkpoint_and_upload(model_dir, tmp_path, s3_bucket):
+    """Two nodes, simulated: rank 1 writes its checkpoint files to its own folder. Rank 0's checkpoint and
+    its S3 upload still hold rank 1's RNG state, as rank 1 had it at the save, and the Trainer's own
+    loader restores it from there."""
+    from visionft.storage import MANIFEST_NAME, make_client
+    from visionft.storage.checkpoints import step_name
+
+    step, out = 2, tmp_path / "nodes"
+    extra = ["--steps", str(step), "--save-steps", str(step), "--separate-disks", "--rng-probe"]
+    r0, r1 = _run(model_dir, out, 2, BATCH, *extra, "--s3-output", s3_bucket.uri("run/"))
+    ckpt0 = out / "checkpoints" / f"checkpoint-{step}"
+    ckpt1 = out / "node1" / "checkpoints" / f"checkpoint-{step}"
+    # Rank 1's disk holds only its own RNG file (the Trainer saves the rest from rank 0 alone) ...
+    assert [p.name for p in ckpt1.iterdir()] == ["rng_state_1.pth"]
+    # ... and rank 0's checkpoint holds both ranks' files, rank 1's byte for byte.
+    assert sorted(p.name for p in ckpt0.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert (ckpt0 / "rng_state_1.pth").read_bytes() == (ckpt1 / "rng_state_1.pth").read_bytes()
+
+    at_save = [r0["rng_at_save"][str(step)], r1["rng_at_save"][str(step)]]
+    assert all(at_save[0][k] != at_save[1][k] for k in at_save[0])  # the probe made the ranks differ
+    for rank in (0, 1):
+        assert rng_digests(torch.load(ckpt0 / f"rng_state_{rank}.pth", weights_only=False)) == at_save[rank]
+        assert _hf_restores(ckpt0, rank, world_size=2) == at_save[rank]
+
+    # The upload (rank 0's callback, after the gather) holds both files.
+    client, prefix = make_client(), f"run/checkpoints/{step_name(step)}/"
+    listing = client.list_objects_v2(Bucket=s3_bucket.name, Prefix=prefix).get("Contents", [])
+    keys = {item["Key"].removeprefix(prefix) for item in listing}
+    assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json", MANIFEST_NAME} <= keys, keys
+    uploaded = client.get_object(Bucket=s3_bucket.name, Key=prefix + "rng_state_1.pth")["Body"].read()
+    assert uploaded == (ckpt1 / "rng_state_1.pth").read_bytes()
+
+
+def test_rng_gather_does_nothing_in_a_single_process(tmp_path):
+    from visionft.checkpoint_rng import GatherRngStatesCallback
+
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    state = SimpleNamespace(global_step=3)
+    for world_size in (1, 2):  # a single process; and a world size without a process group
+        args = SimpleNamespace(world_size=world_size, process_index=0, output_dir=str(tmp_path))
+        GatherRngStatesCallback().on_save(args, state, None)
+    assert list(ckpt.iterdir()) == []
 
 
 def test_rank_helpers_read_the_torchrun_environment(monkeypatch):

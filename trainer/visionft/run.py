@@ -351,16 +351,23 @@ def _trainer(config: TrainerConfig, model, processor, train_set, collator, outpu
         use_cpu=not cuda,
         **distributed.ddp_training_kwargs(),
     )
+    callbacks: list[Any] = [progress]
+    if distributed.is_distributed():
+        from visionft.checkpoint_rng import GatherRngStatesCallback
+
+        # On every rank: brings each rank's RNG file into rank 0's checkpoint folder at each save.
+        callbacks.append(GatherRngStatesCallback())
     trainer = vision_sft_trainer_class()(
         model=model,
         args=args,
         train_dataset=train_set,
         data_collator=collator,
         processing_class=processor,
-        callbacks=[progress],
+        callbacks=callbacks,
     )
     # Every node's local main fetches the newest complete S3 checkpoint (in the callback's constructor), so
-    # that all ranks resume from one step; only rank 0 uploads new ones.
+    # that all ranks resume from one step; only rank 0 uploads new ones. Added after the RNG callback
+    # (callbacks run in the order they were added), so each upload holds every rank's RNG file.
     storage_callback = _storage_callback(config, output_dir) if distributed.is_local_main_process() else None
     if storage_callback is not None and distributed.is_main_process():
         trainer.add_callback(storage_callback)
