@@ -1,9 +1,9 @@
 """Scale and fault-tolerance harness of the VisionFT operator on a real control plane with kwok (issue 10).
 
-One command (the full run of issue 10: about 6 min of wall clock on a 2-core machine; results in
-bench/SCALE_RESULTS.md):
+One command (the full run of issue 10, with the operator's default settings: about 5 min of wall clock on
+a 2-core machine; results in bench/SCALE_RESULTS.md):
 
-    .venv/bin/python bench/scale/run_scale.py --operator-env VISIONFT_RESYNC_SECONDS=120 --report /tmp/scale.md
+    .venv/bin/python bench/scale/run_scale.py --report /tmp/scale.md
 
 A small run (about 3 min):
 
@@ -19,7 +19,8 @@ default pytest run. What it does:
    audit log of the operator's requests only (the operator has its own user, so its requests can be
    counted apart from the controllers', kwok's and this script's).
 2. Installs the CRD and starts the real `visionft-operator` console script as a subprocess (cluster-wide,
-   standalone, JSON logs; `--operator-env KEY=VALUE` passes its documented VISIONFT_* settings).
+   standalone, JSON logs, metrics on 127.0.0.1; `--operator-env KEY=VALUE` passes its documented
+   VISIONFT_* settings).
 3. Creates `--resources` VisionFineTunes over `--namespaces` namespaces, each needing 1 GPU. Each one's
    run time is drawn uniformly from [--min-seconds, --max-seconds]; exactly round(N x --fail-fraction) of
    them, drawn at random (--seed), fail.
@@ -30,8 +31,9 @@ default pytest run. What it does:
 5. Measures: seconds from the first apply until every Job exists and until every resource is in a final
    phase; the operator's peak RSS (VmHWM, per incarnation) and CPU seconds (utime+stime, summed over
    incarnations) from /proc; apiserver requests in all (apiserver_request_total, summed over apiserver
-   incarnations) and the operator's own (audit log) per resource; handler errors from the operator's log;
-   and final-state consistency: every resource's phase against its Job's conditions and against the
+   incarnations) and the operator's own (audit log) per resource; handler errors (Kopf's handler failures
+   and the failed reconciles that the operator's work queue retries) from the operator's log; its
+   reconciles and retries from its /metrics, summed over incarnations; and final-state consistency: every resource's phase against its Job's conditions and against the
    outcome that was injected, no orphan Jobs, no resource with more than one Job, no Job created twice.
 6. Writes a JSON summary and a Markdown report (--report, --json) and exits 0 only when every acceptance
    criterion of issue 10 holds.
@@ -83,7 +85,10 @@ MANAGED_BY = "app.kubernetes.io/managed-by=visionft-operator"
 FINAL = {"Succeeded", "Failed"}
 RSS_LIMIT_MB = 300.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Kopf's handler failures ("Handler 'x' failed with an exception ...") and the operator's failed reconciles,
+# which its work queue retries ("reconcile of ns/name failed temporarily ...").
 HANDLER_FAILURE = re.compile(r"failed (temporarily|permanently|with an exception)")
+RECONCILE_RETRY = re.compile(r"^reconcile of \S+ failed temporarily")
 
 AUDIT_POLICY = f"""apiVersion: audit.k8s.io/v1
 kind: Policy
@@ -177,14 +182,22 @@ class Operator:
         self.ledger = CpuLedger()
         self.starts = 0
         self.unexpected_exits = 0
+        self.metrics_port = 0
+        #: The operator's own counters (its /metrics), summed over incarnations.
+        self.counters: dict[str, float] = defaultdict(float)
+        self._scraped: dict[str, float] = {}
 
     def start(self) -> None:
         port = free_port()
+        self.metrics_port = free_port()
+        self._scraped = {}
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
             "VISIONFT_LIVENESS_PORT": str(port),
-            "VISIONFT_METRICS_PORT": "0",  # its endpoint binds 0.0.0.0; the log has the errors
+            # Metrics on, as the chart runs it, but on loopback only.
+            "VISIONFT_METRICS_PORT": str(self.metrics_port),
+            "VISIONFT_METRICS_BIND_ADDRESS": "127.0.0.1",
             "VISIONFT_LOG_FORMAT": "json",
             "VISIONFT_LOG_LEVEL": "INFO",
             "VISIONFT_TRAINER_IMAGE": "ghcr.io/visionft/trainer:scale",
@@ -223,9 +236,30 @@ class Operator:
     def sample(self) -> dict[str, float] | None:
         return self.ledger.sample(self.pid)
 
+    def scrape(self) -> None:
+        """Fold this incarnation's reconcile and retry counters (its /metrics) into the totals."""
+        if self.pid is None:
+            return
+        try:
+            url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+        except Exception:
+            return
+        now: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith('visionft_handler_duration_seconds_count{handler="reconcile"}'):
+                now["reconciles"] = float(line.rsplit(" ", 1)[1])
+            elif line.startswith("visionft_workqueue_retries_total "):
+                now["retries"] = float(line.rsplit(" ", 1)[1])
+        for key, value in now.items():
+            self.counters[key] += value - self._scraped.get(key, 0.0)
+        self._scraped.update(now)
+
     def kill(self) -> None:
         """SIGKILL, as a node loss or an OOM kill would end it (no clean-up)."""
         self.sample()
+        self.scrape()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=30)
@@ -240,6 +274,7 @@ class Operator:
 
     def stop(self) -> None:
         self.sample()
+        self.scrape()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -308,6 +343,7 @@ class Run:
         self.t0 = 0.0
         self.wall0 = 0.0
         self.nudged = 0
+        self._nudged_at: dict[str, float] = {}  # pod uid -> when the harness last touched it
 
     # -- clients --------------------------------------------------------------------------------
     def _apis(self) -> tuple[Any, Any, Any]:
@@ -508,6 +544,7 @@ class Run:
             )
             if t - last_print >= 15 or finals >= self.n:
                 last_print = t
+                self.operator.scrape()
                 print(
                     f"[scale] t={t:6.1f}s jobs={jobs} final={finals}/{self.n} rss={rss:.0f}MB "
                     f"phases={dict(phases)}",
@@ -536,7 +573,10 @@ class Run:
     def nudge_stuck_pods(self) -> None:
         """Stand in for the kubelet's periodic pod sync, which kwok lacks: kwok acts on watch events only,
         and a pod whose event it missed while the apiserver or etcd restarted stays Pending (or Running)
-        forever. Touch such pods (an annotation) so that kwok sees them again; count them in the report."""
+        forever. Touch such pods (an annotation) so that kwok sees them again; count them in the report.
+        A Running pod counts as lost 30 s after its own run time; kwok starts a stage's delay again on every
+        change of the pod, so a touched pod is touched again only after that much time has passed: sooner
+        would keep it from ever ending."""
         core, _, _ = self._apis()
         try:
             response = core.list_pod_for_all_namespaces(
@@ -547,9 +587,11 @@ class Run:
             print(f"[scale] nudge: can't list pods: {exc!r:.200}", flush=True)
             return
         now = dt.datetime.now(dt.UTC)
-        limit = self.args.max_seconds + 30
         for pod in pods:
             meta, spec, status = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
+            # The pod's own run time (its resource's name says it: "ft-0042-d37"), plus 30 s.
+            run = re.search(r"-d(\d+)", (meta.get("labels") or {}).get("visionft.io/name", ""))
+            limit = (int(run.group(1)) if run else self.args.max_seconds) + 30
             if meta.get("deletionTimestamp") or not spec.get("nodeName"):
                 continue
             phase = status.get("phase")
@@ -569,8 +611,12 @@ class Run:
             age = (now - dt.datetime.fromisoformat(since.replace("Z", "+00:00"))).total_seconds()
             if age < (30 if phase == "Pending" else limit):
                 continue
-            self.nudged += 1
-            patch = {"metadata": {"annotations": {"visionft.io/scale-nudge": str(self.nudged)}}}
+            last = self._nudged_at.get(meta["uid"])
+            if last is not None and time.monotonic() - last < limit:
+                continue
+            self.nudged += last is None  # pods, not touches
+            self._nudged_at[meta["uid"]] = time.monotonic()
+            patch = {"metadata": {"annotations": {"visionft.io/scale-nudge": f"{time.time():.0f}"}}}
             with contextlib.suppress(Exception):
                 core.patch_namespaced_pod(meta["name"], meta["namespace"], patch, _request_timeout=30)
             print(f"[scale] nudged {phase} pod {meta['namespace']}/{meta['name']} ({age:.0f} s)", flush=True)
@@ -676,7 +722,7 @@ class Run:
         }
 
     def operator_log(self) -> None:
-        errors = handler_failures = 0
+        errors = handler_failures = retried = 0
         in_fault = 0
         samples: Counter[str] = Counter()
         windows = [(f["wall_start"], f["wall_end"] + self.args.fault_grace) for f in self.faults]
@@ -696,6 +742,7 @@ class Run:
                 if HANDLER_FAILURE.search(message):
                     handler_failures += 1
                     in_fault += during
+                    retried += bool(RECONCILE_RETRY.search(message))
                 if not during:
                     samples[re.sub(r"[0-9a-f-]{36}|ft-\d{4}-d\d+(-f)?|scale-\d{3}", "*", message)[:200]] += 1
         self.results["operator_log"] = {
@@ -703,6 +750,7 @@ class Run:
             "handler_failures": handler_failures,
             "handler_failures_in_fault_windows": in_fault,
             "handler_failures_outside_faults": handler_failures - in_fault,
+            "of_which_reconciles_retried": retried,
             "errors_outside_faults_top": dict(samples.most_common(8)),
         }
 
@@ -718,6 +766,8 @@ class Run:
             "peak_rss_mb": round(ledger.peak_mb, 1),
             "peak_rss_mb_each": [round(s["hwm_mb"], 1) for s in ledger.last.values()],
             "cpu_s": round(ledger.cpu_s, 1),
+            "reconciles": int(self.operator.counters.get("reconciles", 0)),
+            "reconcile_retries": int(self.operator.counters.get("retries", 0)),
         }
         self.results["apiserver_requests_all_clients"] = int(self.apiserver_requests)
         self.results["apiserver_requests_all_clients_per_resource"] = round(
@@ -832,11 +882,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"| operator peak RSS (max over incarnations; each) | {op.get('peak_rss_mb')} MB; {op.get('peak_rss_mb_each')} |",
         f"| operator CPU (utime+stime, all incarnations) | {op.get('cpu_s')} s |",
         f"| operator incarnations / unexpected exits | {op.get('incarnations')} / {op.get('unexpected_exits')} |",
+        f"| operator reconciles (work-queue workers, all incarnations) / of which retries after a failure | "
+        f"{op.get('reconciles')} / {op.get('reconcile_retries')} |",
         f"| operator requests to the apiserver (audit log) | {reqs.get('total')} ({reqs.get('per_resource')} per resource) |",
         f"| all clients' requests (apiserver_request_total) | {results.get('apiserver_requests_all_clients')} "
         f"({results.get('apiserver_requests_all_clients_per_resource')} per resource) |",
-        f"| operator log: ERROR lines / handler failures / of which in fault windows | {log.get('error_lines')} / "
-        f"{log.get('handler_failures')} / {log.get('handler_failures_in_fault_windows')} |",
+        f"| operator log: ERROR lines / handler or reconcile failures / of which in fault windows / of which "
+        f"reconciles retried | {log.get('error_lines')} / {log.get('handler_failures')} / "
+        f"{log.get('handler_failures_in_fault_windows')} / {log.get('of_which_reconciles_retried')} |",
         f"| control-plane CPU seconds | {results.get('component_cpu_s')} |",
         f"| pods kwok lost in an outage and the harness touched (kubelet-sync stand-in) | "
         f"{results.get('kwok_pods_nudged')} |",

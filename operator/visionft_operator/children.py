@@ -11,7 +11,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from visionft_api import API_VERSION, KIND, PLURAL, TrainerConfig, VisionFineTuneSpec
+from visionft_api import (
+    API_VERSION,
+    KIND,
+    PLURAL,
+    RuntimeSettings,
+    StatusTarget,
+    TrainerConfig,
+    VisionFineTuneSpec,
+)
 from visionft_api.resource import GROUP, KUEUE_QUEUE_LABEL
 
 from visionft_operator import constants as c
@@ -20,11 +28,13 @@ from visionft_operator import names
 
 @dataclass(frozen=True)
 class Owner:
-    """The VisionFineTune that owns the children."""
+    """The VisionFineTune that owns the children, and how many times its group was restarted so far
+    (status.restarts): a multi-node run's Job carries that number (see `gang.py`)."""
 
     namespace: str
     name: str
     uid: str
+    restarts: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,18 +81,15 @@ def _metadata(owner: Owner, name: str, extra_labels: dict[str, str] | None = Non
 
 
 def trainer_config(owner: Owner, spec: VisionFineTuneSpec) -> TrainerConfig:
-    """The trainer's config: the recipe part of the spec plus where to work and whom to report to."""
-    recipe = {
-        key: value
-        for key, value in spec.to_dict().items()
-        if key in TrainerConfig.model_fields or key in {m.alias for m in TrainerConfig.model_fields.values()}
-    }
-    recipe["runtime"] = {
-        "workDir": f"{c.SCRATCH_MOUNT}/work",
-        "jsonProgress": True,
-        "statusTarget": {"namespace": owner.namespace, "name": owner.name},
-    }
-    return TrainerConfig.model_validate(recipe)
+    """The trainer's config: the recipe part of the spec plus where to work and whom to report to (the
+    local `visionft-train MANIFEST` builds its config the same way). Without `spec.output` (a generated
+    model), the results stay in `<workDir>/output` on the scratch volume."""
+    runtime = RuntimeSettings(
+        work_dir=f"{c.SCRATCH_MOUNT}/work",
+        json_progress=True,
+        status_target=StatusTarget(namespace=owner.namespace, name=owner.name),
+    )
+    return TrainerConfig.from_recipe(spec, runtime)
 
 
 def config_map(owner: Owner, spec: VisionFineTuneSpec) -> dict[str, Any]:
@@ -317,19 +324,33 @@ def pod_template(owner: Owner, spec: VisionFineTuneSpec, defaults: PodDefaults) 
     return {"metadata": metadata, "spec": pod_spec}
 
 
-def pod_failure_policy() -> dict[str, Any]:
-    """Disruptions (preemption, node drain or loss: the DisruptionTarget condition) never count against
-    backoffLimit; exit codes that mean "bad config" fail the Job at once; other failures are retried."""
+def pod_failure_policy(multi_node: bool = False) -> dict[str, Any]:
+    """One pod: disruptions (preemption, node drain or loss: the DisruptionTarget condition) never count
+    against backoffLimit, exit codes that mean "bad config" fail the Job at once, other failures are
+    retried in a new pod.
+
+    Several nodes: every pod failure fails the Job, so that the Job controller stops the peers at once
+    (torchrun's static rendezvous can't take in one replaced rank). The rules still tell the three cases
+    apart in the Job's failure message (the rule index), and `gang.py` then restarts the whole group in
+    a new Job: uncounted after a disruption, counted against runPolicy.backoffLimit after another failure,
+    never after a non-retryable exit code. A failure with no exit code (the pod never ran) matches no
+    rule and fails the Job through its backoffLimit 0; `gang.py` counts it like an exit code."""
+    disrupted = [{"type": "DisruptionTarget", "status": "True"}]
+    fatal = {"containerName": c.CONTAINER_NAME, "operator": "In", "values": list(c.NON_RETRYABLE_EXIT_CODES)}
+    if not multi_node:
+        return {
+            "rules": [
+                {"action": "Ignore", "onPodConditions": disrupted},
+                {"action": "FailJob", "onExitCodes": fatal},
+            ]
+        }
     return {
         "rules": [
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "FailJob", "onPodConditions": disrupted},
+            {"action": "FailJob", "onExitCodes": fatal},
             {
                 "action": "FailJob",
-                "onExitCodes": {
-                    "containerName": c.CONTAINER_NAME,
-                    "operator": "In",
-                    "values": list(c.NON_RETRYABLE_EXIT_CODES),
-                },
+                "onExitCodes": {"containerName": c.CONTAINER_NAME, "operator": "NotIn", "values": [0]},
             },
         ]
     }
@@ -337,7 +358,8 @@ def pod_failure_policy() -> dict[str, Any]:
 
 def job(owner: Owner, spec: VisionFineTuneSpec, defaults: PodDefaults) -> dict[str, Any]:
     """The batch/v1 Job. With `queueName` it carries Kueue's queue label and starts suspended (Kueue
-    unsuspends it on admission); with `suspend` it starts suspended too."""
+    unsuspends it on admission); with `suspend` it starts suspended too. Over several nodes it is one
+    attempt of the group: it fails on the first pod failure, and the operator replaces it (`gang.py`)."""
     extra = {KUEUE_QUEUE_LABEL: spec.queue_name} if spec.queue_name else {}
     nodes = spec.resources.nodes
     job_spec: dict[str, Any] = {
@@ -345,21 +367,24 @@ def job(owner: Owner, spec: VisionFineTuneSpec, defaults: PodDefaults) -> dict[s
         "backoffLimit": spec.run_policy.backoff_limit,
         "completions": nodes,
         "parallelism": nodes,
-        "podFailurePolicy": pod_failure_policy(),
+        "podFailurePolicy": pod_failure_policy(multi_node=nodes > 1),
+        # (The default with a podFailurePolicy, spelled out.) A replacement pod starts only once the pod it
+        # replaces has stopped, so the two never hold GPUs at the same time.
+        "podReplacementPolicy": "Failed",
         "template": pod_template(owner, spec, defaults),
     }
+    metadata = _metadata(owner, names.job_name(owner.name), extra)
     if nodes > 1:
         # One pod per node with a stable index and DNS name (<job>-<index>.<service>) for torchrun.
         job_spec["completionMode"] = "Indexed"
         job_spec["template"]["spec"]["subdomain"] = names.job_name(owner.name)
+        # The first pod failure fails the Job; the operator restarts the group (gang.py), which counts the
+        # restarts against runPolicy.backoffLimit itself.
+        job_spec["backoffLimit"] = 0
+        metadata["annotations"] = {c.ANNOTATION_RESTARTS: str(owner.restarts)}
     if spec.run_policy.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _metadata(owner, names.job_name(owner.name), extra),
-        "spec": job_spec,
-    }
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 
 def headless_service(owner: Owner) -> dict[str, Any]:

@@ -45,12 +45,20 @@ class Config:
     liveness_port: int = 8080
     #: Port of the Prometheus metrics endpoint (`/metrics`); 0 turns it off.
     metrics_port: int = 9090
+    #: Address the metrics endpoint listens on (0.0.0.0: every interface, as a Service needs; 127.0.0.1
+    #: keeps it on the host).
+    metrics_bind_address: str = "0.0.0.0"
     #: Server-side watch timeout in seconds (the apiserver ends the watch; Kopf reconnects).
     watch_server_timeout: int = 300
     #: Client-side watch timeout in seconds, a little above the server's, for dead connections.
     watch_client_timeout: int = 330
-    #: How often, in seconds, every known resource is reconciled again (level-triggered safety net, TTLs,
-    #: waiting for policy capacity).
+    #: How many resources are reconciled at once: the workers of the work queue. Events only queue the
+    #: resource's key; one resource is never reconciled by two workers at once. Each worker's API calls
+    #: run in a thread of their own.
+    workers: int = 4
+    #: How often, in seconds, every unfinished resource is reconciled again from the cache (a ResourceQuota
+    #: that blocks the pods, a policy change, a missed wake-up). Failed reconciles don't wait for it: they
+    #: are retried with a backoff from 0.5 s to 2 min.
     resync_seconds: float = 30.0
     #: The lowest level of log records that Kopf also posts as Kubernetes Events (the operator's own
     #: phase-transition Events are always posted).

@@ -29,6 +29,9 @@ SCRATCH_MOUNT = "/scratch"
 # A fixed non-root UID/GID for the trainer (the image's user); Pod Security "restricted" needs non-root.
 TRAINER_UID = 65532
 
+# On a multi-node run's Job: how many times the group was restarted before this Job was made (gang.py).
+ANNOTATION_RESTARTS = f"{LABEL_PREFIX}restarts"
+
 # Exit codes of `visionft-train` that no retry can fix: the Job fails at once (podFailurePolicy FailJob).
 # The CLI exits 2 on a config or data error (trainer/visionft/cli.py: EXIT_CONFIG); 1 (a crash, an
 # infrastructure failure) and signals (OOM) are retried up to backoffLimit.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -142,15 +143,6 @@ def create_or_adopt(obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     return existing, False
 
 
-def read_job(namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        return _json(_batch().read_namespaced_job(name, namespace, _preload_content=False))
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
-
-
 def patch_job(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
     return _json(
         _batch().patch_namespaced_job(
@@ -162,13 +154,6 @@ def patch_job(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any
             _preload_content=False,
         )
     )
-
-
-def list_pods(namespace: str, resource_name: str) -> list[dict[str, Any]]:
-    response = _core().list_namespaced_pod(
-        namespace, label_selector=f"{c.LABEL_NAME}={resource_name}", _preload_content=False
-    )
-    return _json(response).get("items") or []
 
 
 def post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
@@ -210,6 +195,42 @@ def list_jobs(namespace: str) -> list[dict[str, Any]]:
         namespace, label_selector=f"{c.LABEL_MANAGED_BY}={c.COMPONENT}", _preload_content=False
     )
     return _json(response).get("items") or []
+
+
+#: Objects per page of the operator's own lists (its cache's sync): bounds what one page holds at once.
+LIST_PAGE = 250
+
+
+def _list_page(kind: str, namespace: str | None, token: str) -> Any:
+    managed = f"{c.LABEL_MANAGED_BY}={c.COMPONENT}"
+    page: dict[str, Any] = {"limit": LIST_PAGE, "_preload_content": False, "_request_timeout": 120}
+    if token:
+        page["_continue"] = token
+    if kind == "VisionFineTune":
+        if namespace is None:
+            return _custom().list_cluster_custom_object(GROUP, VERSION, PLURAL, **page)
+        return _custom().list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **page)
+    if kind == "Job":
+        if namespace is None:
+            return _batch().list_job_for_all_namespaces(label_selector=managed, **page)
+        return _batch().list_namespaced_job(namespace, label_selector=managed, **page)
+    if kind == "Pod":
+        if namespace is None:
+            return _core().list_pod_for_all_namespaces(label_selector=managed, **page)
+        return _core().list_namespaced_pod(namespace, label_selector=managed, **page)
+    raise ValueError(kind)
+
+
+def list_pages(kind: str, namespace: str | None) -> Iterator[list[dict[str, Any]]]:
+    """Every VisionFineTune, or every Job or pod of the operator, in a namespace (None: the cluster), one
+    page at a time, in wire form."""
+    token = ""
+    while True:
+        body = _json(_list_page(kind, namespace, token))
+        yield body.get("items") or []
+        token = (body.get("metadata") or {}).get("continue") or ""
+        if not token:
+            return
 
 
 def job_events(namespace: str, job_name: str) -> list[dict[str, Any]]:

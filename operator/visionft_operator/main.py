@@ -4,30 +4,45 @@
 `config.Config` (environment variables), overridden by the command line. Handlers live in `handlers/`; this
 module only wires them.
 
-What the operator watches: VisionFineTunes (every event: reconcile), and the Jobs and pods it made
-(labelled app.kubernetes.io/managed-by=visionft-operator: reconcile their owner). It keeps no state in the
-resources (no annotations, no finalizers): every handler is level-triggered and idempotent.
+How it is built, in the manner of controller-runtime: Kopf watches VisionFineTunes and the Jobs and pods the
+operator made (labelled app.kubernetes.io/managed-by=visionft-operator, selected on the server). The event
+handlers put a slim copy of the object into the operator's cache (`cache.py`, which also lists everything
+once before the workers start) and the VisionFineTune's key into a de-duplicating work queue
+(`workqueue.py`); `Config.workers` workers reconcile the keys from the cache (`reconcile.py`), retrying
+failures with a backoff, and a periodic resync queues the unfinished resources again. It keeps no state in
+the resources (no annotations, no finalizers): every reconcile is level-triggered and idempotent.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import kopf
 from visionft_api.resource import GROUP, PLURAL, VERSION
 
+from visionft_operator import cache, logs, metrics, peering
 from visionft_operator import config as config_mod
 from visionft_operator import constants as c
-from visionft_operator import logs, metrics, peering
-from visionft_operator.handlers.handle_child_event import handle_child_event
+from visionft_operator.handlers.handle_child_event import handle_job_event, handle_pod_event
 from visionft_operator.handlers.handle_resource_event import handle_resource_event
 from visionft_operator.handlers.resync import RUNTIME, resync_forever
+from visionft_operator.reconcile import reconcile_key
+from visionft_operator.workqueue import QUEUE, run_worker
 
 log = logging.getLogger(__name__)
 _background: dict[str, Any] = {}
+MANAGED = f"{c.LABEL_MANAGED_BY}={c.COMPONENT}"
+#: Objects per page of the initial listings (and of the re-listings after a watch expires): bounds the
+#: memory that a listing of thousands of pods takes at once.
+LIST_CHUNK = 250
+#: Seconds that Kopf keeps an object's idle worker task (and with it the object's last event) after its
+#: last event: Kopf's 5 s default holds several thousand bodies at once after a listing.
+IDLE_SECONDS = 0.5
 
 
 @kopf.on.startup()
@@ -36,6 +51,11 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = cfg.watch_server_timeout
     settings.watching.client_timeout = cfg.watch_client_timeout
     settings.watching.connect_timeout = 30
+    settings.watching.chunk_size = LIST_CHUNK
+    settings.queueing.idle_timeout = IDLE_SECONDS
+    # Only the operator's own Jobs and pods travel from the apiserver, not every pod of the cluster.
+    settings.watching.label_selectors["batch/v1", "jobs"] = MANAGED
+    settings.watching.label_selectors["v1", "pods"] = MANAGED
     settings.posting.level = logging.getLevelName(cfg.posting_level.upper())
     settings.peering.standalone = not cfg.peering
     settings.peering.name = cfg.peering_name
@@ -45,21 +65,41 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # No Kopf state in the resources: we register no change-detecting handlers (on.create/on.update), so Kopf
     # writes no annotations and adds no finalizer.
     settings.execution.max_workers = 8
+    # The workers' blocking API calls (and Event posts) run in the loop's default executor.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=cfg.workers + 4, thread_name_prefix="visionft")
+    )
     stopped = asyncio.Event()
     _background["stopped"] = stopped
-    _background["resync"] = asyncio.create_task(resync_forever(stopped))
+    # The cache lists everything once before the workers start (events queue their keys meanwhile).
+    _background["sync"] = asyncio.create_task(cache.sync_forever(cfg.namespaces, stopped, QUEUE.add))
+    _background["workers"] = asyncio.create_task(_run_workers(max(cfg.workers, 1)))
+    _background["resync"] = asyncio.create_task(resync_forever(stopped, QUEUE))
     if cfg.metrics_port:
-        _background["metrics"] = await metrics.serve(cfg.metrics_port)
+        _background["metrics"] = await metrics.serve(cfg.metrics_port, cfg.metrics_bind_address)
     log.info(
-        "visionft-operator started", extra={"namespaces": cfg.namespaces or "all", "peering": cfg.peering}
+        "visionft-operator started",
+        extra={"namespaces": cfg.namespaces or "all", "peering": cfg.peering, "workers": cfg.workers},
     )
+
+
+async def _run_workers(count: int) -> None:
+    await cache.SYNCED.wait()
+    await asyncio.gather(*(run_worker(QUEUE, reconcile_key) for _ in range(count)))
 
 
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
     if "stopped" in _background:
         _background["stopped"].set()
-        await asyncio.gather(_background.pop("resync"), return_exceptions=True)
+        await asyncio.gather(_background.pop("resync"), _background.pop("sync"), return_exceptions=True)
+    QUEUE.shutdown()
+    workers = _background.pop("workers", None)
+    if workers is not None:
+        # A worker finishes the reconcile it is in (its API calls can't be interrupted), then stops.
+        _done, pending = await asyncio.wait([workers], timeout=10)
+        for task in pending:
+            task.cancel()
     runner = _background.pop("metrics", None)
     if runner is not None:
         await runner.cleanup()  # type: ignore[attr-defined]
@@ -67,9 +107,9 @@ async def cleanup(**_: Any) -> None:
 
 kopf.on.event(GROUP, VERSION, PLURAL, id="resource_event")(handle_resource_event)
 kopf.on.event("batch", "v1", "jobs", id="job_event", labels={c.LABEL_MANAGED_BY: c.COMPONENT})(
-    handle_child_event
+    handle_job_event
 )
-kopf.on.event("", "v1", "pods", id="pod_event", labels={c.LABEL_MANAGED_BY: c.COMPONENT})(handle_child_event)
+kopf.on.event("", "v1", "pods", id="pod_event", labels={c.LABEL_MANAGED_BY: c.COMPONENT})(handle_pod_event)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -121,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     identity = peering.own_identity()
     priority = peering.own_priority(cfg.peering_priority)
     RUNTIME.update(identity=identity, priority=priority)
+    # What is loaded by now lives as long as the process: freeze it out of the cyclic collector's
+    # generations, so that full collections come often enough to free, within seconds, the reference
+    # cycles that Kopf leaves behind for every watch event (each event's body wrapped in views that point
+    # at each other). Otherwise they pile up by the thousand after a listing.
+    gc.collect()
+    gc.freeze()
     kopf.run(
         identity=cast(Any, identity),
         priority=priority if cfg.peering else None,

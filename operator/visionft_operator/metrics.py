@@ -2,9 +2,12 @@
 dependencies are Kopf and the kubernetes client).
 
 - `visionft_resources{phase}`: VisionFineTunes by phase (a gauge, from the operator's view);
-- `visionft_handler_duration_seconds{handler}`: a histogram of handler durations;
+- `visionft_handler_duration_seconds{handler}`: a histogram of handler durations (the event handlers,
+  which only queue a key, and `reconcile`, one reconcile of a resource by a worker);
 - `visionft_handler_errors_total{handler}`: handler errors;
-- `visionft_transitions_total{phase}`: phase transitions observed.
+- `visionft_transitions_total{phase}`: phase transitions observed;
+- `visionft_workqueue_depth`: resources waiting for a worker;
+- `visionft_workqueue_retries_total`: failed reconciles queued again after a backoff.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -29,6 +32,16 @@ class Registry:
         self.durations: dict[str, list[int]] = {}
         self.duration_sum: dict[str, float] = defaultdict(float)
         self.duration_count: dict[str, int] = defaultdict(int)
+        self.retries = 0
+        self._depth: Callable[[], int] = lambda: 0
+
+    def watch_queue(self, depth: Callable[[], int]) -> None:
+        """Report the work queue's depth from this function."""
+        self._depth = depth
+
+    def retry(self) -> None:
+        with self._lock:
+            self.retries += 1
 
     def set_phase(self, namespace: str, name: str, phase: str | None) -> None:
         with self._lock:
@@ -93,6 +106,12 @@ class Registry:
                     f'visionft_handler_errors_total{{handler="{handler}"}} {self.errors.get(handler, 0)}'
                 )
             lines += [
+                "# HELP visionft_workqueue_depth Resources waiting for a worker.",
+                "# TYPE visionft_workqueue_depth gauge",
+                f"visionft_workqueue_depth {self._depth()}",
+                "# HELP visionft_workqueue_retries_total Failed reconciles queued again after a backoff.",
+                "# TYPE visionft_workqueue_retries_total counter",
+                f"visionft_workqueue_retries_total {self.retries}",
                 "# HELP visionft_handler_duration_seconds Handler durations.",
                 "# TYPE visionft_handler_duration_seconds histogram",
             ]
@@ -115,7 +134,7 @@ class Registry:
 REGISTRY = Registry()
 
 
-async def serve(port: int) -> object:
+async def serve(port: int, host: str = "0.0.0.0") -> object:
     """Start the /metrics endpoint on aiohttp (already a Kopf dependency); returns the runner."""
     from aiohttp import web
 
@@ -126,6 +145,6 @@ async def serve(port: int) -> object:
     app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "0.0.0.0", port)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     return runner

@@ -1,10 +1,16 @@
 """Level-triggered reconciliation of one VisionFineTune: observe, act, derive the status, write it.
 
-Every trigger (the resource's own events, its Job's and pods' events, the periodic resync) calls
-`reconcile`, which is idempotent: children have deterministic names and are created or adopted, so a
-restarted operator or a second trigger never makes a second Job. Calls for one resource are serialized by a
-per-resource lock, and their blocking part runs one at a time per process (see `_serial`), so two runs
-can't both take the last free slot of a namespace.
+Every trigger (the resource's own events, its Job's and pods' events, the periodic resync, a retry) only
+puts the resource's key into the work queue (`workqueue.py`); `Config.workers` workers call
+`reconcile_key`, and the queue guarantees that one resource is never reconciled twice at once. The
+reconcile reads the resource, its Job and its pods from the cache (`cache.py`) and is idempotent: children
+have deterministic names and are created or adopted, so a restarted operator or a second trigger never
+makes a second Job.
+
+Admission (the namespace's usage, then the Job's creation or resumption) is the one step that must not
+interleave between resources: under a capacity rule (maxConcurrentJobs, maxGpusPerNamespace) it holds the
+namespace's lock and counts the namespace's Jobs with a fresh list, so two runs can't both take the last
+free slot. Everything else runs in parallel.
 
 Why not Kopf's on.create/on.update: those keep their progress in the resource (annotations or status
 fields) and replay "changes", while the right action here always follows from the current state of the
@@ -14,29 +20,42 @@ resource, its Job and its pods. Level-triggered handlers need no state in the ob
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 from visionft_api import VisionFineTuneSpec
 from visionft_api.resource import FINAL_PHASES
 
-from visionft_operator import children, kube, names, policy
+from visionft_operator import cache, children, gang, kube, names, policy
 from visionft_operator import config as config_mod
 from visionft_operator import status as st
 from visionft_operator.metrics import REGISTRY
 
 log = logging.getLogger(__name__)
 
-_locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
-# The blocking part of every reconcile runs in a worker thread, one at a time per process: admission (the
-# namespace's usage, then the Job's creation) is then race-free. A reconcile is a handful of API calls, so
-# this serves hundreds of resources; shard by namespace (several Deployments) beyond that.
-_serial = threading.Lock()
+Key = tuple[str, str]
+# Per-namespace admission locks (taken in worker threads, only under a capacity rule).
+_admission_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+_admission_guard = threading.Lock()
+#: How long a Job this process created counts although the cache has not shown it yet.
+EXPECTATION_SECONDS = 60.0
+# The state below is only touched on the event loop (reconcile_key and the event handlers).
+# Jobs created by this process that the cache has not shown yet: (namespace, Job name) -> (deadline, Job).
+_expected: dict[Key, tuple[float, dict[str, Any]]] = {}
+# Status writes whose watch event has not arrived yet: key -> the resourceVersion the write returned.
+_written: dict[Key, str] = {}
+# Resources waiting for capacity under a policy rule, by namespace: a Job of theirs that ends wakes them.
+_waiting: dict[str, set[str]] = defaultdict(set)
 _policy_cache: tuple[str, policy.Policy] | None = None
 
 
@@ -66,7 +85,7 @@ def validate(spec: dict[str, Any]) -> tuple[VisionFineTuneSpec | None, str | Non
         return None, format_validation_error(err)
 
 
-def _job_finished(job: dict[str, Any]) -> bool:
+def job_finished(job: dict[str, Any]) -> bool:
     for c in (job.get("status") or {}).get("conditions") or []:
         if (
             c.get("type") in {"Complete", "Failed", "FailureTarget", "SuccessCriteriaMet"}
@@ -90,7 +109,7 @@ def namespace_usage(namespace: str, exclude_job: str) -> policy.Usage:
     for job in kube.list_jobs(namespace):
         if (
             job["metadata"]["name"] == exclude_job
-            or _job_finished(job)
+            or job_finished(job)
             or (job.get("spec") or {}).get("suspend")
         ):
             continue
@@ -133,87 +152,191 @@ def _create_children(owner: children.Owner, spec: VisionFineTuneSpec, rules: pol
     return job
 
 
+def _has_capacity_rule(rules: policy.Rules) -> bool:
+    return rules.max_concurrent_jobs is not None or rules.max_gpus_per_namespace is not None
+
+
+@contextlib.contextmanager
+def _admission(namespace: str, rules: policy.Rules) -> Iterator[None]:
+    """Hold the namespace's admission lock while a run takes capacity, when a capacity rule applies."""
+    if not _has_capacity_rule(rules):
+        yield
+        return
+    with _admission_guard:
+        lock = _admission_locks[namespace]
+    with lock:
+        yield
+
+
+def _capacity(
+    spec: VisionFineTuneSpec, rules: policy.Rules, namespace: str, job_name: str
+) -> st.PolicyDecision:
+    """The capacity verdict; lists the namespace's Jobs only when a capacity rule applies."""
+    if not _has_capacity_rule(rules):
+        return st.PolicyDecision()
+    return policy.check_capacity(spec, rules, namespace_usage(namespace, job_name))
+
+
 def _ensure_job(
     owner: children.Owner, spec: VisionFineTuneSpec, job: dict[str, Any] | None, phase: str | None
-) -> tuple[dict[str, Any] | None, st.PolicyDecision]:
+) -> tuple[dict[str, Any] | None, st.PolicyDecision, bool]:
     """Create the children when the run may start; apply suspend/resume and the deadline to a live Job.
-    Runs in a worker thread (blocking API calls)."""
+    Returns the Job, the policy decision and whether the Job was created now. Runs in a worker thread
+    (blocking API calls)."""
     rules = current_policy().for_namespace(owner.namespace)
     image = spec.image or config_mod.get().trainer_image
     decision = policy.check_rules(spec, image, rules)
     if job is None:
         if phase in FINAL_PHASES or decision.verdict == "deny" or spec.suspend:
-            return None, decision
-        usage = namespace_usage(owner.namespace, names.job_name(owner.name))
-        decision = policy.check_capacity(spec, rules, usage)
-        if decision.verdict != "allow":
-            return None, decision
-        return _create_children(owner, spec, rules), decision
-    if _job_finished(job):
-        return job, st.PolicyDecision()
+            return None, decision, False
+        with _admission(owner.namespace, rules):
+            decision = _capacity(spec, rules, owner.namespace, names.job_name(owner.name))
+            if decision.verdict != "allow":
+                return None, decision, False
+            return _create_children(owner, spec, rules), decision, True
+    if job_finished(job):
+        return job, st.PolicyDecision(), False
     patch: dict[str, Any] = {}
     live = job.get("spec") or {}
-    if spec.suspend and not live.get("suspend"):
-        patch["suspend"] = True
-    elif not spec.suspend and live.get("suspend") and not spec.queue_name:
-        # Resuming takes capacity again: the policy decides, as for a new run.
-        usage = namespace_usage(owner.namespace, job["metadata"]["name"])
-        decision = policy.check_capacity(spec, rules, usage)
-        if decision.verdict == "allow":
-            patch["suspend"] = False
     deadline = spec.run_policy.active_deadline_seconds
     if live.get("activeDeadlineSeconds") != deadline:
         patch["activeDeadlineSeconds"] = deadline
-    if patch:
-        log.info("patching Job %s/%s: %s", owner.namespace, job["metadata"]["name"], patch)
-        job = kube.patch_job(owner.namespace, job["metadata"]["name"], {"spec": patch})
-    return job, st.PolicyDecision() if decision.verdict == "deny" else decision
+    # Resuming takes capacity again: the policy decides, as for a new run.
+    resuming = not spec.suspend and bool(live.get("suspend")) and not spec.queue_name
+    if spec.suspend and not live.get("suspend"):
+        patch["suspend"] = True
+    with _admission(owner.namespace, rules) if resuming else contextlib.nullcontext():
+        if resuming:
+            decision = _capacity(spec, rules, owner.namespace, job["metadata"]["name"])
+            if decision.verdict == "allow":
+                patch["suspend"] = False
+        if patch:
+            log.info("patching Job %s/%s: %s", owner.namespace, job["metadata"]["name"], patch)
+            job = kube.patch_job(owner.namespace, job["metadata"]["name"], {"spec": patch})
+    return job, st.PolicyDecision() if decision.verdict == "deny" else decision, False
 
 
-def _ttl_expired(status: dict[str, Any], spec: dict[str, Any]) -> bool:
+#: How long a failed Job's status waits for the cache to show its failed pod (pods can also go away).
+POD_LAG_SECONDS = 10.0
+
+
+def pods_lag(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> float | None:
+    """Seconds to wait before reporting a failed Job whose failed pod the cache does not show yet (the
+    Job's and the pods' watches are not ordered with each other); None when there is nothing to wait for:
+    no failure, a failed pod of the Job in the cache, or more than POD_LAG_SECONDS since the failure."""
+    if job is None:
+        return None
+    failure = next(
+        (
+            x
+            for x in (job.get("status") or {}).get("conditions") or []
+            if x.get("type") in {"Failed", "FailureTarget"} and x.get("status") == "True"
+        ),
+        None,
+    )
+    if failure is None:
+        return None
+    uid = job["metadata"].get("uid")
+    for pod in pods:
+        mine = any(o.get("uid") == uid for o in pod["metadata"].get("ownerReferences") or [])
+        if mine and (pod.get("status") or {}).get("phase") == "Failed":
+            return None
+    since = failure.get("lastTransitionTime")
+    if not since:
+        return None
+    failed_at = datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    if (datetime.now(UTC) - failed_at).total_seconds() > POD_LAG_SECONDS:
+        return None
+    return 1.0
+
+
+def _ttl_left(status: dict[str, Any], spec: dict[str, Any]) -> float | None:
+    """Seconds until ttlSecondsAfterFinished deletes a finished resource (<= 0: now); None without one."""
     ttl = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
     done = status.get("completionTime")
     if ttl is None or not done or status.get("phase") not in FINAL_PHASES:
-        return False
+        return None
     finished = datetime.strptime(done, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    return (datetime.now(UTC) - finished).total_seconds() >= ttl
+    return ttl - (datetime.now(UTC) - finished).total_seconds()
 
 
-def _observe_and_act(body: dict[str, Any]) -> tuple[st.Derived, dict[str, Any]] | None:
-    """The blocking part of a reconcile: reads, child writes, the status patch. Returns the derived
-    status and the resource as last written, or None when the resource is gone."""
+def settled(body: dict[str, Any]) -> bool:
+    """Whether a reconcile would find nothing to do: finished, reported for the current generation, and
+    no TTL to enforce (a TTL's expiry is queued by the reconcile that saw the run finish)."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    return (
+        status.get("phase") in FINAL_PHASES
+        and status.get("observedGeneration") == meta.get("generation")
+        and ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished") is None
+    )
+
+
+@dataclass
+class Outcome:
+    """What the blocking part of a reconcile did and found."""
+
+    #: The derived status, or None when the resource is gone (its TTL ran out).
+    derived: st.Derived | None
+    #: The resource as last read or written.
+    body: dict[str, Any] | None = None
+    #: The Job, when this reconcile created it.
+    created_job: dict[str, Any] | None = None
+    #: Whether the run waits for capacity under a policy rule.
+    waiting: bool = False
+    #: Whether the status was patched (its watch event will echo this write).
+    wrote_status: bool = False
+    #: Seconds until the resource needs another look (its TTL), or None.
+    again: float | None = None
+
+
+def _observe_and_act(body: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Outcome:
+    """The blocking part of a reconcile, from the cached resource, Job and pods: child writes, the status
+    patch, the TTL's deletion."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
-    fresh = kube.read_resource(ns, name)
-    if (
-        fresh is None
-        or fresh["metadata"].get("uid") != meta.get("uid")
-        or fresh["metadata"].get("deletionTimestamp")
-    ):
-        return None
-    body = fresh
-    meta = body["metadata"]
     raw_spec, status = body.get("spec") or {}, body.get("status") or {}
-    if _ttl_expired(status, raw_spec):
+    ttl_left = _ttl_left(status, raw_spec)
+    if ttl_left is not None and ttl_left <= 0:
         log.info("ttlSecondsAfterFinished expired: deleting %s/%s", ns, name)
         kube.delete_resource(ns, name, meta["uid"])
-        return None
+        return Outcome(derived=None)
     if status.get("phase") in FINAL_PHASES and status.get("observedGeneration") == meta.get("generation"):
-        return st.Derived(status=status), body  # finished and already reported: nothing to look at
-    owner = children.Owner(namespace=ns, name=name, uid=meta["uid"])
+        # Finished and already reported: nothing to look at until the TTL runs out.
+        return Outcome(derived=st.Derived(status=status), body=body, again=ttl_left)
+    restarts = int(status.get("restarts") or 0)
+    owner = children.Owner(namespace=ns, name=name, uid=meta["uid"], restarts=restarts)
     spec, error = validate(raw_spec)
-    job = kube.read_job(ns, names.job_name(name))
     if job is not None and not any(
         o.get("uid") == owner.uid for o in job["metadata"].get("ownerReferences") or []
     ):
         raise kopf.TemporaryError(f"Job {ns}/{job['metadata']['name']} belongs to another owner", delay=5)
     decision = st.PolicyDecision()
+    created = False
     if spec is not None:
-        job, decision = _ensure_job(owner, spec, job, status.get("phase"))
-    pods = kube.list_pods(ns, name) if job is not None else []
+        job, decision, created = _ensure_job(owner, spec, job, status.get("phase"))
+    if created:
+        pods = []
     quota = None
-    if job is not None and not pods and not _job_finished(job) and not (job.get("spec") or {}).get("suspend"):
+    if (
+        job is not None
+        and not created  # a Job made a moment ago has no FailedCreate Events yet
+        and not pods
+        and not job_finished(job)
+        and not (job.get("spec") or {}).get("suspend")
+    ):
         quota = quota_message(ns, job["metadata"]["name"])
+    wait = pods_lag(job, pods)
+    if wait is not None:
+        # The Job failed, and its failed pod (whose exit code and message the status reports, and which a
+        # gang restart counts) is not in the cache yet: the two come on separate watches. Write nothing;
+        # the pod's event queues this resource again, and so does the retry.
+        return Outcome(derived=st.Derived(status=status), body=body, again=wait)
+    # A multi-node run whose pod failed restarts as a group (gang.py): its Job goes, a later reconcile
+    # makes the next attempt's.
+    group = gang.decide(spec, job, pods, owner.restarts) if spec is not None else None
+    if group is not None and group.restart and job is not None:
+        gang.restart(ns, name, job, group, owner.restarts)
+        job = None
     obs = st.Observation(
         generation=int(meta.get("generation") or 1),
         spec=raw_spec,
@@ -223,35 +346,100 @@ def _observe_and_act(body: dict[str, Any]) -> tuple[st.Derived, dict[str, Any]] 
         job=job,
         pods=pods,
         quota_message=quota,
+        group=group.state if group is not None else None,
+        restarts=group.restarts if group is not None else None,
     )
     derived = st.derive(obs)
-    if st.changed(status, derived.status):
-        body = kube.patch_status(ns, name, derived.status)
-    return derived, body
-
-
-async def reconcile(body: dict[str, Any], handler: str) -> None:
-    """Bring one resource's children and status in line with its spec. Safe to call any time."""
-    meta = body.get("metadata") or {}
-    key = (meta.get("namespace", ""), meta.get("name", ""))
-    async with _locks[key]:
-        with REGISTRY.timed(handler):
-            if meta.get("deletionTimestamp"):
-                return
-            result = await asyncio.to_thread(_serialized, body)
-    if result is None:
-        REGISTRY.set_phase(*key, None)
-        return
-    derived, fresh = result
-    REGISTRY.set_phase(*key, derived.status.get("phase"))
-    if derived.event:
-        kind, reason, message = derived.event
+    wrote = st.changed(status, derived.status)
+    if wrote:
         try:
-            await asyncio.to_thread(kube.post_event, fresh, kind, reason, message)
+            body = kube.patch_status(ns, name, derived.status)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            return Outcome(derived=None)  # deleted, and the cache missed it
+    return Outcome(
+        derived=derived,
+        body=body,
+        created_job=job if created else None,
+        waiting=decision.verdict == "wait",
+        wrote_status=wrote,
+        again=_ttl_left(derived.status, raw_spec),
+    )
+
+
+# --- the event-loop side ----------------------------------------------------------------------------------
+
+
+def _cached_job(namespace: str, job_name: str) -> dict[str, Any] | None:
+    """The Job from the cache, else one this process created that the cache does not show yet."""
+    key = (namespace, job_name)
+    job = cache.job(namespace, job_name)
+    if job is not None:
+        _expected.pop(key, None)
+        return job
+    expected = _expected.get(key)
+    if expected is not None and expected[0] < time.monotonic():
+        _expected.pop(key, None)  # deleted before the cache ever saw it
+        return None
+    return expected[1] if expected is not None else None
+
+
+def is_own_write(namespace: str, name: str, resource_version: str | None) -> bool:
+    """Whether a resource event only echoes this process's last status write (then it needs no reconcile:
+    the Job's and pods' own events report any change since). Called by the resource event handler."""
+    key = (namespace, name)
+    if resource_version is not None and _written.get(key) == resource_version:
+        del _written[key]
+        return True
+    return False
+
+
+def capacity_waiters(namespace: str) -> list[Key]:
+    """Resources of the namespace that wait for capacity (to be reconciled when a Job of it ends)."""
+    return [(namespace, name) for name in _waiting.get(namespace, ())]
+
+
+def _forget(key: Key) -> None:
+    _written.pop(key, None)
+    _waiting.get(key[0], set()).discard(key[1])
+    REGISTRY.set_phase(*key, None)
+
+
+async def reconcile_key(key: Key) -> float | None:
+    """Bring one resource's children and status in line with its spec. Safe to call any time; the work
+    queue calls it for one key at a time. Returns seconds after which to look again (a TTL), or None."""
+    namespace, name = key
+    body = cache.resource(namespace, name)
+    if body is not None and key in _written and body["metadata"].get("resourceVersion") != _written[key]:
+        # The cache does not show this process's last status write yet: read the resource itself, so
+        # that the write is neither repeated nor its Event posted twice.
+        del _written[key]
+        body = await asyncio.to_thread(kube.read_resource, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        _forget(key)
+        return None
+    job_name = names.job_name(name)
+    outcome = await asyncio.to_thread(
+        _observe_and_act, body, _cached_job(namespace, job_name), cache.pods(namespace, name)
+    )
+    if outcome.created_job is not None:
+        _expected[(namespace, job_name)] = (time.monotonic() + EXPECTATION_SECONDS, outcome.created_job)
+    if outcome.derived is None or outcome.body is None:
+        cache.RESOURCES.discard(key)
+        _forget(key)
+        return None
+    if outcome.wrote_status:
+        _written[key] = outcome.body["metadata"].get("resourceVersion", "")
+    if outcome.waiting:
+        _waiting[namespace].add(name)
+    else:
+        _waiting.get(namespace, set()).discard(name)
+    REGISTRY.set_phase(namespace, name, outcome.derived.status.get("phase"))
+    if outcome.derived.event:
+        kind, reason, message = outcome.derived.event
+        try:
+            await asyncio.to_thread(kube.post_event, outcome.body, kind, reason, message)
         except Exception:  # an Event is for people; a failed post must not fail the reconcile
             log.exception("could not post the %s Event for %s/%s", reason, *key)
-
-
-def _serialized(body: dict[str, Any]) -> tuple[st.Derived, dict[str, Any]] | None:
-    with _serial:
-        return _observe_and_act(body)
+    return outcome.again

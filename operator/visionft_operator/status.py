@@ -46,6 +46,10 @@ class Observation:
     job: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
     quota_message: str | None = None
+    # A multi-node run's group restart (gang.py): (phase, reason, message) to report instead of the failed
+    # Job's own state, and status.restarts.
+    group: tuple[str, str, str] | None = None
+    restarts: int | None = None
 
 
 @dataclass
@@ -194,8 +198,11 @@ def attempts(job: dict[str, Any] | None, previous: int | None) -> int:
 
 
 def outputs(spec: dict[str, Any]) -> dict[str, str]:
-    """Where the trainer publishes (the layout under output.uri that the trainer writes)."""
+    """Where the trainer publishes (the layout under output.uri that the trainer writes); nothing without
+    an output (a generated model's run keeps its results in the pod's scratch volume)."""
     base = (spec.get("output") or {}).get("uri", "").rstrip("/")
+    if not base:
+        return {}
     method = (spec.get("output") or {}).get("saveMethod", "lora")
     out = {"adapterUri": f"{base}/adapter/", "checkpointUri": f"{base}/checkpoints/"}
     if method != "lora":
@@ -212,12 +219,19 @@ def _state(obs: Observation) -> _State:
     progress = (obs.status or {}).get("progress") or {}
     if obs.spec_error:
         return _State("Failed", f"invalid spec: {obs.spec_error}", cond.REASON_INVALID_SPEC, stalled=True)
+    if obs.group:
+        phase, reason, message = obs.group
+        admitted = None if phase == "Failed" else ("True", cond.REASON_ADMITTED)
+        return _State(phase, message, reason, stalled=phase == "Failed", admitted=admitted)
     job = obs.job
     if job is not None:
         if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
-            return _State(
-                "Succeeded", "training finished and the outputs are published", cond.REASON_SUCCEEDED
-            )
+            done = "training finished and the outputs are published"
+            if not obs.spec.get("output"):
+                done = (
+                    "training finished; with no spec.output, the results stayed in the pod's scratch volume"
+                )
+            return _State("Succeeded", done, cond.REASON_SUCCEEDED)
         failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
         if failed:
             job_reason = failed.get("reason") or cond.REASON_JOB_FAILED
@@ -360,8 +374,10 @@ def derive(obs: Observation, now: str | None = None) -> Derived:
             status["startTime"] = job_start
     if final and not old.get("completionTime"):
         status["completionTime"] = ((job or {}).get("status") or {}).get("completionTime") or now
-    if st.phase == "Succeeded":
+    if st.phase == "Succeeded" and outputs(obs.spec):
         status["outputs"] = outputs(obs.spec)
+    if obs.restarts:
+        status["restarts"] = obs.restarts
 
     event = None
     if st.phase != old.get("phase") or (
@@ -370,6 +386,8 @@ def derive(obs: Observation, now: str | None = None) -> Derived:
     ):
         kind = "Warning" if st.phase == "Failed" or st.stalled else "Normal"
         event = (kind, st.reason if st.stalled or st.phase == "Failed" else st.phase, st.message)
+    if obs.group and status["message"] != old.get("message"):
+        event = ("Warning", st.reason, st.message)  # each group restart, also one within the same phase
     return Derived(status=status, event=event)
 
 

@@ -13,7 +13,8 @@ kwok from their Go modules into `.cache/bin/`; `ControlPlane` runs them as plain
 - kube-scheduler;
 - kwok, which plays the kubelets of the fake nodes through the stage files in `kwok-stages/`: nodes
   become Ready, bound pods run, pods of run-to-completion workloads succeed after a delay, pods
-  annotated `visionft.io/kwok-fail: "true"` fail, deleted pods go away at once.
+  annotated `visionft.io/kwok-fail: "true"` fail, deleted pods stop as a kubelet stops them (their
+  containers end with exit code 143, the pod fails) and then go away.
 
 Every port is picked free on 127.0.0.1 and every file lives in one temporary folder, so several
 sessions can run side by side. The launcher registers fake GPU nodes (`nvidia.com/gpu: 8`) and

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import yaml
 from visionft_api import TrainerConfig, VisionFineTuneSpec
 from visionft_operator import children, names
 
 from tests.operator.specs import spec
 
 OWNER = children.Owner(namespace="team-a", name="latex-ocr", uid="1234")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _spec(**kw: object) -> VisionFineTuneSpec:
@@ -216,3 +219,36 @@ def test_multi_node_pods_get_the_torchrun_environment_and_one_node_each() -> Non
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     term = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
     assert term["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_the_quickstart_renders_a_cpu_pod_with_a_generated_model_and_no_output() -> None:
+    # examples/quickstart.yaml, as the operator gets it: gpusPerNode 0, builtin:// sources, no output.
+    doc = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    s = VisionFineTuneSpec.model_validate(doc["spec"])
+    assert s.resources.gpus_per_node == 0 and s.output is None
+    objs = children.all_children(OWNER, s, children.PodDefaults())
+    assert [o["kind"] for o in objs] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"]
+    pod = objs[-1]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    resources = container["resources"]
+    assert resources == {
+        "requests": {"cpu": s.resources.cpu, "memory": s.resources.memory},
+        "limits": {"memory": s.resources.memory},
+    }
+    assert "tolerations" not in pod and "nodeSelector" not in pod and "affinity" not in pod
+    assert container["command"] == ["visionft-train", "--config", "/etc/visionft/config.json"]
+    assert not any(e["name"].startswith("AWS_") for e in container["env"])  # no bucket, no Secret
+    config = TrainerConfig.model_validate(json.loads(objs[3]["data"]["config.json"]))
+    assert (config.model.uri, config.dataset.uri) == ("builtin://tiny-qwen2-vl", "builtin://shapes")
+    assert config.output is None and config.dataset.eval_samples == 100
+    assert config.runtime.work_dir.startswith("/scratch")  # the results stay on the scratch volume
+
+
+def test_gpus_per_node_zero_requests_no_gpu_whatever_the_rest() -> None:
+    s = _spec(**{"resources.gpusPerNode": 0, "resources.cpu": "500m", "resources.memory": "2Gi"})
+    container = children.job(OWNER, s, children.PodDefaults())["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == {
+        "requests": {"cpu": "500m", "memory": "2Gi"},
+        "limits": {"memory": "2Gi"},
+    }
+    assert container["command"][0] == "visionft-train"

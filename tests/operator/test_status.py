@@ -210,3 +210,14 @@ def test_final_phase_survives_a_deleted_job() -> None:
     done = _derive({"phase": "Training"}, job=_job(conditions=[{"type": "Complete", "status": "True"}]))
     later = st.derive(st.Observation(generation=3, spec=spec(), status=done.status, job=None))
     assert later.status["phase"] == "Succeeded"
+
+
+def test_succeeded_without_output_publishes_nothing() -> None:
+    # A generated model's run may have no output: its results stayed in the pod's scratch volume.
+    body = spec(output=None, **{"model.uri": "builtin://tiny-qwen2-vl"})
+    job = _job(conditions=[{"type": "Complete", "status": "True"}], succeeded=1, completionTime=T1)
+    d = _derive({"phase": "Training"}, spec=body, job=job)
+    assert d.status["phase"] == "Succeeded"
+    assert "outputs" not in d.status
+    assert "scratch" in d.status["message"]
+    assert _cond(d, cond.READY)["status"] == "True"

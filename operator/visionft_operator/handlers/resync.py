@@ -1,7 +1,9 @@
-"""The periodic resync: every `resync_seconds`, reconcile every known resource again.
+"""The periodic resync: every `resync_seconds`, queue every cached resource that is not settled.
 
-It is the level-triggered safety net (a missed event, a failed reconcile), and it drives what no watch
-event announces: a run waiting for policy capacity, a ResourceQuota event, ttlSecondsAfterFinished.
+It drives what no watch event announces: a ResourceQuota that blocks the pods (seen in the Job's Events,
+which the operator does not watch), a policy change, a run waiting for capacity whose wake-up was missed.
+It costs little: the reconciles read the cache, and finished resources are skipped (their TTL is queued
+by the reconcile that saw them finish). Failed reconciles don't wait for it: the work queue retries them.
 A background task rather than a Kopf timer, because Kopf timers put a finalizer on every resource.
 """
 
@@ -12,44 +14,42 @@ import contextlib
 import logging
 from typing import Any
 
-from visionft_operator import config, peering, reconcile
-from visionft_operator.handlers import known
+from visionft_operator import cache, config, peering, reconcile
+from visionft_operator.workqueue import WorkQueue
 
-HANDLER_ID = "resync"
 log = logging.getLogger(__name__)
 #: This process's peering identity and priority (set by main before Kopf starts).
 RUNTIME: dict[str, Any] = {"identity": "", "priority": 0}
 
 
-async def _may_act(namespace: str, cache: dict[str, bool]) -> bool:
+async def _may_act(namespace: str, cache_: dict[str, bool]) -> bool:
     """With peering on, act only where no live peer outranks us (as Kopf does for watch streams)."""
     cfg = config.get()
     if not cfg.peering:
         return True
     scope = None if not cfg.namespaces else namespace
     key = scope or ""
-    if key not in cache:
+    if key not in cache_:
         try:
-            cache[key] = await asyncio.to_thread(
+            cache_[key] = await asyncio.to_thread(
                 peering.may_act, cfg.peering_name, scope, RUNTIME["identity"], RUNTIME["priority"]
             )
         except Exception:
             log.exception("can't read the peering object %s; skipping this resync", cfg.peering_name)
-            cache[key] = False
-    return cache[key]
+            cache_[key] = False
+    return cache_[key]
 
 
-async def resync_forever(stopped: asyncio.Event) -> None:
+async def resync_forever(stopped: asyncio.Event, queue: WorkQueue) -> None:
     while not stopped.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopped.wait(), timeout=config.get().resync_seconds)
         if stopped.is_set():
             return
         leadership: dict[str, bool] = {}
-        for (namespace, name), uid in list(known.KNOWN.items()):
-            if not await _may_act(namespace, leadership):
+        for key in cache.resource_keys():
+            body = cache.resource(*key)
+            if body is None or reconcile.settled(body):
                 continue
-            try:
-                await reconcile.reconcile(known.ref(namespace, name, uid), HANDLER_ID)
-            except Exception:
-                log.exception("resync of %s/%s failed", namespace, name)
+            if await _may_act(key[0], leadership):
+                queue.add(key)
