@@ -9,13 +9,11 @@ import logging
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from visionft.cuda_graphs import CudaGraphTrainStep, model_reason
 from visionft.patching import apply_optimizations, revert_optimizations
 from visionft.patching import static_inputs as si
-from visionft.testing.tiny import build_tiny_vlm
 
-from tests.patching.test_patching import DEVICE, _batch, _loss_and_grads
+from tests.patching.test_patching import DEVICE, _batch, _loss_and_grads, _model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,15 +25,7 @@ def _threads():
 
 
 def _lora_model(arch: str):
-    model, processor = build_tiny_vlm(arch, seed=0)
-    model.to(DEVICE).train()
-    model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
-    )
-    for n, p in model.named_parameters():  # non-zero B so LoRA contributes to the outputs
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
-    return model, processor
+    return _model(arch, lora=True)
 
 
 def _plan_loss_and_grads(model, plan):

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionft.patching import static_inputs
+from visionft.patching import hf_model, patch_report, static_inputs
 
 logger = logging.getLogger("visionft.cuda_graphs")
 
@@ -72,14 +72,9 @@ def _report_syncs() -> Iterator[None]:
             torch.cuda.set_sync_debug_mode(previous)
 
 
-def _hf_model(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def model_reason(model: nn.Module) -> str | None:
     """Why ``model`` can't use graphed steps at all (None when it can)."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     model_type = getattr(getattr(hf, "config", None), "model_type", type(hf).__name__)
     param = next((p for p in model.parameters() if p.requires_grad), None)
     if param is None:
@@ -88,7 +83,7 @@ def model_reason(model: nn.Module) -> str | None:
         return f"parameters are on {param.device.type}, and CUDA graphs need CUDA"
     if model_type not in STATIC_INPUT_ARCHS:
         return f"no static-input preparation for model_type={model_type!r}"
-    report = getattr(hf, "_visionft_patch_report", None)
+    report = patch_report(model)
     if report is None or not report.counts.get("static_inputs"):
         return "the optimizations are off (visionft.patching did not install the static-input hooks)"
     dropouts = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
@@ -130,7 +125,7 @@ class CudaGraphTrainStep:
         if warmup < 1:
             raise ValueError(f"warmup={warmup} must be at least 1 (the first step settles autotuning)")
         self.model = model
-        self.hf = _hf_model(model)
+        self.hf = hf_model(model)
         self.warmup = warmup
         self.max_graphs = max_graphs
         self.autocast_dtype = autocast_dtype

@@ -30,9 +30,9 @@ GRAPHS_ENV = "VISIONFT_CUDA_GRAPHS"
 
 
 def _optimized(model: torch.nn.Module) -> bool:
-    get_base = getattr(model, "get_base_model", None)
-    hf = get_base() if callable(get_base) else model
-    report = getattr(hf, "_visionft_patch_report", None)
+    from visionft.patching import patch_report
+
+    report = patch_report(model)
     return bool(report is not None and report.enabled)
 
 

@@ -51,6 +51,16 @@ ARCH_PATCHES: dict[str, Callable[..., None]] = {
 _REPORT_ATTR = "_visionft_patch_report"
 
 
+def hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under a PEFT wrapper (or ``model`` itself)."""
+    return _hf_model(model)
+
+
+def patch_report(model: nn.Module) -> PatchReport | None:
+    """What ``apply_optimizations`` did to ``model`` (HF model or PEFT wrapper); None if it never ran."""
+    return getattr(_hf_model(model), _REPORT_ATTR, None)
+
+
 def _hf_model(model: nn.Module) -> nn.Module:
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -114,6 +124,8 @@ __all__ = [
     "ARCH_PATCHES",
     "PatchReport",
     "apply_optimizations",
+    "hf_model",
     "optimizations_enabled",
+    "patch_report",
     "revert_optimizations",
 ]
