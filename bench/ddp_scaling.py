@@ -5,11 +5,18 @@
 
 The parent process builds the model folder once (``bench/qlora_step.py``'s builder: 8.29 B parameters,
 bf16, seed 0, stand-in processor), then launches one ``torchrun --standalone --nproc_per_node N`` per
-entry of ``--gpus``. Each rank loads its own 4-bit copy onto its own GPU (``device_map={"": LOCAL_RANK}``
-via ``visionft.distributed.device_map``), adds LoRA r=16 / alpha=16 on all linear layers (vision tower kept
-in 16 bit, NF4 double-quant language model, non-reentrant activation checkpointing), wraps it in
-``DistributedDataParallel`` (NCCL, ``find_unused_parameters=False``: only the LoRA weights require grad,
-so only they are all-reduced) and runs a visible loop: forward, backward, bitsandbytes 8-bit AdamW step.
+entry of ``--gpus`` and of ``--engines``. Each rank loads its own 4-bit copy onto its own GPU
+(``device_map={"": LOCAL_RANK}`` via ``visionft.distributed.device_map``), adds LoRA r=16 / alpha=16 on all
+linear layers (vision tower kept in 16 bit, NF4 double-quant language model, non-reentrant activation
+checkpointing) and runs a visible loop: forward, backward, gradient averaging, 8-bit AdamW step. Engines:
+
+- ``plain`` / ``engine``: the model (without / with visionft's kernels) wrapped in
+  ``DistributedDataParallel`` (NCCL, ``find_unused_parameters=False``: only the LoRA weights require
+  grad, so only they are all-reduced, from DDP's hooks during backward); eager steps.
+- ``graphs``: what ``visionft-train`` runs under torchrun with the optimizations on
+  (``visionft.sft``): forward + backward replayed from a CUDA graph on the unwrapped model, then one
+  NCCL all-reduce of all LoRA gradients as one flat buffer (``visionft.grad_sync``), and the
+  sync-free 8-bit AdamW (``visionft.optim``).
 
 Weak scaling: every rank keeps the per-device batch of the workload, so N GPUs process N times the tokens
 per step. Reported per N: median s/step over the timed steps (the slowest rank's, after a barrier), the
@@ -55,19 +62,60 @@ def _load(folder: Path, engine: str):
     model = get_peft_model(
         model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
     )
-    if engine == "engine":  # this engine's kernels (eager steps: CUDA graphs are off under DDP)
+    if engine in ("engine", "graphs"):
         from visionft.patching import apply_optimizations
 
-        apply_optimizations(model)
+        # No embedding offload, so that 1 and N processes run the same model (it is skipped under
+        # DDP, whose wrapper refuses a parameter on the host).
+        apply_optimizations(model, offload_embeddings=False)
     return model
 
 
-def worker(args) -> None:
-    """One rank under torchrun: the timed DDP loop; rank 0 writes the result JSON."""
+def _step_function(args, model, batch):
+    """(forward + backward + gradient averaging, optimizer) for the engine."""
     import bitsandbytes as bnb
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
+    from visionft import distributed
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if args.engine == "graphs":
+        # visionft.sft's data-parallel path: CUDA-graph forward + backward on the unwrapped model,
+        # then one all-reduce of the flat LoRA gradients (visionft.grad_sync); no DDP hooks.
+        from visionft.cuda_graphs import CudaGraphTrainStep
+        from visionft.grad_sync import FlatGradientAllReduce
+        from visionft.optim import adamw_8bit
+
+        for p in trainable:  # the same start on every rank, as DDP's constructor gives
+            dist.broadcast(p.data, src=0)
+        step = CudaGraphTrainStep(model, warmup=2)
+        if step.disabled:
+            raise RuntimeError(f"CUDA graphs unavailable: {step.disabled}")
+        sync = FlatGradientAllReduce(trainable)
+
+        def graphed():
+            loss = step(batch)
+            sync()
+            return loss
+
+        return graphed, adamw_8bit(trainable, lr=2e-4), step
+    ddp = DDP(model, device_ids=[distributed.local_rank()], find_unused_parameters=False)
+    ddp.train()
+
+    def eager():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = ddp(**batch).loss
+        loss.backward()
+        return loss.detach()
+
+    return eager, bnb.optim.AdamW8bit(trainable, lr=2e-4), None
+
+
+def worker(args) -> None:
+    """One rank under torchrun: the timed data-parallel loop; rank 0 writes the result JSON."""
+    import torch
+    import torch.distributed as dist
     from transformers import AutoProcessor
     from visionft import distributed
 
@@ -80,18 +128,15 @@ def worker(args) -> None:
 
     model = _load(folder, args.engine)
     reduced = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    ddp = DDP(model, device_ids=[distributed.local_rank()], find_unused_parameters=False)
-    opt = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    ddp.train()
+    model.train()
+    forward_backward, opt, graph_step = _step_function(args, model, batch)
 
     times, losses = [], []
     for step in range(args.warmup + args.steps):
         dist.barrier()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = ddp(**batch).loss
-        loss.backward()
+        loss = forward_backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -118,6 +163,9 @@ def worker(args) -> None:
                     "peak_allocated_gib_max_rank": round(peak.item(), 2),
                     "all_reduced_parameters": reduced,
                     "losses": losses,
+                    "cuda_graphs": None
+                    if graph_step is None
+                    else {"captured": graph_step.captured, "replays": graph_step.replays},
                     "env": qlora_step._env_line(),
                 },
                 indent=1,
@@ -132,8 +180,11 @@ def main() -> None:
     p.add_argument("--workload", default="headline", choices=sorted(qlora_step.WORKLOADS))
     p.add_argument("--gpus", default="1,2", help="comma-separated process counts, one run each")
     p.add_argument(
-        "--engine", default="engine", choices=["plain", "engine"], help="plain HF or + visionft kernels"
+        "--engines",
+        default="graphs",
+        help="comma-separated: plain, engine (DDP, eager), graphs (CUDA-graph steps + flat all-reduce)",
     )
+    p.add_argument("--engine", default="graphs", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--timeout", type=int, default=900, help="seconds per torchrun")
@@ -152,31 +203,43 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     results = []
     with open(args.log, "a") as log:
-        for n in [int(x) for x in args.gpus.split(",")]:
-            result = Path(args.json).with_suffix(f".gpus{n}.json")
-            cmd = [
-                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                str(Path(__file__).resolve()), "--worker", "--result", str(result),
-                "--model-dir", str(folder), "--workload", args.workload,
-                "--steps", str(args.steps), "--warmup", str(args.warmup), "--engine", args.engine,
-            ]  # fmt: skip
-            log.write(f"$ {' '.join(cmd)}\n")
-            log.flush()
-            proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
-            if proc.returncode != 0 or not result.is_file():
-                results.append({"gpus": n, "error": f"exit {proc.returncode}, see {args.log}"})
-            else:
-                results.append(json.loads(result.read_text()))
-            print(json.dumps(results[-1] | {"losses": "..."}), flush=True)
-    base = next((r for r in results if r.get("gpus") == 1 and "tokens_per_second" in r), None)
+        for engine in args.engines.split(","):
+            for n in [int(x) for x in args.gpus.split(",")]:
+                result = Path(args.json).with_suffix(f".{engine}.gpus{n}.json")
+                cmd = [
+                    sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                    str(Path(__file__).resolve()), "--worker", "--result", str(result),
+                    "--model-dir", str(folder), "--workload", args.workload,
+                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--engine", engine,
+                ]  # fmt: skip
+                log.write(f"$ {' '.join(cmd)}\n")
+                log.flush()
+                proc = subprocess.run(
+                    cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout
+                )
+                if proc.returncode != 0 or not result.is_file():
+                    results.append(
+                        {"gpus": n, "engine": engine, "error": f"exit {proc.returncode}, see {args.log}"}
+                    )
+                else:
+                    results.append(json.loads(result.read_text()))
+                print(json.dumps(results[-1] | {"losses": "..."}), flush=True)
     for r in results:
+        base = next(
+            (
+                b
+                for b in results
+                if b.get("gpus") == 1 and b["engine"] == r["engine"] and "tokens_per_second" in b
+            ),
+            None,
+        )
         if base and "tokens_per_second" in r:
             r["scaling_vs_1_gpu"] = round(r["tokens_per_second"] / base["tokens_per_second"], 3)
             r["efficiency"] = round(r["scaling_vs_1_gpu"] / r["gpus"], 3)
     Path(args.json).write_text(json.dumps(results, indent=1))
     for r in results:
         print(
-            f"gpus={r['gpus']}: "
+            f"{r['engine']} gpus={r['gpus']}: "
             + (
                 r["error"]
                 if "error" in r

@@ -23,6 +23,12 @@ Workloads (``--workload``):
     headline     1 x 1024 tokens, one 672x672 image (576 image tokens), 256 supervised tokens
     throughput   8 x 2048 tokens, one 896x896 image each (1024 image tokens), 512 supervised each
     longctx      1 x 8192 tokens, four 896x896 images (4096 image tokens), 1024 supervised
+    varlen       8 samples of 2048, 1888, ..., 928 tokens (11,904 real, 16,384 padded), one 672x672
+                 image each, 256 supervised each. plain and unsloth get the right-padded batch;
+                 engine and graphs get the same samples packed into one row of 11,904 tokens
+                 (``visionft.data.packing``: block-diagonal attention, no padding). Both objectives
+                 are the mean over the same 2,048 supervised tokens, so the loss curves compare;
+                 tokens/s and MFU count real tokens only.
 """
 
 from __future__ import annotations
@@ -67,7 +73,18 @@ WORKLOADS = {
     "headline": {"batch": 1, "tokens": 1024, "images": 1, "side": 672, "supervised": 256},
     "throughput": {"batch": 8, "tokens": 2048, "images": 1, "side": 896, "supervised": 512},
     "longctx": {"batch": 1, "tokens": 8192, "images": 4, "side": 896, "supervised": 1024},
+    "varlen": {
+        "batch": 8,
+        "tokens": [2048 - 160 * i for i in range(8)],
+        "images": 1,
+        "side": 672,
+        "supervised": 256,
+        "packed": True,
+    },
 }
+
+#: Engines that train on packed rows where the workload is packed (the others get the padded batch).
+PACKING_ENGINES = ("engine", "graphs")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,7 +187,8 @@ def build_model_folder(folder: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def make_batch(processor, workload: str):
+def make_batch(processor, workload: str, packed: bool = False):
+    """The workload's batch on the GPU: right-padded rows, or (``packed``) one row without padding."""
     import numpy as np
     import torch
     from PIL import Image
@@ -178,6 +196,7 @@ def make_batch(processor, workload: str):
     w = WORKLOADS[workload]
     rng = np.random.default_rng(0)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz     "))
+    lengths = w["tokens"] if isinstance(w["tokens"], list) else [w["tokens"]] * w["batch"]
 
     def text(n):
         return "".join(rng.choice(letters, size=n))
@@ -195,15 +214,39 @@ def make_batch(processor, workload: str):
     ]
     answer = text(w["supervised"] - 2)
     probe = processor(text=[sample(0, answer)], images=[images[0]], return_tensors="pt")
-    filler = w["tokens"] - probe["input_ids"].shape[1]
-    assert filler >= 0, f"{workload}: images and answer alone take {probe['input_ids'].shape[1]} tokens"
-    texts = [sample(filler, answer) for _ in range(w["batch"])]
-    batch = processor(text=texts, images=images, return_tensors="pt")
-    assert batch["input_ids"].shape == (w["batch"], w["tokens"]), batch["input_ids"].shape
+    base = probe["input_ids"].shape[1]
+    assert min(lengths) >= base, f"{workload}: images and answer alone take {base} tokens"
+    texts = [sample(n - base, answer) for n in lengths]
+    processor.tokenizer.padding_side = "right"
+    batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    assert batch["input_ids"].shape == (w["batch"], max(lengths)), batch["input_ids"].shape
+    real = batch["attention_mask"].sum(1).tolist()
+    assert real == lengths, real
     labels = torch.full_like(batch["input_ids"], -100)
-    labels[:, -w["supervised"] :] = batch["input_ids"][:, -w["supervised"] :]
+    for row, n in enumerate(lengths):
+        labels[row, n - w["supervised"] : n] = batch["input_ids"][row, n - w["supervised"] : n]
     batch["labels"] = labels
-    return {k: v.cuda() for k, v in batch.items()}
+    if packed:
+        batch = _pack(batch, lengths)
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _pack(batch, lengths):
+    """The padded batch's samples as one row, in visionft's packed format (``visionft.data.packing``)."""
+    import torch
+    from visionft.data.packing import mask_sample_starts, segment_layout
+
+    per_token = ("input_ids", "labels", "mm_token_type_ids", "token_type_ids")
+    packed = {
+        k: torch.cat([batch[k][row, :n] for row, n in enumerate(lengths)])[None]
+        for k in per_token
+        if k in batch
+    }
+    layout = segment_layout(lengths)
+    mask_sample_starts(packed["labels"], layout["packed_cu_seqlens"])
+    packed["attention_mask"] = torch.ones_like(packed["input_ids"])
+    packed.update({k: v for k, v in batch.items() if k not in per_token and k != "attention_mask"})
+    return {**packed, **layout}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,6 +340,14 @@ def run_worker(args) -> dict:
         import unsloth  # noqa: F401
     import bitsandbytes as bnb
     import torch
+
+    if args.deterministic:
+        # Same kernels, fixed reduction orders (cuBLAS workspace set by the orchestrator before CUDA
+        # starts); ops without a deterministic version warn and run as usual. cuDNN's attention
+        # backward is one of those (the only warning in the first such run, which left plain HF 1.2%
+        # away from itself), so SDPA uses flash attention, whose backward honours the flag.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cuda.enable_cudnn_sdp(False)
     from transformers import AutoProcessor
 
     folder = Path(args.model_dir)
@@ -305,7 +356,8 @@ def run_worker(args) -> dict:
     load_s = time.perf_counter() - t0
     model.train()
     processor = AutoProcessor.from_pretrained(folder)
-    batch = make_batch(processor, args.workload)
+    packed = bool(WORKLOADS[args.workload].get("packed")) and args.engine in PACKING_ENGINES
+    batch = make_batch(processor, args.workload, packed=packed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if args.engine == "graphs":
         # The same 8-bit AdamW, without bitsandbytes' device sync after every parameter.
@@ -348,7 +400,7 @@ def run_worker(args) -> dict:
         }
     kernels, busy = _profile_step(forward_backward, batch, opt) if args.profile else (None, None)
     step = statistics.median(timed)
-    n_tokens = int(batch["input_ids"].numel())
+    n_tokens = int(batch["attention_mask"].sum())  # real tokens: padding is not work done
     n_params = int((folder / "n_params.txt").read_text())
     return {
         "engine": args.engine,
@@ -369,6 +421,8 @@ def run_worker(args) -> dict:
         "tokens": n_tokens,
         "kernels_per_step": kernels,
         "gpu_busy_s": busy,
+        "deterministic": bool(args.deterministic),
+        "packed": packed,
         **info,
     }
 
@@ -456,6 +510,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="count kernels and GPU busy time of one extra step"
     )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="torch.use_deterministic_algorithms in every engine (for loss-curve comparisons)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--engine", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -506,9 +565,12 @@ def main() -> None:
                 str(args.warmup),
             ]
             cmd += ["--profile"] if args.profile else []
+            cmd += ["--deterministic"] if args.deterministic else []
             env = dict(
                 os.environ, UNSLOTH_DISABLE_STATISTICS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"
             )
+            if args.deterministic:
+                env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
             t0 = time.perf_counter()
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -536,7 +598,7 @@ def main() -> None:
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
     say(
-        "\n| workload | engine | s/step (median) | tokens/s | MFU | peak alloc GiB | peak reserved GiB | kernels/step | GPU busy s | loss[0] | loss[-1] | max rel. loss diff vs plain |"
+        "\n| workload | engine | s/step (median) | tokens/s | MFU | peak alloc GiB | peak reserved GiB | kernels/step | GPU busy s | loss[0] | loss[-1] | max rel. loss diff vs plain, first 20 steps (all steps) |"
     )
     say("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -554,7 +616,8 @@ def main() -> None:
         diff = ""
         if plain:
             n = min(len(plain["losses"]), len(r["losses"]))
-            diff = f"{max(abs(a - b) / abs(a) for a, b in zip(plain['losses'][:n], r['losses'][:n], strict=True)):.2e}"
+            rel = [abs(a - b) / abs(a) for a, b in zip(plain["losses"][:n], r["losses"][:n], strict=True)]
+            diff = f"{max(rel[:20]):.2e} ({max(rel):.2e})"
         say(
             f"| {r['workload']} | {r['engine']} | {r['step_s_median']:.3f} | {r['tokens_per_s']:.0f} | {r['mfu']:.3f} | "
             f"{r['peak_alloc_gib']:.2f} | {r['peak_reserved_gib']:.2f} | {r.get('kernels_per_step')} | {r.get('gpu_busy_s')} | "

@@ -341,6 +341,11 @@ class TrainingSettings(SpecModel):
         description="optimizations turns on the fused kernels and launch-lean step; false runs the "
         "plain Hugging Face modules.",
     )
+    packing: bool = Field(
+        False,
+        description="packing joins the samples of each perDeviceBatchSize batch into one row without "
+        "padding, each sample attending only to itself; Qwen2-VL and Qwen2.5-VL only.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={

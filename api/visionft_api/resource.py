@@ -108,7 +108,12 @@ class RunPolicy(SpecModel):
         "count.",
     )
     active_deadline_seconds: int | None = Field(
-        None, ge=60, le=31_536_000, description="activeDeadlineSeconds bounds the whole run's duration."
+        None,
+        ge=60,
+        le=31_536_000,
+        description="activeDeadlineSeconds bounds the whole run's duration, counted from status.startTime "
+        "across all of its Jobs (a multi-node group restart gets only what is left, and none starts once "
+        "nothing is); when it runs out the run fails with reason DeadlineExceeded.",
     )
     ttl_seconds_after_finished: int | None = Field(
         None,
@@ -217,7 +222,13 @@ class VisionFineTuneStatus(SpecModel):
     )
     progress: Progress | None = Field(None, description="progress is live training progress.")
     outputs: Outputs | None = Field(None, description="outputs are the published results.")
-    attempts: int | None = Field(None, ge=0, description="attempts is how many pods were started.")
+    attempts: int | None = Field(
+        None,
+        ge=0,
+        description="attempts is how many trainer pods the run has started in total, over all of its Jobs: "
+        "each retried pod, and every pod of each multi-node group attempt (a pod that a suspension, or a "
+        "disruption on one node, stopped counts once with its replacement).",
+    )
     restarts: int | None = Field(
         None,
         ge=0,

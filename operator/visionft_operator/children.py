@@ -23,18 +23,22 @@ from visionft_api import (
 from visionft_api.resource import GROUP, KUEUE_QUEUE_LABEL
 
 from visionft_operator import constants as c
-from visionft_operator import names
+from visionft_operator import deadline, names
 
 
 @dataclass(frozen=True)
 class Owner:
-    """The VisionFineTune that owns the children, and how many times its group was restarted so far
-    (status.restarts): a multi-node run's Job carries that number (see `gang.py`)."""
+    """The VisionFineTune that owns the children, and what its run has used so far, which a new Job
+    carries: how many times its group was restarted (status.restarts; multi-node, see `gang.py`), how many
+    trainer pods its earlier Jobs started (status.attempts) and how many seconds passed since it first
+    started (for the deadline, see `deadline.py`)."""
 
     namespace: str
     name: str
     uid: str
     restarts: int = 0
+    attempts: int = 0
+    elapsed: int = 0
 
 
 @dataclass(frozen=True)
@@ -359,7 +363,9 @@ def pod_failure_policy(multi_node: bool = False) -> dict[str, Any]:
 def job(owner: Owner, spec: VisionFineTuneSpec, defaults: PodDefaults) -> dict[str, Any]:
     """The batch/v1 Job. With `queueName` it carries Kueue's queue label and starts suspended (Kueue
     unsuspends it on admission); with `suspend` it starts suspended too. Over several nodes it is one
-    attempt of the group: it fails on the first pod failure, and the operator replaces it (`gang.py`)."""
+    attempt of the group: it fails on the first pod failure, and the operator replaces it (`gang.py`). A
+    Job that replaces an earlier one gets what is left of the run's deadline (`deadline.py`) and carries
+    what the earlier Jobs used (annotations)."""
     extra = {KUEUE_QUEUE_LABEL: spec.queue_name} if spec.queue_name else {}
     nodes = spec.resources.nodes
     job_spec: dict[str, Any] = {
@@ -381,9 +387,16 @@ def job(owner: Owner, spec: VisionFineTuneSpec, defaults: PodDefaults) -> dict[s
         # The first pod failure fails the Job; the operator restarts the group (gang.py), which counts the
         # restarts against runPolicy.backoffLimit itself.
         job_spec["backoffLimit"] = 0
-        metadata["annotations"] = {c.ANNOTATION_RESTARTS: str(owner.restarts)}
-    if spec.run_policy.active_deadline_seconds:
-        job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    annotations = {c.ANNOTATION_RESTARTS: str(owner.restarts)} if nodes > 1 else {}
+    if owner.attempts:
+        annotations[c.ANNOTATION_ATTEMPTS] = str(owner.attempts)
+    if owner.elapsed:
+        annotations[c.ANNOTATION_ELAPSED] = str(owner.elapsed)
+    if annotations:
+        metadata["annotations"] = annotations
+    job_deadline = deadline.job_deadline(spec, owner.elapsed)
+    if job_deadline is not None:
+        job_spec["activeDeadlineSeconds"] = job_deadline
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 

@@ -31,6 +31,11 @@ TRAINER_UID = 65532
 
 # On a multi-node run's Job: how many times the group was restarted before this Job was made (gang.py).
 ANNOTATION_RESTARTS = f"{LABEL_PREFIX}restarts"
+# On a Job that replaces an earlier one of the same run (a group restart, a Job deleted by hand): how many
+# trainer pods the earlier Jobs started (status.attempts when this Job was made; status.py) ...
+ANNOTATION_ATTEMPTS = f"{LABEL_PREFIX}attempts"
+# ... and how many seconds of spec.runPolicy.activeDeadlineSeconds had passed by then (deadline.py).
+ANNOTATION_ELAPSED = f"{LABEL_PREFIX}elapsed-seconds"
 
 # Exit codes of `visionft-train` that no retry can fix: the Job fails at once (podFailurePolicy FailJob).
 # The CLI exits 2 on a config or data error (trainer/visionft/cli.py: EXIT_CONFIG); 1 (a crash, an

@@ -8,18 +8,22 @@ hang in a collective until NCCL times out). So a run over several nodes restarts
 - `decide` (pure) reads the failed Job and its pods: a disruption (DisruptionTarget, as preemption or a
   node drain set it) restarts the group without counting; an exit code in NON_RETRYABLE_EXIT_CODES ends
   the run at once; any other failure restarts the group and counts one restart against
-  spec.runPolicy.backoffLimit, until the restarts are used up. A suspended Job (spec.suspend, Kueue)
-  normally doesn't fail, since the Job controller lets go of the pods it stops; should one of them still
-  match a FailJob rule, the Job is replaced without counting.
-- `restart` writes the new count to status.restarts first, then deletes the failed Job in the foreground:
-  the Job stays until all of its pods are gone, so the next attempt's pods never meet the old ones (GPUs,
-  the anti-affinity, the pods' DNS names). Once it is gone, the reconcile creates the Job again as for a
-  new run, with the same name, ConfigMap and headless Service, and its pods resume from the newest
-  complete checkpoint under spec.output.uri (the trainer does that on every start).
+  spec.runPolicy.backoffLimit, until the restarts are used up. A restart due once
+  spec.runPolicy.activeDeadlineSeconds has run out (counted from the run's first start, `deadline.py`)
+  ends the run with reason DeadlineExceeded instead. A suspended Job (spec.suspend, Kueue) normally
+  doesn't fail, since the Job controller lets go of the pods it stops; should one of them still match a
+  FailJob rule, the Job is replaced without counting.
+- `restart` writes the new count to status.restarts and the pods started so far to status.attempts,
+  then deletes the failed Job in the foreground: the Job stays until all of its pods are gone, so the
+  next attempt's pods never meet the old ones (GPUs, the anti-affinity, the pods' DNS names). Once it is
+  gone, the reconcile creates the Job again as for a new run, with the same name, ConfigMap and headless
+  Service, and its pods resume from the newest complete checkpoint under spec.output.uri (the trainer
+  does that on every start). The new Job gets only what is left of the deadline.
 
 Counting survives an operator restart and a reconcile that runs twice: each Job carries the restart count
 it was created with (annotation `visionft.io/restarts`), and a failed Job's restart is always that count
-plus one, so the same failure is never counted twice.
+plus one, so the same failure is never counted twice. Likewise for status.attempts: each new Job carries
+the pods that its run's earlier Jobs started (annotation `visionft.io/attempts`), and adds its own.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from visionft_api import VisionFineTuneSpec
 from visionft_api import conditions as cond
 
 from visionft_operator import constants as c
-from visionft_operator import kube
+from visionft_operator import deadline, kube
 from visionft_operator import status as st
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,12 @@ def job_restarts(job: dict[str, Any], default: int) -> int:
         return int(value) if value is not None else default
     except ValueError:
         return default
+
+
+def own_pods(job: dict[str, Any], pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pods of `pods` that this Job made (not an earlier attempt's)."""
+    uid = job["metadata"].get("uid")
+    return [p for p in pods if any(o.get("uid") == uid for o in p["metadata"].get("ownerReferences") or [])]
 
 
 def _failure(job: dict[str, Any]) -> dict[str, Any] | None:
@@ -134,16 +144,22 @@ def _kind(failure: dict[str, Any], pod: dict[str, Any] | None) -> str | None:
 
 
 def decide(
-    spec: VisionFineTuneSpec, job: dict[str, Any] | None, pods: list[dict[str, Any]], restarts: int
+    spec: VisionFineTuneSpec,
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    restarts: int,
+    elapsed: int = 0,
 ) -> Verdict | None:
     """What a multi-node run's failed Job means; None for one node, a Job that has not failed, or a
-    failure that no pod caused (the deadline: the Job's own report stands).
+    failure that no pod caused (the Job's own deadline: the Job's own report stands).
 
     Args:
         spec (VisionFineTuneSpec): the resource's spec.
         job (dict | None): the run's Job (wire form).
         pods (list[dict]): the run's pods; only those of this Job are looked at.
         restarts (int): status.restarts, for a Job made before it carried its own count.
+        elapsed (int): seconds since the run first started (`deadline.elapsed`), for the run's deadline.
+            Default: 0.
     """
     if spec.resources.nodes <= 1 or job is None:
         return None
@@ -151,9 +167,7 @@ def decide(
     if failure is None:
         return None
     done = job_restarts(job, restarts)
-    uid = job["metadata"].get("uid")
-    mine = [p for p in pods if any(o.get("uid") == uid for o in p["metadata"].get("ownerReferences") or [])]
-    pod = failed_pod(failure, mine)
+    pod = failed_pod(failure, own_pods(job, pods))
     kind = _kind(failure, pod)
     if kind is None:
         return None
@@ -166,25 +180,42 @@ def decide(
         # The run ends as the Job says, with the failed pod's own words (its peers failed after it).
         message = job_says if pod is None else f"{job_says}; {what}"
         return Verdict(False, done, ("Failed", cond.REASON_POD_FAILED, message))
-    if kind == "disruption":
-        message = f"restarting the group from the last checkpoint (a disruption: not counted): {what}"
-        return Verdict(True, done, ("Pending", cond.REASON_RESTARTING_GROUP, message))
     limit = spec.run_policy.backoff_limit
-    if done >= limit:
+    if kind == "failure" and done >= limit:
         message = (
             f"BackoffLimitExceeded: {what}; the group was restarted {done} times "
             f"(spec.runPolicy.backoffLimit is {limit})"
         )
         return Verdict(False, done, ("Failed", cond.REASON_BACKOFF_LIMIT, message))
+    if deadline.run_out(spec, elapsed):
+        message = f"DeadlineExceeded: {what}; {deadline.message(spec, elapsed)}"
+        return Verdict(False, done, ("Failed", cond.REASON_DEADLINE_EXCEEDED, message))
+    if kind == "disruption":
+        message = f"restarting the group from the last checkpoint (a disruption: not counted): {what}"
+        return Verdict(True, done, ("Pending", cond.REASON_RESTARTING_GROUP, message))
     message = f"restarting the group from the last checkpoint (restart {done + 1} of {limit}): {what}"
     return Verdict(True, done + 1, ("Pending", cond.REASON_RESTARTING_GROUP, message))
 
 
-def restart(namespace: str, name: str, job: dict[str, Any], verdict: Verdict, recorded: int) -> None:
-    """Record the restart count (when it grew past `recorded`, status.restarts), then delete the failed
+def restart(
+    namespace: str,
+    name: str,
+    job: dict[str, Any],
+    pods: list[dict[str, Any]],
+    verdict: Verdict,
+    status: dict[str, Any],
+) -> None:
+    """Record the restart count and the pods started so far, the failed Job's included (where they grew
+    past status.restarts and status.attempts: the next Job is made with those), then delete the failed
     Job in the foreground, unless that already happened. Blocking API calls."""
-    if verdict.restarts > recorded:
-        kube.patch_status(namespace, name, {"restarts": verdict.restarts})
+    grew: dict[str, int] = {}
+    if verdict.restarts > int(status.get("restarts") or 0):
+        grew["restarts"] = verdict.restarts
+    attempts = st.attempts(job, status.get("attempts"), len(own_pods(job, pods)))
+    if attempts > int(status.get("attempts") or 0):
+        grew["attempts"] = attempts
+    if grew:
+        kube.patch_status(namespace, name, grew)
     meta = job["metadata"]
     if meta.get("deletionTimestamp"):
         return

@@ -34,9 +34,10 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 from visionft_api import VisionFineTuneSpec
+from visionft_api import conditions as cond
 from visionft_api.resource import FINAL_PHASES
 
-from visionft_operator import cache, children, gang, kube, names, policy
+from visionft_operator import cache, children, deadline, gang, kube, names, policy
 from visionft_operator import config as config_mod
 from visionft_operator import status as st
 from visionft_operator.metrics import REGISTRY
@@ -198,9 +199,10 @@ def _ensure_job(
         return job, st.PolicyDecision(), False
     patch: dict[str, Any] = {}
     live = job.get("spec") or {}
-    deadline = spec.run_policy.active_deadline_seconds
-    if live.get("activeDeadlineSeconds") != deadline:
-        patch["activeDeadlineSeconds"] = deadline
+    # What is left of the run's deadline for this Job (deadline.py): an edited deadline applies at once.
+    job_deadline = deadline.job_deadline(spec, deadline.job_elapsed(job))
+    if live.get("activeDeadlineSeconds") != job_deadline:
+        patch["activeDeadlineSeconds"] = job_deadline
     # Resuming takes capacity again: the policy decides, as for a new run.
     resuming = not spec.suspend and bool(live.get("suspend")) and not spec.queue_name
     if spec.suspend and not live.get("suspend"):
@@ -303,8 +305,15 @@ def _observe_and_act(body: dict[str, Any], job: dict[str, Any] | None, pods: lis
     if status.get("phase") in FINAL_PHASES and status.get("observedGeneration") == meta.get("generation"):
         # Finished and already reported: nothing to look at until the TTL runs out.
         return Outcome(derived=st.Derived(status=status), body=body, again=ttl_left)
-    restarts = int(status.get("restarts") or 0)
-    owner = children.Owner(namespace=ns, name=name, uid=meta["uid"], restarts=restarts)
+    elapsed = deadline.elapsed(status, datetime.now(UTC))
+    owner = children.Owner(
+        namespace=ns,
+        name=name,
+        uid=meta["uid"],
+        restarts=int(status.get("restarts") or 0),
+        attempts=int(status.get("attempts") or 0),
+        elapsed=elapsed,
+    )
     spec, error = validate(raw_spec)
     if job is not None and not any(
         o.get("uid") == owner.uid for o in job["metadata"].get("ownerReferences") or []
@@ -312,7 +321,17 @@ def _observe_and_act(body: dict[str, Any], job: dict[str, Any] | None, pods: lis
         raise kopf.TemporaryError(f"Job {ns}/{job['metadata']['name']} belongs to another owner", delay=5)
     decision = st.PolicyDecision()
     created = False
-    if spec is not None:
+    # A run that started and has no Job (its group restarts, or its Job was deleted by hand) gets another
+    # only while its deadline has time left (deadline.py); a suspended one finds out when it resumes.
+    out_of_time = (
+        spec is not None
+        and job is None
+        and not spec.suspend
+        and bool(status.get("startTime"))
+        and status.get("phase") not in FINAL_PHASES
+        and deadline.run_out(spec, elapsed)
+    )
+    if spec is not None and not out_of_time:
         job, decision, created = _ensure_job(owner, spec, job, status.get("phase"))
     if created:
         pods = []
@@ -333,10 +352,17 @@ def _observe_and_act(body: dict[str, Any], job: dict[str, Any] | None, pods: lis
         return Outcome(derived=st.Derived(status=status), body=body, again=wait)
     # A multi-node run whose pod failed restarts as a group (gang.py): its Job goes, a later reconcile
     # makes the next attempt's.
-    group = gang.decide(spec, job, pods, owner.restarts) if spec is not None else None
+    group = gang.decide(spec, job, pods, owner.restarts, elapsed) if spec is not None else None
     if group is not None and group.restart and job is not None:
-        gang.restart(ns, name, job, group, owner.restarts)
+        gang.restart(ns, name, job, pods, group, status)
         job = None
+    state = group.state if group is not None else None
+    if out_of_time and spec is not None:
+        state = (
+            "Failed",
+            cond.REASON_DEADLINE_EXCEEDED,
+            f"DeadlineExceeded: {deadline.message(spec, elapsed)}",
+        )
     obs = st.Observation(
         generation=int(meta.get("generation") or 1),
         spec=raw_spec,
@@ -346,7 +372,7 @@ def _observe_and_act(body: dict[str, Any], job: dict[str, Any] | None, pods: lis
         job=job,
         pods=pods,
         quota_message=quota,
-        group=group.state if group is not None else None,
+        group=state,
         restarts=group.restarts if group is not None else None,
     )
     derived = st.derive(obs)

@@ -20,6 +20,8 @@ from typing import Any
 from visionft_api import conditions as cond
 from visionft_api.resource import FINAL_PHASES
 
+from visionft_operator.constants import ANNOTATION_ATTEMPTS
+
 
 def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -46,8 +48,9 @@ class Observation:
     job: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
     quota_message: str | None = None
-    # A multi-node run's group restart (gang.py): (phase, reason, message) to report instead of the failed
-    # Job's own state, and status.restarts.
+    # (phase, reason, message) to report instead of what the Job says: a multi-node run's group restart or
+    # its end (gang.py), or a run whose deadline ran out before its next Job (deadline.py); and
+    # status.restarts.
     group: tuple[str, str, str] | None = None
     restarts: int | None = None
 
@@ -190,11 +193,24 @@ def _running(pods: list[dict[str, Any]]) -> bool:
     return any((p.get("status") or {}).get("phase") == "Running" for p in pods)
 
 
-def attempts(job: dict[str, Any] | None, previous: int | None) -> int:
-    """How many pods were started (retries included, ignored disruptions excluded)."""
-    st = (job or {}).get("status") or {}
-    seen = int(st.get("failed") or 0) + int(st.get("succeeded") or 0) + int(st.get("active") or 0)
-    return max(seen, int(previous or 0))
+def attempts(job: dict[str, Any] | None, previous: int | None, job_pods: int = 0) -> int:
+    """status.attempts: how many trainer pods the run has started over all of its Jobs.
+
+    The earlier Jobs' pods (a multi-node group restart or a Job deleted by hand made this one) come from
+    this Job's annotation. This Job's are those the Job controller counts as failed, succeeded or active,
+    or `job_pods`, the number of its pods seen otherwise, where that is more (the Job's count lags while
+    it stops the pods of a failed group; its `terminating` count is left out, since it can overlap the
+    others for a moment). Never fewer than `previous` (status.attempts): the Job controller stops counting
+    a pod that it lets go of without a failure (one that suspension deleted, or that a disruption stopped
+    on a single node: its podFailurePolicy ignores it), so such a pod and its replacement count once.
+    """
+    meta, st = (job or {}).get("metadata") or {}, (job or {}).get("status") or {}
+    try:
+        earlier = int((meta.get("annotations") or {}).get(ANNOTATION_ATTEMPTS) or 0)
+    except ValueError:
+        earlier = 0
+    seen = sum(int(st.get(key) or 0) for key in ("failed", "succeeded", "active"))
+    return max(earlier + max(seen, job_pods), int(previous or 0))
 
 
 def outputs(spec: dict[str, Any]) -> dict[str, str]:

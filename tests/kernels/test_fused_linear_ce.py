@@ -66,3 +66,24 @@ def test_fused_linear_ce_all_ignored_gives_zero_loss_and_grad():
     loss.backward()
     assert loss.item() == 0.0
     assert h.grad.abs().max().item() == 0.0
+
+
+def test_fused_linear_ce_under_autocast_matches_the_autocast_reference():
+    """fp32 weights under bf16 autocast (the Trainer's bf16=True on a CPU): logits in bf16 like
+    autocast's lm_head, no mixing of bf16 and fp32 operands in the chunk loop."""
+    torch.manual_seed(0)
+    h = rand(20, 32, requires_grad=True)
+    w = rand(50, 32, scale=0.2, requires_grad=True)
+    labels = torch.randint(0, 50, (20,), device=DEVICE)
+    labels[::5] = -100
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, labels)
+    loss.backward()
+    hr, wr = (t.detach().clone().requires_grad_(True) for t in (h, w))
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        ref = fused_linear_cross_entropy_reference(hr, wr, labels)
+    ref.backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    assert_rel_close(loss, ref, torch.bfloat16, factor=2, name="loss")
+    assert_rel_close(h.grad, hr.grad, torch.bfloat16, factor=2, name="dh")
+    assert_rel_close(w.grad, wr.grad, torch.bfloat16, factor=2, name="dw")

@@ -7,7 +7,7 @@ import torch
 from visionft.kernels.lora_nf4 import lora_nf4_linear, lora_nf4_linear_reference
 from visionft.kernels.nf4 import quantize_nf4_reference
 
-from tests.kernels.helpers import DTYPE_PARAMS, assert_rel_close, rand
+from tests.kernels.helpers import DEVICE, DTYPE_PARAMS, assert_rel_close, rand
 
 
 @pytest.mark.parametrize(("lead", "d_in", "d_out", "r"), [((2, 8), 64, 96, 8), ((3, 37), 128, 123 * 2, 4)])
@@ -67,3 +67,26 @@ def test_lora_plain_base_matches_reference(dtype):
     assert_rel_close(x.grad, xr.grad, dtype, factor=2, name="dx")
     assert_rel_close(a.grad, ar.grad, dtype, factor=2, name="dA")
     assert_rel_close(lb.grad, br.grad, dtype, factor=2, name="dB")
+
+
+def test_lora_under_autocast_runs_in_the_autocast_dtype():
+    """An fp32 model under bf16 autocast (what the Trainer does with bf16=True on a CPU): the
+    Function computes in bf16 like the autocast reference, instead of mixing bf16 and fp32 operands."""
+    torch.manual_seed(0)
+    w = rand(48, 40, scale=0.2)
+    x = rand(3, 7, 40, requires_grad=True)
+    a = rand(4, 40, scale=0.2, requires_grad=True)
+    lb = rand(48, 4, scale=0.2, requires_grad=True)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = lora_nf4_linear(x, w, None, None, a, lb, 0.5)
+    y.float().sum().backward()
+    xr, ar, br = (t.detach().clone().requires_grad_(True) for t in (x, a, lb))
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        yr = lora_nf4_linear_reference(xr, w, None, None, ar, br, 0.5)
+    yr.float().sum().backward()
+    assert y.dtype == yr.dtype == torch.bfloat16
+    assert a.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert_rel_close(y, yr, torch.bfloat16, factor=2, name="y")
+    assert_rel_close(x.grad, xr.grad, torch.bfloat16, factor=2, name="dx")
+    assert_rel_close(a.grad, ar.grad, torch.bfloat16, factor=2, name="dA")
+    assert_rel_close(lb.grad, br.grad, torch.bfloat16, factor=2, name="dB")

@@ -139,6 +139,18 @@ class Kube:
             as_user=f"system:serviceaccount:{namespace}:{service_account}",
         )
 
+    def started_ago(self, name: str, namespace: str, seconds: int) -> None:
+        """Make the run look as if it first started `seconds` ago: status.startTime moved back (a status
+        write as the cluster admin), so that its deadline can run out without waiting for it. Waits until
+        the operator has set startTime, which it never moves once set."""
+        wait_for(
+            lambda: ((self.vft(name, namespace) or {}).get("status") or {}).get("startTime"),
+            timeout=30,
+            what=f"status.startTime of {namespace}/{name}",
+        )
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds))
+        self.patch("vft", name, namespace, {"status": {"startTime": started}}, "--subresource=status")
+
     # --- pods ------------------------------------------------------------------------------------------
 
     def pods(self, name: str, namespace: str) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
-"""Spec builders shared by the operator tests."""
+"""Spec builders shared by the operator tests (and the trainer's manifest tests)."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 BASE_SPEC: dict[str, Any] = {
@@ -15,9 +16,9 @@ BASE_SPEC: dict[str, Any] = {
 }
 
 
-def spec(**overrides: Any) -> dict[str, Any]:
-    """BASE_SPEC with dotted-path overrides, e.g. spec(**{"training.maxSteps": 5}); None deletes."""
-    out = copy.deepcopy(BASE_SPEC)
+def edited(doc: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `doc` with dotted-path overrides, e.g. {"training.maxSteps": 5}; None deletes."""
+    out = copy.deepcopy(doc)
     for path, value in overrides.items():
         node = out
         *parents, leaf = path.split(".")
@@ -28,6 +29,11 @@ def spec(**overrides: Any) -> dict[str, Any]:
         else:
             node[leaf] = value
     return out
+
+
+def spec(**overrides: Any) -> dict[str, Any]:
+    """BASE_SPEC with dotted-path overrides, e.g. spec(**{"training.maxSteps": 5}); None deletes."""
+    return edited(BASE_SPEC, overrides)
 
 
 def resource(name: str, namespace: str, body_spec: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import json
 import urllib.request
 
 import pytest
+from visionft_api import conditions as cond
 
 from tests.operator.kube import Kube, OperatorProcess, wait_for
 from tests.operator.specs import resource, spec
@@ -191,6 +192,23 @@ def test_suspend_and_resume(kube: Kube, namespace: str, operator: OperatorProces
     wait_for(lambda: kube.get("job", f"{name}-trainer", namespace), timeout=30, what="the Job re-created")
     kube.wait_pod(name, namespace)
     kube.wait_phase(name, namespace, "Initializing", "Training")
+
+
+def test_a_job_deleted_after_the_runs_deadline_ran_out_is_not_made_again(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    # spec.runPolicy.activeDeadlineSeconds bounds the whole run, counted from status.startTime: a new Job
+    # would have no time left.
+    name = "overdue"
+    kube.apply(resource(name, namespace, spec(**{"runPolicy.activeDeadlineSeconds": 3600})))
+    kube.wait_pod(name, namespace)
+    kube.started_ago(name, namespace, 3600)
+    kube.run("delete", "job", f"{name}-trainer", "-n", namespace, "--cascade=foreground", "--timeout=60s")
+    obj = kube.wait_phase(name, namespace, "Failed", timeout=30)
+    conds = {c["type"]: c for c in obj["status"]["conditions"]}
+    assert conds["Failed"]["reason"] == cond.REASON_DEADLINE_EXCEEDED
+    assert "activeDeadlineSeconds (3600 s) has run out" in obj["status"]["message"], obj["status"]["message"]
+    assert kube.get("job", f"{name}-trainer", namespace) is None
 
 
 def test_spec_changes_while_running(kube: Kube, namespace: str, operator: OperatorProcess) -> None:

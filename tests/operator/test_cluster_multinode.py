@@ -1,9 +1,11 @@
 """Issue 9's operator side on the real control plane: a run over 2 nodes x 4 GPUs becomes an Indexed Job
 with a headless Service and the environment torchrun needs, and its pods land on distinct fake GPU nodes.
 Gang semantics: one failed pod restarts the whole group (both pods new, again one per node), counted in
-status.restarts until spec.runPolicy.backoffLimit runs out; a disruption restarts it without counting, a
-config error ends the run at once, a deleted pod stops as a kubelet would stop it and restarts the group,
-and suspending the run stops the group without failing it."""
+status.restarts until spec.runPolicy.backoffLimit runs out (status.attempts counts every attempt's pods);
+each attempt gets only what is left of spec.runPolicy.activeDeadlineSeconds, and none starts once it has
+run out; a disruption restarts the group without counting, a config error ends the run at once, a
+deleted pod stops as a kubelet would stop it and restarts the group, and suspending the run stops the
+group without failing it."""
 
 from __future__ import annotations
 
@@ -16,6 +18,31 @@ from tests.operator.specs import resource, spec
 pytestmark = pytest.mark.cluster
 
 INDEX = "batch.kubernetes.io/job-completion-index"
+POOL = {"visionft.io/test-pool": "multinode"}
+NODES = {"multinode-0", "multinode-1"}
+
+
+@pytest.fixture(scope="module")
+def gpu_pool(control_plane) -> dict[str, str]:
+    """Two fake nodes of this module's own, 16 GPUs each: room for both pods of a run on one node, so that
+    only the anti-affinity can place them apart, and for the pods of a run that a test has just deleted
+    (the garbage collector can take ~20 s to delete them); the shared nodes' GPUs stay free for the other
+    tests."""
+    for node in sorted(NODES):
+        control_plane.add_gpu_node(node, gpus=16, labels=POOL)
+    return POOL
+
+
+def _gang(pool: dict[str, str], backoff_limit: int = 0, deadline: int | None = None) -> dict:
+    return spec(
+        **{
+            "resources.nodes": 2,
+            "resources.gpusPerNode": 4,
+            "resources.nodeSelector": pool,
+            "runPolicy.backoffLimit": backoff_limit,
+            "runPolicy.activeDeadlineSeconds": deadline,
+        }
+    )
 
 
 def _running(kube: Kube, name: str, namespace: str) -> list[dict]:
@@ -29,70 +56,59 @@ def _running(kube: Kube, name: str, namespace: str) -> list[dict]:
 def _group(
     kube: Kube, name: str, namespace: str, replacing: dict[str, dict] | None = None
 ) -> dict[str, dict]:
-    """The run's two Running pods by completion index, once neither is one of the pods in `replacing`."""
+    """The run's two Running pods by completion index, once neither is one of the pods in `replacing`;
+    each attempt's pods land one per node (the scheduler honours the anti-affinity)."""
     old = {p["metadata"]["uid"] for p in (replacing or {}).values()}
 
     def check() -> dict[str, dict] | None:
         pods = [p for p in _running(kube, name, namespace) if p["metadata"]["uid"] not in old]
         return {p["metadata"]["annotations"][INDEX]: p for p in pods} if len(pods) == 2 else None
 
-    return wait_for(check, timeout=90, what=f"two new running pods of {name}")
+    group = wait_for(check, timeout=90, what=f"two new running pods of {name}")
+    assert sorted(group) == ["0", "1"]
+    assert {p["spec"]["nodeName"] for p in group.values()} == NODES
+    return group
 
 
-def _nodes(group: dict[str, dict]) -> set[str]:
-    return {p["spec"]["nodeName"] for p in group.values()}
+def _job(kube: Kube, name: str, namespace: str) -> dict:
+    job = kube.get("job", f"{name}-trainer", namespace)
+    assert job is not None
+    return job
+
+
+def _status(kube: Kube, name: str, namespace: str) -> dict:
+    return (kube.vft(name, namespace) or {}).get("status") or {}
+
+
+def _failed(kube: Kube, name: str, namespace: str, reason: str) -> dict:
+    """The status once the run failed, for `reason` (the Failed and Stalled conditions')."""
+    status = kube.wait_phase(name, namespace, "Failed", timeout=60)["status"]
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert conds["Failed"]["reason"] == conds["Stalled"]["reason"] == reason, conds
+    return status
+
+
+def _no_other_attempt(kube: Kube, name: str, namespace: str, *groups: dict[str, dict]) -> None:
+    seen = {p["metadata"]["uid"] for group in groups for p in group.values()}
+    assert {p["metadata"]["uid"] for p in kube.pods(name, namespace)} <= seen
 
 
 def _restart_events(kube: Kube, namespace: str, name: str) -> list[dict]:
     return [e for e in kube.events(namespace, name) if e["reason"] == cond.REASON_RESTARTING_GROUP]
 
 
-def _gang(pool: dict[str, str], backoff_limit: int) -> dict:
-    return spec(
-        **{
-            "resources.nodes": 2,
-            "resources.gpusPerNode": 4,
-            "resources.nodeSelector": pool,
-            "runPolicy.backoffLimit": backoff_limit,
-        }
-    )
-
-
-POOL = {"visionft.io/test-pool": "multinode"}
-
-
-@pytest.fixture(scope="module")
-def gpu_pool(control_plane) -> dict[str, str]:
-    """Two fake nodes of this module's own, 16 GPUs each: room for both pods of a run on one node, so that
-    only the anti-affinity can place them apart, and for the pods of a run that a test has just deleted
-    (the garbage collector can take ~20 s to delete them); the shared nodes' GPUs stay free for the other
-    tests."""
-    for index in range(2):
-        control_plane.add_gpu_node(f"multinode-{index}", gpus=16, labels=POOL)
-    return POOL
-
-
 def test_two_nodes_by_four_gpus_get_torchrun_and_schedule_apart(
     kube: Kube, namespace: str, operator: OperatorProcess, gpu_pool: dict[str, str]
 ) -> None:
     name = "gang"
-    body = spec(**{"resources.nodes": 2, "resources.gpusPerNode": 4, "resources.nodeSelector": gpu_pool})
-    kube.apply(resource(name, namespace, body))
-    first = wait_for(
-        lambda: pods if len(pods := _running(kube, name, namespace)) == 2 else None,
-        timeout=60,
-        what="two running pods",
-    )
-    job = kube.get("job", f"{name}-trainer", namespace)
-    assert job is not None
+    kube.apply(resource(name, namespace, _gang(gpu_pool, backoff_limit=3)))
+    first = _group(kube, name, namespace)  # one pod per fake GPU node
+    job = _job(kube, name, namespace)
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     service = kube.get("service", f"{name}-trainer", namespace)
     assert service is not None and service["spec"]["clusterIP"] == "None"
-
-    # The scheduler honours the anti-affinity: one pod per fake GPU node, 4 GPUs each.
-    assert {p["spec"]["nodeName"] for p in first} == {"multinode-0", "multinode-1"}
-    for pod in first:
+    for pod in first.values():
         assert pod["spec"]["hostname"].startswith(f"{name}-trainer-")
         assert pod["spec"]["subdomain"] == f"{name}-trainer"
         container = pod["spec"]["containers"][0]
@@ -100,8 +116,6 @@ def test_two_nodes_by_four_gpus_get_torchrun_and_schedule_apart(
         assert container["command"][:3] == ["torchrun", "--nproc-per-node=4", "--nnodes=2"]
         env = {e["name"]: e for e in container["env"]}
         assert env["MASTER_ADDR"]["value"] == f"{name}-trainer-0.{name}-trainer"
-    indices = sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in first)
-    assert indices == ["0", "1"]
     kube.delete("visionfinetunes.visionft.io", name, namespace)
 
 
@@ -119,13 +133,12 @@ def test_one_failed_pod_restarts_the_whole_group_until_the_restarts_run_out(
     failed = first["1"]
     kube.terminate_pod(failed, exit_code=1, reason="Error", message="RuntimeError: NCCL watchdog timeout")
     second = _group(kube, name, namespace, replacing=first)
-    assert sorted(second) == ["0", "1"]
-    assert _nodes(second) == {"multinode-0", "multinode-1"}  # again one pod per node
-    obj = kube.vft(name, namespace)
-    assert obj is not None and obj["status"]["restarts"] == 1
-    assert obj["status"]["phase"] != "Failed"
-    job = kube.get("job", f"{name}-trainer", namespace)
-    assert job is not None and job["metadata"]["annotations"]["visionft.io/restarts"] == "1"
+    status = _status(kube, name, namespace)
+    assert status["restarts"] == 1 and status["phase"] != "Failed"
+    # status.attempts counts the pods of the whole run: both attempts' 2.
+    wait_for(lambda: _status(kube, name, namespace).get("attempts") == 4, timeout=15, what="attempts 4")
+    job = _job(kube, name, namespace)
+    assert job["metadata"]["annotations"]["visionft.io/restarts"] == "1"
     assert job["metadata"]["uid"] != failed["metadata"]["ownerReferences"][0]["uid"]  # a new attempt
     events = wait_for(lambda: _restart_events(kube, namespace, name), timeout=15, what="a restart Event")
     message = events[0]["message"]
@@ -137,15 +150,39 @@ def test_one_failed_pod_restarts_the_whole_group_until_the_restarts_run_out(
 
     # Rank 0 of the second attempt fails too: backoffLimit 1 is used up, the run fails.
     kube.terminate_pod(second["0"], exit_code=137, reason="OOMKilled", message="CUDA out of memory")
-    obj = kube.wait_phase(name, namespace, "Failed", timeout=60)
-    st = obj["status"]
-    conds = {c["type"]: c for c in st["conditions"]}
-    assert conds["Failed"]["reason"] == cond.REASON_BACKOFF_LIMIT
-    assert second["0"]["metadata"]["name"] in st["message"] and "OOMKilled" in st["message"]
-    assert "restarted 1 times" in st["message"], st["message"]
-    assert st["restarts"] == 1
-    seen = {p["metadata"]["uid"] for group in (first, second) for p in group.values()}
-    assert {p["metadata"]["uid"] for p in kube.pods(name, namespace)} <= seen  # no third attempt
+    status = _failed(kube, name, namespace, cond.REASON_BACKOFF_LIMIT)
+    assert second["0"]["metadata"]["name"] in status["message"] and "OOMKilled" in status["message"]
+    assert "restarted 1 times" in status["message"], status["message"]
+    assert status["restarts"] == 1 and status["attempts"] == 4
+    _no_other_attempt(kube, name, namespace, first, second)
+    kube.delete("visionfinetunes.visionft.io", name, namespace)
+
+
+def test_the_deadline_bounds_the_whole_run_across_group_restarts(
+    kube: Kube, namespace: str, operator: OperatorProcess, gpu_pool: dict[str, str]
+) -> None:
+    name = "gang-deadline"
+    kube.apply(resource(name, namespace, _gang(gpu_pool, backoff_limit=3, deadline=3600)))
+    first = _group(kube, name, namespace)
+    assert _job(kube, name, namespace)["spec"]["activeDeadlineSeconds"] == 3600
+    # The run has been going for 1000 s when rank 1 fails: the next attempt gets what is left.
+    kube.started_ago(name, namespace, 1000)
+    kube.terminate_pod(first["1"], exit_code=1, reason="Error", message="NCCL watchdog timeout")
+    second = _group(kube, name, namespace, replacing=first)
+    job = _job(kube, name, namespace)
+    assert job["metadata"]["annotations"]["visionft.io/restarts"] == "1"
+    left = job["spec"]["activeDeadlineSeconds"]
+    assert 2600 - 60 <= left <= 2600, left
+    assert job["metadata"]["annotations"]["visionft.io/elapsed-seconds"] == str(3600 - left)
+
+    # Once the deadline has run out, a failure ends the run instead of starting a third attempt.
+    kube.started_ago(name, namespace, 3600)
+    kube.terminate_pod(second["0"], exit_code=1, reason="Error", message="NCCL watchdog timeout")
+    status = _failed(kube, name, namespace, cond.REASON_DEADLINE_EXCEEDED)
+    assert "activeDeadlineSeconds (3600 s) has run out" in status["message"], status["message"]
+    assert second["0"]["metadata"]["name"] in status["message"], status["message"]
+    assert status["restarts"] == 1 and status["attempts"] == 4
+    _no_other_attempt(kube, name, namespace, first, second)
     kube.delete("visionfinetunes.visionft.io", name, namespace)
 
 
@@ -158,20 +195,13 @@ def test_a_disruption_restarts_the_group_uncounted_and_a_config_error_ends_the_r
     # Preemption of rank 0: with backoffLimit 0 a counted failure would end the run.
     kube.terminate_pod(first["0"], exit_code=137, reason="Error", message="preempted", disrupted=True)
     second = _group(kube, name, namespace, replacing=first)
-    assert _nodes(second) == {"multinode-0", "multinode-1"}
-    obj = kube.vft(name, namespace)
-    assert obj is not None and obj["status"]["phase"] != "Failed" and not obj["status"].get("restarts")
+    status = _status(kube, name, namespace)
+    assert status["phase"] != "Failed" and not status.get("restarts")
 
     kube.terminate_pod(second["1"], exit_code=2, reason="Error", message="visionft-train: invalid config")
-    obj = kube.wait_phase(name, namespace, "Failed", timeout=60)
-    conds = {c["type"]: c for c in obj["status"]["conditions"]}
-    assert conds["Failed"]["reason"] == cond.REASON_POD_FAILED
-    assert (
-        "invalid config" in obj["status"]["message"]
-        and second["1"]["metadata"]["name"] in (obj["status"]["message"])
-    )
-    seen = {p["metadata"]["uid"] for group in (first, second) for p in group.values()}
-    assert {p["metadata"]["uid"] for p in kube.pods(name, namespace)} <= seen  # no restart
+    status = _failed(kube, name, namespace, cond.REASON_POD_FAILED)
+    assert "invalid config" in status["message"] and second["1"]["metadata"]["name"] in status["message"]
+    _no_other_attempt(kube, name, namespace, first, second)  # no restart
     kube.delete("visionfinetunes.visionft.io", name, namespace)
 
 
@@ -187,10 +217,9 @@ def test_suspend_stops_the_group_and_resume_starts_it_again(
     wait_for(lambda: not kube.pods(name, namespace), timeout=60, what="the pods gone")
     assert kube.phase(name, namespace) == "Suspended"
     kube.patch("vft", name, namespace, {"spec": {"suspend": False}})
-    second = _group(kube, name, namespace, replacing=first)
-    assert _nodes(second) == {"multinode-0", "multinode-1"}
-    obj = kube.vft(name, namespace)
-    assert obj is not None and obj["status"]["phase"] != "Failed" and not obj["status"].get("restarts")
+    _group(kube, name, namespace, replacing=first)
+    status = _status(kube, name, namespace)
+    assert status["phase"] != "Failed" and not status.get("restarts")
     kube.delete("visionfinetunes.visionft.io", name, namespace)
 
 
@@ -204,10 +233,8 @@ def test_a_deleted_pod_stops_like_a_kubelet_stops_it_and_restarts_the_group(
     kube.apply(resource(name, namespace, _gang(gpu_pool, backoff_limit=1)))
     first = _group(kube, name, namespace)
     kube.delete("pod", first["0"]["metadata"]["name"], namespace)
-    second = _group(kube, name, namespace, replacing=first)
-    assert _nodes(second) == {"multinode-0", "multinode-1"}
-    obj = kube.vft(name, namespace)
-    assert obj is not None and obj["status"]["restarts"] == 1
+    _group(kube, name, namespace, replacing=first)
+    assert _status(kube, name, namespace)["restarts"] == 1
     events = wait_for(lambda: _restart_events(kube, namespace, name), timeout=15, what="a restart Event")
     assert "exit code 143" in events[0]["message"], events[0]["message"]
     kube.delete("visionfinetunes.visionft.io", name, namespace)

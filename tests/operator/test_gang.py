@@ -3,12 +3,13 @@ Jobs as the Job controller reports them, through to the status the operator writ
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from visionft_api import VisionFineTuneSpec
 from visionft_api import conditions as cond
-from visionft_operator import children, gang
+from visionft_operator import children, deadline, gang
 from visionft_operator import status as st
 
 from tests.operator.specs import spec
@@ -18,10 +19,15 @@ JOB_UID = "job-uid"
 T0, T1, T2 = "2026-11-26T10:00:00Z", "2026-11-26T10:05:00Z", "2026-11-26T10:05:01Z"
 
 
-def _spec(nodes: int = 2, backoff_limit: int = 2) -> VisionFineTuneSpec:
+def _spec(nodes: int = 2, backoff_limit: int = 2, deadline: int | None = None) -> VisionFineTuneSpec:
     return VisionFineTuneSpec.model_validate(
         spec(
-            **{"resources.nodes": nodes, "resources.gpusPerNode": 4, "runPolicy.backoffLimit": backoff_limit}
+            **{
+                "resources.nodes": nodes,
+                "resources.gpusPerNode": 4,
+                "runPolicy.backoffLimit": backoff_limit,
+                "runPolicy.activeDeadlineSeconds": deadline,
+            }
         )
     )
 
@@ -89,6 +95,36 @@ def test_a_multi_node_job_fails_on_any_pod_failure_and_carries_its_restart_count
     assert rules[0]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
     assert rules[1]["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [2]}
     assert rules[2]["onExitCodes"] == {"containerName": "trainer", "operator": "NotIn", "values": [0]}
+
+
+def test_a_replacement_job_gets_what_is_left_of_the_deadline_and_carries_the_runs_counts() -> None:
+    owner = children.Owner(
+        namespace="team-a", name="gang", uid="vft-uid", restarts=1, attempts=2, elapsed=1000
+    )
+    job = children.job(owner, _spec(deadline=3600), children.PodDefaults())
+    assert job["spec"]["activeDeadlineSeconds"] == 2600
+    assert job["metadata"]["annotations"] == {
+        "visionft.io/restarts": "1",
+        "visionft.io/attempts": "2",
+        "visionft.io/elapsed-seconds": "1000",
+    }
+    assert deadline.job_elapsed(job) == 1000
+    # A run's first Job gets the whole deadline; a deadline cut below the time passed ends a Job at once.
+    assert (
+        children.job(OWNER, _spec(deadline=3600), children.PodDefaults())["spec"]["activeDeadlineSeconds"]
+        == 3600
+    )
+    assert deadline.job_deadline(_spec(deadline=3600), 4000) == 1
+    assert deadline.job_deadline(_spec(), 4000) is None
+
+
+def test_the_deadline_counts_from_the_runs_first_start() -> None:
+    now = datetime(2026, 11, 26, 11, 0, 0, tzinfo=UTC)
+    assert deadline.elapsed({"startTime": T0}, now) == 3600
+    assert deadline.elapsed({}, now) == 0  # not started yet
+    assert not deadline.run_out(_spec(deadline=3600), 3599)
+    assert deadline.run_out(_spec(deadline=3600), 3600)
+    assert not deadline.run_out(_spec(), 10**6)  # no deadline
 
 
 def test_a_single_node_job_keeps_its_retries() -> None:
@@ -180,6 +216,35 @@ def test_a_non_retryable_exit_code_ends_the_run_with_the_failed_pods_words() -> 
     assert verdict is not None and verdict.state is not None and "exit code 2" in verdict.state[2]
 
 
+@pytest.mark.parametrize("disrupted", [False, True])
+def test_no_restart_once_the_runs_deadline_ran_out(disrupted: bool) -> None:
+    if disrupted:
+        message = (
+            "Pod team-a/gang-trainer-1-abcde has condition DisruptionTarget matching FailJob rule at index 0"
+        )
+        pods = [_pod(1, 137, disrupted=True)]
+    else:
+        message, pods = _exit_message(1, 1, 2), [_pod(1, 1)]
+    job = _job(message=message, restarts=1)
+    still = gang.decide(_spec(backoff_limit=3, deadline=3600), job, pods, 1, elapsed=3599)
+    assert still is not None and still.restart
+    verdict = gang.decide(_spec(backoff_limit=3, deadline=3600), job, pods, 1, elapsed=3600)
+    assert verdict is not None and not verdict.restart and verdict.restarts == 1
+    assert verdict.state is not None
+    phase, reason, text = verdict.state
+    assert (phase, reason) == ("Failed", cond.REASON_DEADLINE_EXCEEDED)
+    assert text.startswith("DeadlineExceeded: pod gang-trainer-1-abcde failed"), text
+    assert "activeDeadlineSeconds (3600 s) has run out: the run started 3600 s ago" in text
+    assert "no further attempt" in text
+
+
+def test_used_up_restarts_win_over_the_deadline() -> None:
+    job = _job(message=_exit_message(0, 1, 2), restarts=2)
+    verdict = gang.decide(_spec(backoff_limit=2, deadline=3600), job, [_pod(0, 1)], 2, elapsed=4000)
+    assert verdict is not None and verdict.state is not None
+    assert verdict.state[1] == cond.REASON_BACKOFF_LIMIT
+
+
 def test_the_deadline_is_not_a_pod_failure() -> None:
     job = _job(reason="DeadlineExceeded", message="Job was active longer than specified deadline")
     assert gang.decide(_spec(), job, [_pod(0, 143, deleted=True), _pod(1, 143, deleted=True)], 0) is None
@@ -251,6 +316,26 @@ def test_the_status_of_a_restart_and_its_event() -> None:
     # The next look at the same restart writes nothing new and posts no second Event.
     again = _derive(verdict, {**training, **d.status}, None)
     assert not st.changed({**training, **d.status}, again.status) and again.event is None
+
+
+def test_attempts_add_up_over_the_runs_jobs() -> None:
+    # The second Job of a run whose first Job started 2 pods: its own 2 come on top.
+    annotations = {"visionft.io/restarts": "1", "visionft.io/attempts": "2"}
+    job: dict[str, Any] = {"metadata": {"name": "gang-trainer", "annotations": annotations}}
+    assert st.attempts({**job, "status": {"active": 2}}, 2) == 4
+    assert st.attempts({**job, "status": {"failed": 2}}, 3) == 4
+    # While the Job controller stops a failed group, its count lags (and `terminating` may overlap the
+    # others): the Job's pods seen in the cache count instead, and the total never shrinks.
+    stopping = {"failed": 1, "terminating": 1, "uncountedTerminatedPods": {"failed": ["pod-0-uid"]}}
+    assert st.attempts({**job, "status": stopping}, 2) == 3
+    assert st.attempts({**job, "status": stopping}, 2, job_pods=2) == 4
+    assert st.attempts({**job, "status": {"active": 1, "failed": 1, "terminating": 1}}, 2) == 4
+    # A Job made before Jobs carried the count: its own pods, never fewer than recorded.
+    assert st.attempts({"status": {"active": 2}}, 3) == 3
+    d = _derive(
+        gang.Verdict(False, 1, None), {"phase": "Training", "attempts": 2}, {**job, "status": {"active": 2}}
+    )
+    assert d.status["attempts"] == 4
 
 
 def test_the_status_when_the_restarts_ran_out() -> None:

@@ -5,10 +5,11 @@ Run once as a single process or under ``torchrun`` (gloo on CPU)::
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/trainer/ddp_driver.py \
         --model DIR --out DIR --steps 6 --batch 2
 
-It writes ``OUT/rank{r}.json`` per rank (the logged per-step losses, the dataset indices each step's
-micro-batch held, and the supervised-token counts) and, through the Trainer, checkpoints under
-``OUT/checkpoints`` (rank 0 only) and the adapter under ``OUT/adapter`` (rank 0 only, via
-``visionft.distributed.is_main_process``). As in ``visionft.run``, every rank has the
+Only rank 0 writes outputs: the checkpoints under ``OUT/checkpoints`` (through the Trainer, where every
+other rank adds only its own RNG file to its checkpoint folder) and the adapter under ``OUT/adapter``
+(gated on ``visionft.distributed.is_main_process``, as ``visionft.run`` gates its own). Every rank writes
+its test record, ``OUT/rank{r}.json`` (the logged per-step losses, the dataset indices each step's
+micro-batch held, and the supervised-token counts). As in ``visionft.run``, every rank has the
 ``GatherRngStatesCallback`` and rank 0 alone the S3 upload callback (``--s3-output``), added after it.
 
 ``--separate-disks`` stands in for a multi-node run: rank ``r > 0`` gets its own Trainer output folder,
@@ -17,8 +18,8 @@ makes each rank draw a rank-dependent amount of randomness every step (the ranks
 their RNG states would otherwise be equal) and records digests of its RNG state at each save
 (``rng_at_save``: step -> ``rng_digests``).
 
-This is not the ``visionft-train`` CLI: ``visionft.run`` still writes its outputs on every rank (see the
-report to the lead); this driver exercises the same API, collator and trainer settings.
+This is not the ``visionft-train`` CLI (``test_ddp.py`` runs that under torchrun too): it exercises the same
+API, collator and trainer settings, and records per rank what the tests compare.
 """
 
 from __future__ import annotations
@@ -132,6 +133,12 @@ def main() -> None:
     p.add_argument("--separate-disks", action="store_true", help="ranks > 0 keep checkpoints in OUT/node{r}")
     p.add_argument("--rng-probe", action="store_true", help="rank-dependent draws; RNG digests at saves")
     p.add_argument("--s3-output", help="rank 0 uploads checkpoints under this s3:// output prefix")
+    p.add_argument(
+        "--trainer",
+        choices=["trl", "visionft"],
+        default="trl",
+        help="TRL's SFTTrainer (DDP's hooks), or visionft's (optimizations on: one flat all-reduce per step)",
+    )
     a = p.parse_args()
 
     from trl import SFTConfig, SFTTrainer
@@ -146,6 +153,10 @@ def main() -> None:
     model = FastVisionModel.get_peft_model(
         model, r=8, lora_alpha=16, use_gradient_checkpointing=True, random_state=a.seed
     )
+    if a.trainer == "visionft":
+        from visionft import patching
+
+        patching.apply_optimizations(model, optimizations=True)
     collator = RecordingCollator(VisionDataCollator(model, processor, max_seq_length=512))
     args = SFTConfig(
         output_dir=str(local / "checkpoints"),
@@ -177,7 +188,12 @@ def main() -> None:
     callbacks: list = [probe] if a.rng_probe else []
     if dist_utils.is_distributed():
         callbacks.append(GatherRngStatesCallback())
-    trainer = SFTTrainer(
+    trainer_class = SFTTrainer
+    if a.trainer == "visionft":
+        from visionft.sft import vision_sft_trainer_class
+
+        trainer_class = vision_sft_trainer_class()
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_dict({"__index__": list(range(a.samples))}),
@@ -212,6 +228,7 @@ def main() -> None:
         "ddp_reduced_params": dist_utils.ddp_reduced_parameter_count(trainer.model_wrapped),
         "resumed_from": resume,
         "rng_at_save": probe.at_save,
+        "flat_allreduce_calls": getattr(getattr(trainer, "_grad_sync", None), "calls", None),
     }
     (out / f"rank{dist_utils.rank()}.json").write_text(json.dumps(record, indent=1))
     if dist_utils.is_main_process():

@@ -15,6 +15,8 @@ from visionft.config_file import ConfigFileError, load
 from visionft_api import VisionFineTuneSpec
 from visionft_operator import children
 
+from tests.operator.specs import edited
+
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 
@@ -23,15 +25,8 @@ def manifest(tmp_path: Path, edit: dict[str, Any] | None = None, **top: Any) -> 
     """The quickstart manifest with `edit` (dotted spec paths; None deletes) and top-level overrides."""
     doc = yaml.safe_load(QUICKSTART.read_text())
     doc.update(top)
-    for dotted, value in (edit or {}).items():
-        node = doc["spec"]
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        if value is None:
-            node.pop(leaf, None)
-        else:
-            node[leaf] = value
+    if edit:
+        doc["spec"] = edited(doc["spec"], edit)
     path = tmp_path / "vft.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path

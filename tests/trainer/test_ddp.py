@@ -1,10 +1,11 @@
 """DDP on CPU (gloo, 2 processes under torchrun) trains a tiny Qwen2-VL with the same loss curve as one
 process with twice the batch; only LoRA weights are all-reduced; a checkpoint from 2 ranks resumes in
-1 process; every rank's RNG state reaches rank 0's checkpoint and its S3 upload when ranks write to
-separate disks.
+1 process, with rank 0's RNG; every rank's RNG state reaches rank 0's checkpoint and its S3 upload when
+ranks write to separate disks.
 
-Runs ``tests/trainer/ddp_driver.py`` (public API + TRL ``SFTTrainer``), not the ``visionft-train`` CLI:
-``visionft.run`` does not yet gate its writes on ``visionft.distributed.is_main_process``.
+Most tests run ``tests/trainer/ddp_driver.py`` (public API + TRL ``SFTTrainer``), whose records per rank
+and RNG probe the ``visionft-train`` CLI does not have; the last one runs the CLI itself under torchrun.
+Both write outputs from rank 0 only.
 
 Tolerance. Both runs are fp32 on the same seed and the same LoRA init, and each step sees the same
 samples (checked, not assumed). The loss is token-normalised over the global batch in both cases
@@ -41,6 +42,8 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS, BATCH = 6, 2
 STEP1_ATOL = 1e-5
 RTOL = 1e-2
+#: A checkpoint of 2 ranks: each rank's RNG file, and rank 0's state under the single-process name.
+RNG_FILES_OF_TWO_RANKS = ["rng_state.pth", "rng_state_0.pth", "rng_state_1.pth"]
 
 
 def _env() -> dict:
@@ -52,14 +55,14 @@ def _env() -> dict:
     return env
 
 
-def _run(model: Path, out: Path, nproc: int, batch: int, *extra: str) -> list[dict]:
+def _run(model: Path, out: Path, nproc: int, batch: int, *extra: str, env: dict | None = None) -> list[dict]:
     driver = [str(DRIVER), "--model", str(model), "--out", str(out), "--batch", str(batch), *extra]
     if nproc == 1:
         cmd = [sys.executable, *driver]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         cmd += driver
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
@@ -108,6 +111,33 @@ def test_two_ranks_match_one_process_with_twice_the_batch(runs):
     assert any(a != b for a, b in zip(r0["supervised"], r1["supervised"], strict=False))
 
 
+@pytest.fixture(scope="module")
+def flat_run(model_dir, tmp_path_factory) -> list[dict]:
+    """Two gloo ranks through visionft's trainer: the step outside DDP's hooks, one flat all-reduce.
+
+    The optimizations are on but no Triton kernel runs (no interpreter in this run), so the modules
+    are the plain ones of the other runs and what is compared is the gradient averaging alone.
+    """
+    root = tmp_path_factory.mktemp("ddp-flat")
+    env = {k: v for k, v in _env().items() if k != "TRITON_INTERPRET"}
+    return _run(model_dir, root, 2, BATCH, "--steps", str(STEPS), "--trainer", "visionft", env=env)
+
+
+def test_flat_all_reduce_trains_like_one_process_with_twice_the_batch(runs, flat_run):
+    """visionft.sft under DDP: the path CUDA-graph steps use (eager here, on CPU) gives DDP's curve."""
+    (single,), (ddp, _), (r0, r1) = runs["single"], runs["ddp"], flat_run
+    # It took the engine's path: one averaging all-reduce per optimizer step, on both ranks.
+    assert r0["flat_allreduce_calls"] == r1["flat_allreduce_calls"] == STEPS
+    assert r0["indices"] == ddp["indices"]
+    assert r0["losses"] == r1["losses"]
+    # Step 1 runs on identical weights: the same loss as DDP's hooks and as one process.
+    assert abs(r0["losses"][0] - ddp["losses"][0]) < STEP1_ATOL
+    assert abs(r0["losses"][0] - single["losses"][0]) < STEP1_ATOL
+    diffs = [_rel(d, s) for d, s in zip(r0["losses"], single["losses"], strict=True)]
+    assert max(diffs) < RTOL, list(zip(r0["losses"], single["losses"], strict=True))
+    assert r0["losses"][-1] < 0.6 * r0["losses"][0], r0["losses"]
+
+
 def test_only_lora_weights_are_all_reduced(runs):
     for rank in runs["ddp"]:
         assert rank["all_trainable_are_lora"]
@@ -123,7 +153,10 @@ def test_checkpoint_from_two_ranks_resumes_in_one_process(model_dir, runs, tmp_p
     ckpt = out / "checkpoints" / f"checkpoint-{half}"
     assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == half
     assert (ckpt / "adapter_model.safetensors").is_file()
-    assert sorted(p.name for p in ckpt.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert sorted(p.name for p in ckpt.glob("rng_state*")) == RNG_FILES_OF_TWO_RANKS
+    # A single process (the Trainer reads rng_state.pth) continues with rank 0's RNG, not a fresh one.
+    rank0 = rng_digests(torch.load(ckpt / "rng_state_0.pth", weights_only=False))
+    assert _hf_restores(ckpt, 0, world_size=1) == rank0
 
     (resumed,) = _run(model_dir, out, 1, 2 * BATCH, "--steps", str(STEPS), "--resume")
     (single,) = runs["single"]
@@ -139,13 +172,13 @@ def test_checkpoint_from_two_ranks_resumes_in_one_process(model_dir, runs, tmp_p
 
 def _hf_restores(checkpoint: Path, process_index: int, world_size: int) -> dict[str, str]:
     """The RNG digests after the Trainer's own ``_load_rng_state`` restores ``checkpoint`` as rank
-    ``process_index`` of ``world_size``; this process's RNG states are put back afterwards."""
+    ``process_index`` of ``world_size`` (1: a single process); this process's RNG states are put back
+    afterwards."""
     from transformers import Trainer
     from transformers.training_args import ParallelMode
 
-    args = SimpleNamespace(
-        world_size=world_size, process_index=process_index, parallel_mode=ParallelMode.DISTRIBUTED
-    )
+    mode = ParallelMode.DISTRIBUTED if world_size > 1 else ParallelMode.NOT_PARALLEL
+    args = SimpleNamespace(world_size=world_size, process_index=process_index, parallel_mode=mode)
     saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     try:
         Trainer._load_rng_state(SimpleNamespace(args=args), str(checkpoint))
@@ -173,8 +206,9 @@ def test_every_ranks_rng_state_reaches_rank_zeros_checkpoint_and_upload(model_di
     ckpt1 = out / "node1" / "checkpoints" / f"checkpoint-{step}"
     # Rank 1's disk holds only its own RNG file (the Trainer saves the rest from rank 0 alone) ...
     assert [p.name for p in ckpt1.iterdir()] == ["rng_state_1.pth"]
-    # ... and rank 0's checkpoint holds both ranks' files, rank 1's byte for byte.
-    assert sorted(p.name for p in ckpt0.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    # ... and rank 0's checkpoint holds both ranks' files, rank 1's byte for byte (and rank 0's state for a
+    # single process).
+    assert sorted(p.name for p in ckpt0.glob("rng_state*")) == RNG_FILES_OF_TWO_RANKS
     assert (ckpt0 / "rng_state_1.pth").read_bytes() == (ckpt1 / "rng_state_1.pth").read_bytes()
 
     at_save = [r0["rng_at_save"][str(step)], r1["rng_at_save"][str(step)]]
@@ -182,12 +216,13 @@ def test_every_ranks_rng_state_reaches_rank_zeros_checkpoint_and_upload(model_di
     for rank in (0, 1):
         assert rng_digests(torch.load(ckpt0 / f"rng_state_{rank}.pth", weights_only=False)) == at_save[rank]
         assert _hf_restores(ckpt0, rank, world_size=2) == at_save[rank]
+    assert _hf_restores(ckpt0, 0, world_size=1) == at_save[0]
 
-    # The upload (rank 0's callback, after the gather) holds both files.
+    # The upload (rank 0's callback, after the gather) holds all three files.
     client, prefix = make_client(), f"run/checkpoints/{step_name(step)}/"
     listing = client.list_objects_v2(Bucket=s3_bucket.name, Prefix=prefix).get("Contents", [])
     keys = {item["Key"].removeprefix(prefix) for item in listing}
-    assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json", MANIFEST_NAME} <= keys, keys
+    assert {*RNG_FILES_OF_TWO_RANKS, "trainer_state.json", MANIFEST_NAME} <= keys, keys
     uploaded = client.get_object(Bucket=s3_bucket.name, Key=prefix + "rng_state_1.pth")["Body"].read()
     assert uploaded == (ckpt1 / "rng_state_1.pth").read_bytes()
 
@@ -202,6 +237,18 @@ def test_rng_gather_does_nothing_in_a_single_process(tmp_path):
         args = SimpleNamespace(world_size=world_size, process_index=0, output_dir=str(tmp_path))
         GatherRngStatesCallback().on_save(args, state, None)
     assert list(ckpt.iterdir()) == []
+
+
+def test_the_single_process_rng_state_keeps_only_the_ranks_own_device():
+    from visionft.checkpoint_rng import single_process_state
+
+    devices = [torch.full((4,), i, dtype=torch.uint8) for i in range(3)]  # get_rng_state_all(), 3 GPUs
+    states = {"python": (3, (1, 2), None), "numpy": ("MT19937",), "cpu": torch.zeros(2), "cuda": devices}
+    one = single_process_state(states, device_index=1)
+    assert one["cuda"] is devices[1]  # what get_rng_state() of the rank's current device gave
+    assert all(one[k] is states[k] for k in ("python", "numpy", "cpu"))
+    assert states["cuda"] is devices  # the rank's own dict is left as it was
+    assert single_process_state({"cpu": states["cpu"]}, 0) == {"cpu": states["cpu"]}  # no accelerator
 
 
 def test_rank_helpers_read_the_torchrun_environment(monkeypatch):
@@ -242,8 +289,7 @@ def test_cli_under_torchrun_writes_outputs_from_rank_zero_only(model_dir, tmp_pa
     assert summary["steps"] == 8
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-8"]
-    # HF Trainer saves one RNG state per rank into rank 0's checkpoint folder (same disk here).
-    assert sorted(p.name for p in (out / "checkpoints" / "checkpoint-8").glob("rng_state*")) == [
-        "rng_state_0.pth",
-        "rng_state_1.pth",
-    ]
+    # HF Trainer saves one RNG state per rank into rank 0's checkpoint folder (same disk here); the gather
+    # adds rank 0's for a single process.
+    ckpt = out / "checkpoints" / "checkpoint-8"
+    assert sorted(p.name for p in ckpt.glob("rng_state*")) == RNG_FILES_OF_TWO_RANKS

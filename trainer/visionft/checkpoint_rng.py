@@ -17,19 +17,31 @@ rank 0's ``on_save`` returns, its folder is complete; no barrier is needed after
 come before the upload callback in the Trainer's list (callbacks run in the order they were added):
 ``visionft.run`` passes it to the constructor and adds the upload callback afterwards.
 
-Resuming with another world size (``Trainer._load_rng_state``, transformers 5.x): with ``W > 1`` ranks,
-rank ``r`` loads ``rng_state_<r>.pth``; ranks beyond the saved world size find no file, log "Didn't find an
-RNG file" and keep the RNG seeded from ``training.seed``, and files of ranks that no longer exist are
-ignored. A single process loads only ``rng_state.pth``, which a DDP run does not write, so it starts
-from the seeded RNG as well. Either way the run resumes (weights, optimizer, scheduler, data position);
-only randomness (LoRA dropout) differs from an uninterrupted run. A CUDA state saved with more visible
-GPUs than the resuming rank has fails to load; the Trainer logs the error and continues.
+Rank 0 also writes ``rng_state.pth``, the name the Trainer reads in a single process, from its own state:
+the same dict, except that each accelerator's per-device list (a DDP rank saves ``get_rng_state_all()``)
+becomes the state of rank 0's own device, as a single process saves it.
+
+Resuming with another world size (``Trainer._load_rng_state``, transformers 5.x):
+
+- One process: it loads ``rng_state.pth``, so it continues with rank 0's RNG.
+- ``W > 1`` ranks: rank ``r`` loads ``rng_state_<r>.pth``. With fewer ranks than the checkpoint had, the
+  files of ranks that no longer exist are ignored. With more, the ranks numbered from the saved world
+  size up find no file, log "Didn't find an RNG file" and keep the RNG that the Trainer seeded from
+  ``training.seed`` (the same seed on every rank, as at a fresh start): their random draws (LoRA dropout)
+  repeat each other's and continue no saved rank's, while the ranks below the saved world size restore
+  their own. A single process's checkpoint (only ``rng_state.pth``) leaves every rank of a DDP resume on
+  the seeded RNG in the same way.
+
+Either way the run resumes (weights, optimizer, scheduler, data position); only randomness differs from an
+uninterrupted run. A CUDA state saved with more visible GPUs than the resuming rank has fails to load; the
+Trainer logs the error and continues.
 
 In a single process (or without a process group) the callback does nothing.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
@@ -43,13 +55,39 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 logger = logging.getLogger(__name__)
 
 
+#: The Trainer's name for the RNG file of a single process.
+SINGLE_PROCESS_RNG_FILE = "rng_state.pth"
+#: Keys of the Trainer's RNG dict that a DDP rank saves as one state per visible device (get_rng_state_all).
+PER_DEVICE_KEYS = ("cuda", "npu", "hpu", "mlu", "musa")
+
+
 def rng_file_name(process_index: int) -> str:
     """The Trainer's name for one rank's RNG file under DDP: ``rng_state_<rank>.pth``."""
     return f"rng_state_{process_index}.pth"
 
 
+def single_process_state(states: dict[str, Any], device_index: int) -> dict[str, Any]:
+    """A DDP rank's RNG dict in the form a single process saves it.
+
+    Args:
+        states (dict): the dict of ``rng_state_<rank>.pth`` (``python``, ``numpy``, ``cpu`` and per
+            accelerator a list of every visible device's state).
+        device_index (int): the rank's own device among them.
+
+    Returns:
+        dict: the same states, each accelerator's list replaced by the state of ``device_index`` (a single
+        process saves ``get_rng_state()`` of its current device, and loads it with ``set_rng_state``).
+    """
+    out = dict(states)
+    for key in PER_DEVICE_KEYS:
+        if isinstance(out.get(key), list | tuple):
+            out[key] = out[key][device_index]
+    return out
+
+
 class GatherRngStatesCallback(TrainerCallback):
-    """Copies every rank's ``rng_state_<rank>.pth`` into rank 0's checkpoint folder at each save.
+    """Copies every rank's ``rng_state_<rank>.pth`` into rank 0's checkpoint folder at each save, and
+    writes ``rng_state.pth`` there from rank 0's state.
 
     Add it on every rank (``on_save`` is a collective), before the checkpoint upload callback.
     """
@@ -84,8 +122,22 @@ class GatherRngStatesCallback(TrainerCallback):
                 continue  # rank 0's own file, or one written by a rank on this node's disk
             _write_atomically(path, data)
             written.append(path.name)
+        if own.is_file():
+            _write_single_process_state(own, folder / SINGLE_PROCESS_RNG_FILE)
+            written.append(SINGLE_PROCESS_RNG_FILE)
         if written:
-            logger.info("visionft: step %d: wrote %s from other nodes' ranks", state.global_step, written)
+            logger.info("visionft: step %d: wrote %s into rank 0's checkpoint", state.global_step, written)
+
+
+def _write_single_process_state(own: Path, path: Path) -> None:
+    """Writes rank 0's RNG state (its file ``own``) to ``path`` in the single-process form, so that a
+    single process resuming the checkpoint continues with rank 0's RNG instead of a fresh one."""
+    # A file that this process's Trainer has just written (numpy's state needs more than weights_only).
+    states = torch.load(own, weights_only=False)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    buffer = io.BytesIO()
+    torch.save(single_process_state(states, device), buffer)
+    _write_atomically(path, buffer.getvalue())
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -27,7 +27,8 @@ How the pieces fit (issue 9, items 2 and 3):
   uploads to S3 and reports status; the Trainer already saves checkpoints from rank 0 only, except each
   rank's ``rng_state_<rank>.pth``, which it writes into that rank's own (node-local) checkpoint folder.
   ``visionft.checkpoint_rng.GatherRngStatesCallback`` gathers those into rank 0's folder at each save,
-  before rank 0 uploads it, so a resume on any node restores every rank's RNG.
+  before rank 0 uploads it, so a resume on any node restores every rank's RNG (and adds rank 0's as
+  ``rng_state.pth``, which a single process resuming the checkpoint reads).
 - **Inputs.** The S3 sync of dataset and model happens before the Trainer exists. ``setup()`` creates the
   process group early (accelerate then reuses it) so that one process per node (``is_local_main_process``)
   can download while the others wait at ``barrier()``.

@@ -7,7 +7,8 @@ The steps, top to bottom in ``train``:
    (``visionft.builtin``);
 2. load the model (``FastVisionModel.from_pretrained``) and add LoRA (``get_peft_model``) as the recipe says,
    then the optional fused kernels (``training.optimizations``);
-3. load the dataset, split off validation, build the ``VisionDataCollator``;
+3. load the dataset, split off validation, build the ``VisionDataCollator`` (with ``training.packing``, one
+   row per batch without padding; refused right after loading for architectures other than Qwen2-VL/2.5-VL);
 4. score ``dataset.evalSamples`` held-out samples (exact-match accuracy), train with TRL's ``SFTTrainer``
    (checkpoints every ``checkpointEverySteps``, resuming from the newest complete one), score again;
 5. save adapters or merged weights, the loss curve (``loss.png``) and ``run.json`` (the summary, written
@@ -223,6 +224,7 @@ def _load_model(config: TrainerConfig, model_dir: Path):
         dtype=None if m.dtype == "auto" else m.dtype,
         trust_remote_code=m.trust_remote_code,
     )
+    _check_packing(config, model)
     targets: Any = lora.target_modules_regex or (
         "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
     )
@@ -245,6 +247,17 @@ def _load_model(config: TrainerConfig, model_dir: Path):
     )
     _apply_optimizations(model, t.optimizations)
     return model, processor
+
+
+def _check_packing(config: TrainerConfig, model) -> None:
+    """training.packing needs an architecture with a packed attention: refused right after loading."""
+    if not config.training.packing:
+        return
+    from visionft.data.packing import packing_unsupported_reason
+
+    reason = packing_unsupported_reason(getattr(model.config, "model_type", None))
+    if reason:
+        raise ConfigError(f"training.packing: {reason}; set training.packing to false")
 
 
 def _apply_optimizations(model, enabled: bool) -> None:
@@ -280,6 +293,7 @@ def _collator(config: TrainerConfig, model, processor, dataset_dir: Path):
         on_bad_sample=d.on_bad_sample,
         dataset_root=root,
         formatter=MessagesFormatter(d.columns, d.instruction),
+        packing=config.training.packing,
     )
 
 

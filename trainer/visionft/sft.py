@@ -5,11 +5,17 @@ Two changes, both active only when ``visionft.patching`` optimized the model (``
 - ``training_step`` runs forward and backward through ``visionft.cuda_graphs.CudaGraphTrainStep``
   (graph replays where the batch signature allows, eager otherwise). It keeps the Trainer's own
   arithmetic: a model that takes ``num_items_in_batch`` gets it (as a device tensor the graph
-  copies in, like the batch) and normalises the loss by it; otherwise the loss is divided by the
-  accumulation steps before backward. The returned loss is the one the Trainer would return. It
-  steps aside (the Trainer's own step, with one log line saying why) for DDP (the all-reduce hooks
-  run inside backward and are not captured), a custom ``compute_loss_func``, and when
-  ``VISIONFT_CUDA_GRAPHS=0``.
+  copies in, like the batch) and normalises the loss by it (times the world size when tokens are
+  averaged across ranks, as the Trainer's ``compute_loss`` does); otherwise the loss is divided by
+  the accumulation steps before backward. The returned loss is the one the Trainer would return.
+  Under data parallelism the step runs on the unwrapped model, outside DDP's hooks (they fire
+  inside backward, which a graph replays without them), and ``visionft.grad_sync`` averages the
+  gradients over the ranks with one all-reduce after the last micro-batch of each optimizer step;
+  DDP's wrapper stays for its start-up broadcast and for evaluation, with its reducer detached
+  (``grad_sync.detach_ddp_reducer``: it would break graph captures). This holds on CPU (gloo) too,
+  where the steps are eager, so CI runs the same code path. It steps aside (the Trainer's own step,
+  with one log line saying why) for a custom ``compute_loss_func`` and when ``VISIONFT_CUDA_GRAPHS=0``;
+  in a single process also where graphs are unavailable (e.g. on CPU).
 - bitsandbytes' 8-bit AdamW becomes ``visionft.optim``'s, which skips the device sync after every
   parameter (same updates and state).
 """
@@ -30,10 +36,19 @@ GRAPHS_ENV = "VISIONFT_CUDA_GRAPHS"
 
 
 def _optimized(model: torch.nn.Module) -> bool:
+    """Whether ``visionft.patching`` swapped kernels into ``model``."""
     from visionft.patching import patch_report
 
     report = patch_report(model)
     return bool(report is not None and report.enabled)
+
+
+def _optimizations_requested(model: torch.nn.Module) -> bool:
+    """Whether the optimizations were switched on for ``model``, even where no kernel could run."""
+    from visionft.patching import patch_report
+
+    report = patch_report(model)
+    return bool(report is not None and report.requested)
 
 
 @functools.cache
@@ -46,7 +61,8 @@ def vision_sft_trainer_class() -> type:
 
         _graph_step: Any = None
         _graph_off: str | None = None
-        _said_scaled = False
+        _grad_sync: Any = None
+        _ddp_detached = False
 
         def create_optimizer(self, *args, **kwargs):
             optimizer = super().create_optimizer(*args, **kwargs)
@@ -60,51 +76,73 @@ def vision_sft_trainer_class() -> type:
                     )
             return optimizer
 
-        def _graph_step_for(self, num_items_in_batch) -> Any:
+        def _own_step(self) -> Any:
+            """This engine's step object, or None where the Trainer's own step runs (module docstring)."""
             if self._graph_off is None:
-                self._graph_off = self._graphs_unavailable()
+                self._graph_off = self._own_step_unavailable()
                 if self._graph_off:
-                    logger.info("visionft: eager training steps: %s", self._graph_off)
+                    logger.info("visionft: the Trainer's own training steps: %s", self._graph_off)
             if self._graph_off:
-                return None
-            if self.compute_loss_func is not None:
-                if not self._said_scaled:
-                    self._said_scaled = True
-                    logger.info("visionft: eager steps: a compute_loss_func is set")
                 return None
             if self._graph_step is None:
                 from visionft.cuda_graphs import CudaGraphTrainStep
 
                 dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
                 self._graph_step = CudaGraphTrainStep(self.model, autocast_dtype=dtype)
-                if self._graph_step.disabled:
+                if self.accelerator.num_processes > 1:
+                    from visionft.grad_sync import FlatGradientAllReduce
+
+                    self._grad_sync = FlatGradientAllReduce(self.model.parameters())
+                    logger.info(
+                        "visionft: data parallel over %d ranks: %s; gradients averaged by one all-reduce "
+                        "of %d values per optimizer step",
+                        self.accelerator.num_processes,
+                        "eager steps" if self._graph_step.disabled else "CUDA-graph steps",
+                        self._grad_sync.numel,
+                    )
+                elif self._graph_step.disabled:
                     self._graph_off = self._graph_step.disabled
                     return None
             return self._graph_step
 
-        def _graphs_unavailable(self) -> str | None:
+        def _own_step_unavailable(self) -> str | None:
             if os.environ.get(GRAPHS_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
                 return f"{GRAPHS_ENV}=0"
-            if not _optimized(self.model):
+            if not _optimizations_requested(self.model):
                 return "the optimizations are off (training.optimizations)"
-            if self.args.world_size > 1:
-                return "distributed training (the DDP all-reduce runs inside backward and is not captured)"
+            if self.compute_loss_func is not None:
+                return "a compute_loss_func is set"
             return None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            step = self._graph_step_for(num_items_in_batch)
+            step = self._own_step()
             if step is None:
                 return super().training_step(model, inputs, num_items_in_batch)
+            if self._grad_sync is not None and not self._ddp_detached:
+                # The Trainer has wrapped the model by now (DDP broadcast the weights then); its
+                # reducer would break graph captures (grad_sync.detach_ddp_reducer says why).
+                from visionft.grad_sync import detach_ddp_reducer
+
+                detach_ddp_reducer(model)
+                self._ddp_detached = True
             model.train()
             inputs = self._prepare_inputs(inputs)
+            world = self.accelerator.num_processes
             if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-                # The model divides by the batch's token count across accumulation steps itself.
+                # The model divides by the batch's token count (over all micro-batches, and over all
+                # ranks when averaged across devices) itself; the averaging all-reduce is then undone
+                # by the world size, as in Trainer.compute_loss.
                 count = torch.as_tensor(num_items_in_batch, device=self.args.device)
-                return step(inputs, extra={"num_items_in_batch": count}).detach()
-            accumulation = getattr(self, "current_gradient_accumulation_steps", None)
-            scale = 1.0 / (accumulation or self.args.gradient_accumulation_steps)
-            loss = step(inputs, loss_scale=scale)
-            return loss.detach() * scale
+                scale = float(world) if world > 1 and self.args.average_tokens_across_devices else 1.0
+                loss = step(inputs, loss_scale=scale, extra={"num_items_in_batch": count})
+            else:
+                accumulation = getattr(self, "current_gradient_accumulation_steps", None)
+                scale = 1.0 / (accumulation or self.args.gradient_accumulation_steps)
+                loss = step(inputs, loss_scale=scale)
+            if self._grad_sync is not None and self.accelerator.sync_gradients:
+                self._grad_sync()
+
+            return (loss * scale).detach()
 
     return VisionSFTTrainer
 

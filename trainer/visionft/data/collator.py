@@ -24,6 +24,12 @@ Then the batch: every tensor the processor returned is kept (Qwen's ``image_grid
 zero-padded, as LLaVA-NeXT patches and Pixtral sizes vary); Mllama's per-sample image tensors are stacked
 with zero padding, as its processor does for a batch. Text-only samples mix freely with image samples.
 
+Packing (``packing=True``, Qwen2-VL / Qwen2.5-VL): instead of padded rows, the batch's samples are
+concatenated into one row with no padding at all, and the segment layout travels with it
+(``visionft.data.packing`` describes the format). The model's text attention is made block-diagonal
+for such rows (``visionft.patching.enable_packing``, which the collator calls), so each sample sees
+only itself, as in a padded batch, without computing a single padded token.
+
 Bad samples: with ``on_bad_sample="error"`` the first one raises ``BadSampleError``. With ``"skip"`` it is
 dropped, counted in ``skipped`` and logged with its reason. If every sample of a batch is bad, the batch
 is replaced by the last good sample this collator built (counted in ``substituted``), because the Trainer
@@ -43,6 +49,12 @@ import torch
 import torch.nn.functional as F
 
 from visionft.data.images import BadSampleError, ImageLimits, ImageLoader, fit_to_budget
+from visionft.data.packing import (
+    PACKED_CU_SEQLENS,
+    mask_sample_starts,
+    packing_unsupported_reason,
+    segment_layout,
+)
 from visionft.data.samples import Conversation, to_conversation
 
 logger = logging.getLogger(__name__)
@@ -103,6 +115,12 @@ class VisionDataCollator:
         formatter (Callable[[dict], dict] | None): applied to each raw record first, e.g. to map
             instruction/response/image columns to messages (``visionft.data.formats.to_messages``).
         image_loader (ImageLoader | None): a preconfigured loader (overrides dataset_root/image_limits).
+        packing (bool): join the batch's samples into one row without padding (Qwen2-VL / Qwen2.5-VL
+            only; installs the packed text attention on ``model``). Default: False.
+
+    Raises:
+        ValueError: an argument is out of range, or ``packing`` is on for another architecture or
+            together with ``pad_to_multiple_of``.
 
     Attributes:
         skipped (int): samples skipped so far under ``on_bad_sample="skip"``.
@@ -124,6 +142,7 @@ class VisionDataCollator:
         image_limits: ImageLimits | None = None,
         formatter: Callable[[dict], dict] | None = None,
         image_loader: ImageLoader | None = None,
+        packing: bool = False,
     ):
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample={on_bad_sample!r} must be 'error' or 'skip'")
@@ -146,16 +165,32 @@ class VisionDataCollator:
         pad_id = self.tokenizer.pad_token_id
         self.pad_token_id = pad_id if pad_id is not None else self.tokenizer.eos_token_id
         self.image_token_ids = _image_token_ids(processor, self.tokenizer)
+        self.packing = packing
+        if packing:
+            self._enable_packing(model)
         self.skipped = 0
         self.substituted = 0
         self.last_skip_reasons: list[str] = []
         self._last_good: dict[str, torch.Tensor] | None = None
 
+    def _enable_packing(self, model) -> None:
+        reason = packing_unsupported_reason(self.model_type)
+        if reason:
+            raise ValueError(f"packing=True (training.packing): {reason}; set it to false")
+        if self.pad_to_multiple_of:
+            raise ValueError(
+                "pad_to_multiple_of pads rows, and packing=True makes rows without padding: set one"
+            )
+        from visionft.patching import enable_packing
+
+        # Without the packed attention, each sample of a row would attend to the samples before it.
+        enable_packing(model)
+
     # ---------------------------------------------------------------------------------------------
     # Batch
     # ---------------------------------------------------------------------------------------------
 
-    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: Sequence[dict]) -> dict[str, Any]:
         encoded = []
         for position, record in enumerate(features):
             index = record.get("__index__", position) if isinstance(record, dict) else position
@@ -179,7 +214,7 @@ class VisionDataCollator:
             )
             encoded = [self._last_good]
         self._last_good = encoded[-1]
-        return self.pad(encoded)
+        return self.pack(encoded) if self.packing else self.pad(encoded)
 
     def _note_skip(self, err: BadSampleError) -> None:
         self.skipped += 1
@@ -330,17 +365,11 @@ class VisionDataCollator:
         length = max(int(e["input_ids"].shape[1]) for e in encoded)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        seq_keys = {
-            k
-            for e in encoded
-            for k, v in e.items()
-            if v.dim() >= 2 and v.shape[0] == 1 and v.shape[1] == e["input_ids"].shape[1]
-        }
         per_sample = self.model_type in _PER_SAMPLE_MODEL_TYPES
         batch: dict[str, torch.Tensor] = {}
         for key in sorted({k for e in encoded for k in e}):
             present = [e.get(key) for e in encoded]
-            if key in seq_keys:
+            if _is_sequence_key(key, encoded):
                 value = self.pad_token_id if key == "input_ids" else _SEQ_PAD.get(key, 0)
                 batch[key] = _stack_padded(present, seq_len=length, value=value)
             elif per_sample and key in _PER_SAMPLE_IMAGE_KEYS:
@@ -348,6 +377,41 @@ class VisionDataCollator:
             else:
                 batch[key] = _cat_padded([t for t in present if t is not None])
         return batch
+
+    def pack(self, encoded: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """Joins encoded samples into one row without padding (``visionft.data.packing``)."""
+        lengths = [int(e["input_ids"].shape[1]) for e in encoded]
+        layout = segment_layout(lengths)
+        batch: dict[str, Any] = {}
+        for key in sorted({k for e in encoded for k in e}):
+            present = [e.get(key) for e in encoded]
+            if _is_sequence_key(key, encoded):
+                fill = self.pad_token_id if key == "input_ids" else _SEQ_PAD.get(key, 0)
+                parts = [
+                    t if t is not None else torch.full((1, n), fill, dtype=_dtype_of(key, encoded))
+                    for t, n in zip(present, lengths, strict=True)
+                ]
+                batch[key] = torch.cat(parts, dim=1)
+            else:
+                batch[key] = _cat_padded([t for t in present if t is not None])
+        # One row, no padding: every token is attended to (the packed attention keeps samples apart).
+        batch["attention_mask"] = torch.ones(1, sum(lengths), dtype=torch.long)
+        mask_sample_starts(batch["labels"], layout[PACKED_CU_SEQLENS])  # type: ignore[arg-type]
+        batch.update(layout)
+        return batch
+
+
+def _is_sequence_key(key: str, encoded: list[dict[str, torch.Tensor]]) -> bool:
+    """Whether ``key`` is sequence-aligned (``(1, length)``) in the samples that have it."""
+    return any(
+        v.dim() >= 2 and v.shape[0] == 1 and v.shape[1] == e["input_ids"].shape[1]
+        for e in encoded
+        if (v := e.get(key)) is not None
+    )
+
+
+def _dtype_of(key: str, encoded: list[dict[str, torch.Tensor]]) -> torch.dtype:
+    return next(e[key].dtype for e in encoded if key in e)
 
 
 def _stack_padded(tensors: list[torch.Tensor | None], seq_len: int | None, value: float) -> torch.Tensor:

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from visionft.kernels.amp import autocast_dtype
+
 #: Bytes of logits one chunk may hold.
 CHUNK_BYTES = 64 * 1024 * 1024
 
@@ -186,6 +188,19 @@ def fused_linear_cross_entropy(
             f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and labels "
             f"{tuple(labels.shape)} do not match"
         )
+    amp = autocast_dtype(hidden.device.type)
+    if amp is not None:  # logits in the autocast dtype, as lm_head under autocast (kernels.amp says why)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fused_linear_cross_entropy(
+                hidden.to(amp),
+                weight.to(amp),
+                labels,
+                None if bias is None else bias.to(amp),
+                ignore_index,
+                reduction,
+                num_items_in_batch,
+                chunk_size,
+            )
     if not hidden.is_contiguous():
         hidden = hidden.contiguous()
     return FusedLinearCrossEntropyFunction.apply(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from visionft.kernels.amp import autocast_dtype
 from visionft.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference
 
 
@@ -60,6 +61,12 @@ class LoRANF4Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        # Explicit dtypes throughout: an autocast around backward would recast the in-place addmm's inputs.
+        with torch.autocast(dy.device.type, enabled=False):
+            return LoRANF4Function._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x2, xa, lora_a, lora_b = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         dtype = dy2.dtype
@@ -100,6 +107,10 @@ def lora_nf4_linear(
         lora_b (torch.Tensor): ``(out, r)``.
         scale (float): ``lora_alpha / r`` (or PEFT's ``scaling[adapter]``).
     """
+    amp = autocast_dtype(x.device.type)
+    if amp is not None:  # the Function computes in its input's dtype (kernels.amp says why)
+        with torch.autocast(x.device.type, enabled=False):
+            return LoRANF4Function.apply(x.to(amp), packed, state, bias, lora_a, lora_b, scale)
     return LoRANF4Function.apply(x, packed, state, bias, lora_a, lora_b, scale)
 
 

@@ -17,7 +17,13 @@ What is swapped (instance-level ``forward`` assignments, recorded for ``revert``
 - ``lm_head`` + loss under training -> ``kernels.fused_linear_ce`` (no full logits);
 - vision attention (Qwen2-VL/2.5-VL) -> one SDPA call over all windows instead of one per window
   (``patching.vision_attention``);
-- a frozen input-embedding table -> pinned host memory (on CUDA; saves 1 GiB at a 150k vocabulary).
+- a frozen input-embedding table -> pinned host memory (on CUDA; saves 1 GiB at a 150k vocabulary);
+- text attention (Qwen2-VL/2.5-VL) -> block-diagonal causal over packed rows when the batch carries
+  ``packed_cu_seqlens``, the original attention otherwise (``patching.packed_attention``).
+
+Packed rows need that last swap for correctness, not speed: ``enable_packing(model)`` installs it on
+its own when the optimizations are off or can't run (kept in a separate report, also undone by
+``revert_optimizations``); ``VisionDataCollator(..., packing=True)`` calls it.
 
 The one switch: ``apply_optimizations(model, optimizations=False)``, or the environment variable
 ``VISIONFT_DISABLE_KERNELS=1``, leaves the model plain. Architectures without a patch set, an
@@ -31,7 +37,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from visionft.patching import gemma3, qwen2_vl
+from visionft.data.packing import packing_unsupported_reason
+from visionft.patching import gemma3, packed_attention, qwen2_vl
 from visionft.patching.core import (
     DISABLE_ENV,
     PatchReport,
@@ -49,6 +56,7 @@ ARCH_PATCHES: dict[str, Callable[..., None]] = {
 }
 
 _REPORT_ATTR = "_visionft_patch_report"
+_PACKING_REPORT_ATTR = "_visionft_packing_report"
 
 
 def hf_model(model: nn.Module) -> nn.Module:
@@ -73,7 +81,8 @@ def apply_optimizations(model: nn.Module, optimizations: bool | None = None, **k
         model (nn.Module): the loaded model, after ``get_peft_model`` if LoRA is used.
         optimizations (bool | None): the switch; None reads ``VISIONFT_DISABLE_KERNELS``. Default: None.
         **kinds (bool): turn single kinds off: ``rope``, ``rms_norm``, ``glu``, ``lora``, ``fused_loss``,
-            ``vision_attention``, ``offload_embeddings``, ``static_inputs`` (the hooks ``visionft.cuda_graphs`` uses).
+            ``vision_attention``, ``offload_embeddings``, ``static_inputs`` (the hooks ``visionft.cuda_graphs`` uses),
+            ``packed_attention``.
 
     Returns:
         PatchReport: what was swapped and what was left plain (``report.enabled`` is False when
@@ -87,6 +96,7 @@ def apply_optimizations(model: nn.Module, optimizations: bool | None = None, **k
     report = PatchReport(model_type=model_type)
     object.__setattr__(hf, _REPORT_ATTR, report)
     if not optimizations_enabled(optimizations):
+        report.requested = False
         report.skipped.append(f"optimizations switched off ({DISABLE_ENV} or optimizations=False)")
     elif model_type not in ARCH_PATCHES:
         report.skipped.append(f"no patch set for model_type={model_type!r}; using the plain modules")
@@ -108,15 +118,54 @@ def apply_optimizations(model: nn.Module, optimizations: bool | None = None, **k
     return report
 
 
-def revert_optimizations(model: nn.Module) -> bool:
-    """Undoes ``apply_optimizations`` on ``model``. Returns whether there was anything to undo."""
+def enable_packing(model: nn.Module) -> PatchReport:
+    """Makes ``model``'s text attention block-diagonal for packed rows (``visionft.data.packing``); idempotent.
+
+    ``apply_optimizations`` already does this for Qwen2-VL/2.5-VL; otherwise (optimizations off, or a
+    device where they can't run) the packed attention alone is installed, in a report of its own.
+
+    Args:
+        model (nn.Module): the HF model or its PEFT wrapper.
+
+    Returns:
+        PatchReport: the report that holds the packed attention.
+
+    Raises:
+        ValueError: the architecture has no packed attention (see ``packing_unsupported_reason``).
+    """
     hf = _hf_model(model)
-    report = getattr(hf, _REPORT_ATTR, None)
-    if report is None:
-        return False
-    had = report.enabled
-    report.revert()
-    object.__delattr__(hf, _REPORT_ATTR)
+    model_type = getattr(getattr(hf, "config", None), "model_type", None)
+    reason = packing_unsupported_reason(model_type)
+    if reason:
+        raise ValueError(reason)
+    main, own = getattr(hf, _REPORT_ATTR, None), getattr(hf, _PACKING_REPORT_ATTR, None)
+    if packed_attention.installed(hf):
+        holder = main if main is not None and main.counts.get("packed_attn") else own
+        if holder is not None:
+            return holder
+    report = own or PatchReport(model_type=model_type or "")
+    object.__setattr__(hf, _PACKING_REPORT_ATTR, report)
+    if not packed_attention.install(hf, report):
+        raise ValueError(
+            "packing: the model's text attention layers are not the Qwen2-VL/2.5-VL ones this release "
+            f"patches ({'; '.join(report.skipped) or 'none found'})"
+        )
+    logger.info("visionft: packed attention installed on %s for packed rows", model_type)
+    return report
+
+
+def revert_optimizations(model: nn.Module) -> bool:
+    """Undoes ``apply_optimizations`` (and ``enable_packing``) on ``model``. Returns whether there was
+    anything to undo."""
+    hf = _hf_model(model)
+    had = False
+    for attr in (_REPORT_ATTR, _PACKING_REPORT_ATTR):  # newest swaps first
+        report = getattr(hf, attr, None)
+        if report is None:
+            continue
+        had = had or report.enabled
+        report.revert()
+        object.__delattr__(hf, attr)
     return had
 
 
@@ -124,6 +173,7 @@ __all__ = [
     "ARCH_PATCHES",
     "PatchReport",
     "apply_optimizations",
+    "enable_packing",
     "hf_model",
     "optimizations_enabled",
     "patch_report",

@@ -63,12 +63,15 @@ class PatchReport:
     Attributes:
         model_type (str): the model's ``config.model_type``.
         enabled (bool): whether any kernel was swapped in.
+        requested (bool): whether the optimizations were switched on (they may still have found
+            nothing to swap, e.g. on a CPU without the Triton interpreter).
         counts (dict[str, int]): swaps per kind (``rms_norm``, ``glu``, ``rope``, ``lora``, ``loss``).
         skipped (list[str]): what was left plain, and why.
     """
 
     model_type: str
     enabled: bool = False
+    requested: bool = True
     counts: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     _swaps: list[_Swap] = field(default_factory=list, repr=False)

@@ -32,6 +32,7 @@ from visionft.patching.modules import (
     patch_lora_layers,
     patch_rms_norms,
 )
+from visionft.patching.packed_attention import install as install_packed_attention
 from visionft.patching.static_inputs import install as install_static_inputs
 from visionft.patching.vision_attention import patch_vision_attention
 
@@ -101,6 +102,7 @@ def apply(
     vision_attention: bool = True,
     offload_embeddings: bool = True,
     static_inputs: bool = True,
+    packed_attention: bool = True,
 ) -> None:
     """Applies the Qwen2-VL / Qwen2.5-VL set to ``hf_model`` (and its PEFT wrapper ``model``)."""
     device = next(hf_model.parameters()).device
@@ -123,3 +125,5 @@ def apply(
         offload_input_embeddings(hf_model, report)
     if static_inputs:  # inert until visionft.cuda_graphs activates a plan
         install_static_inputs(hf_model, report)
+    if packed_attention:  # inert until a batch carries packed_cu_seqlens (visionft.data.packing)
+        install_packed_attention(hf_model, report)

@@ -26,7 +26,8 @@ gather). The numbers are those of the plain forward.
 Only what a graph must never see varies between batches of one signature (the ids, embeddings,
 positions, pixels and labels: copied into static buffers by ``visionft.graphs``). Everything keyed
 by the signature (``grid_thw`` and the vision tensors derived from it) is cached per signature, so
-a captured graph keeps reading valid tensors.
+a captured graph keeps reading valid tensors. A packed row (``visionft.data.packing``) adds its
+segment starts to what varies and its sample count and longest sample to the signature.
 """
 
 from __future__ import annotations
@@ -42,10 +43,20 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from visionft.data.packing import PACKED_CU_SEQLENS, PACKED_MAX_SEQLEN
 from visionft.patching.core import PatchReport
 
-#: Batch keys this preparation understands; anything else (videos, packed position ids) is not covered.
-_KNOWN_KEYS = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "labels", "mm_token_type_ids"}
+#: Batch keys this preparation understands; anything else (videos, 4-row packed position ids) is not covered.
+_KNOWN_KEYS = {
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_grid_thw",
+    "labels",
+    "mm_token_type_ids",
+    PACKED_CU_SEQLENS,
+    PACKED_MAX_SEQLEN,
+}
 
 #: Plan tensors that are not model inputs (read by the hooks of ``install``).
 _AUXILIARY = {"image_positions"}
@@ -98,6 +109,8 @@ def unsupported_reason(hf_model: nn.Module, batch: dict[str, Any]) -> str | None
     mask = batch.get("attention_mask")
     if mask is not None and not bool(mask.all()):
         return "some rows are padded (a padded batch needs the data-dependent causal mask)"
+    if PACKED_CU_SEQLENS in batch and not isinstance(batch.get(PACKED_MAX_SEQLEN), int):
+        return f"a packed batch needs {PACKED_MAX_SEQLEN} as a host int"
     return None
 
 
@@ -195,6 +208,14 @@ def prepare(hf_model: nn.Module, batch: dict[str, Any], cache: dict[tuple, dict]
     if "labels" in batch:
         dynamic["labels"] = batch["labels"]
     fixed = {"image_grid_thw": grid, "attention_mask": None}
+    if PACKED_CU_SEQLENS in batch:
+        # A packed row (visionft.data.packing): the segment starts vary between batches of one
+        # signature and are copied in like the ids; the number of segments (the tensor's shape) and
+        # the longest one (a host int the varlen kernel is launched with) are part of the signature.
+        cu_seqlens = batch[PACKED_CU_SEQLENS].to(device=device, dtype=torch.int32)
+        dynamic[PACKED_CU_SEQLENS] = cu_seqlens
+        fixed[PACKED_MAX_SEQLEN] = batch[PACKED_MAX_SEQLEN]
+        signature += ("packed", int(cu_seqlens.shape[0]) - 1, batch[PACKED_MAX_SEQLEN])
     return StaticPlan(signature=signature, dynamic=dynamic, fixed=fixed, vision=vision)
 
 

@@ -14,7 +14,8 @@ This forward instead:
 - when all windows have one length (the usual case: the window grid divides the image), views q,
   k and v as ``(n_windows, heads, L, head_dim)`` and makes one SDPA call;
 - otherwise pads the windows to the longest one and makes one SDPA call with a
-  ``(n_windows, 1, 1, L)`` key-padding mask (linear in the sequence, never ``S x S``);
+  ``(n_windows, 1, 1, L)`` key-padding mask (linear in the sequence, never ``S x S``; the layout is
+  ``patching.segments``, shared with the packed text attention);
 - applies the vision rotary embedding with the fused rope kernel.
 
 Flash-attention configurations keep the original forward (it is already varlen).
@@ -26,36 +27,22 @@ import types
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from visionft.kernels.rope import apply_rope
 from visionft.patching.core import PatchReport, kernels_can_run
+from visionft.patching.segments import PaddedSegments, pad_segments, segment_attention
 
-_LAYOUTS: dict[int, tuple[weakref.ref, tuple]] = {}
+_LAYOUTS: dict[int, tuple[weakref.ref, PaddedSegments]] = {}
 
 
-def _layout(cu_seqlens: torch.Tensor):
-    """(n_windows, max_len, equal, pad_index, flat_index) for ``cu_seqlens``, cached per tensor object."""
+def _layout(cu_seqlens: torch.Tensor) -> PaddedSegments:
+    """The padded layout of the windows in ``cu_seqlens``, cached per tensor object."""
     hit = _LAYOUTS.get(id(cu_seqlens))
     if hit is not None and hit[0]() is cu_seqlens:
         return hit[1]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()  # the one sync
-    n, total = len(lengths), int(sum(lengths))
-    max_len = max(lengths) if lengths else 0
-    equal = all(x == max_len for x in lengths)
-    pad = flat_index = None
-    if not equal:
-        dev = cu_seqlens.device
-        starts = cu_seqlens[:-1].long()
-        ar = torch.arange(max_len, device=dev)
-        valid = ar[None, :] < (cu_seqlens[1:].long() - starts)[:, None]
-        pad_index = torch.where(valid, starts[:, None] + ar[None, :], total)  # total -> a zero row
-        lens = torch.tensor(lengths, device=dev)
-        window = torch.repeat_interleave(torch.arange(n, device=dev), lens, output_size=total)
-        flat_index = window * max_len + (torch.arange(total, device=dev) - starts[window])
-        pad = (pad_index, valid[:, None, None, :])
-    layout = (n, max_len, equal, pad, flat_index)
+    layout = pad_segments(cu_seqlens, len(lengths), max(lengths, default=0), int(sum(lengths)))
     if len(_LAYOUTS) > 64:
         for key in [k for k, (ref, _) in _LAYOUTS.items() if ref() is None]:
             del _LAYOUTS[key]
@@ -65,17 +52,7 @@ def _layout(cu_seqlens: torch.Tensor):
 
 def windowed_attention(q, k, v, cu_seqlens, scale):
     """Block-diagonal attention of ``(S, H, D)`` q/k/v over the windows in ``cu_seqlens``; ``(S, H, D)`` out."""
-    seq, heads, dim = q.shape
-    n, max_len, equal, pad, flat_index = _layout(cu_seqlens)
-    if equal:
-        qw, kw, vw = (t.view(n, max_len, heads, dim).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qw, kw, vw, scale=scale)
-        return out.transpose(1, 2).reshape(seq, heads, dim)
-    index, mask = pad
-    zero = q.new_zeros(1, heads, dim)
-    qw, kw, vw = (torch.cat((t, zero))[index].transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2).reshape(n * max_len, heads, dim)[flat_index]
+    return segment_attention(q, k, v, _layout(cu_seqlens), scale)
 
 
 def _flash(config) -> bool:
