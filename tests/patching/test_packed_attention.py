@@ -19,15 +19,6 @@ from visionft.testing.tiny import build_tiny_vlm
 
 from tests.patching.test_patching import DEVICE, _loss_and_grads, _model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------------------------------
 # The attention itself
 # --------------------------------------------------------------------------------------------------

@@ -15,14 +15,6 @@ from visionft.testing.tiny import build_tiny_vlm, tiny_image
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batch(arch: str, processor, n_images: int = 1):
     msgs = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},

@@ -16,14 +16,6 @@ from visionft.patching import static_inputs as si
 from tests.patching.test_patching import DEVICE, _batch, _loss_and_grads, _model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _lora_model(arch: str):
     return _model(arch, lora=True)
 
