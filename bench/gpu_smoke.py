@@ -84,8 +84,9 @@ def main() -> None:
 
     from peft import PeftModel
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+    from transformers import AutoModelForImageTextToText
     from visionft import FastVisionModel
+    from visionft.loading import quantization_config
 
     t0 = time.perf_counter()
     folder = build_folder(args.out)
@@ -133,12 +134,8 @@ def main() -> None:
         folder,
         device_map={"": 0},
         dtype=torch.bfloat16,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            llm_int8_skip_modules=["model.visual.patch_embed", "model.visual.merger", "lm_head"],
+        quantization_config=quantization_config(
+            4, torch.bfloat16, ["model.visual.patch_embed", "model.visual.merger", "lm_head"]
         ),
     )
     reloaded = PeftModel.from_pretrained(base, args.out / "lora").eval()

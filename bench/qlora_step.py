@@ -255,16 +255,11 @@ def _pack(batch, lengths):
 
 
 def _bnb_config():
+    """NF4 with double quantization, vision tower and lm_head in 16 bit: what ``load_in_4bit`` gives."""
     import torch
-    from transformers import BitsAndBytesConfig
+    from visionft.loading import quantization_config
 
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=["model.visual", "lm_head"],
-    )
+    return quantization_config(4, torch.bfloat16, ["model.visual", "lm_head"])
 
 
 def _hf_peft(folder: Path, patch_liger: bool = False):

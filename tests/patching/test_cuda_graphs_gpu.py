@@ -31,16 +31,11 @@ def _batch(processor, side: tuple[int, int], answer: str):
 
 
 def _load(folder):
-    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+    from transformers import AutoModelForImageTextToText
+    from visionft.loading import quantization_config
     from visionft.patching import apply_optimizations
 
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=["model.visual", "lm_head"],
-    )
+    quant = quantization_config(4, torch.bfloat16, ["model.visual", "lm_head"])
     model = AutoModelForImageTextToText.from_pretrained(
         folder, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0}
     )

@@ -138,17 +138,12 @@ def test_uncovered_architecture_falls_back_with_one_log_line(caplog):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes 4-bit needs CUDA")
 def test_patched_matches_plain_on_a_4bit_qlora_model(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from visionft.loading import quantization_config
     from visionft.testing.tiny import save_tiny_vlm
 
     folder = save_tiny_vlm("qwen2_5_vl", tmp_path / "tiny")
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=["model.visual", "lm_head"],
-    )
+    quant = quantization_config(4, torch.bfloat16, ["model.visual", "lm_head"])
     model = AutoModelForImageTextToText.from_pretrained(
         folder, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0}
     )

@@ -113,7 +113,14 @@ def _keep_16bit(config, trust_remote_code: bool) -> list[str]:
     return [name for name, group in classify_linear_modules(skeleton, spec=None).items() if group == "other"]
 
 
-def _quantization_config(bits: int, dtype: torch.dtype, keep_16bit: list[str]):
+def quantization_config(bits: int, dtype: torch.dtype, keep_16bit: list[str]):
+    """The bitsandbytes config of ``load_in_4bit`` (NF4, double quantization) or ``load_in_8bit``.
+
+    Args:
+        bits (int): 4 or 8.
+        dtype (torch.dtype): the 4-bit compute dtype.
+        keep_16bit (list[str]): module names (from the start of the name) left unquantized.
+    """
     try:
         import bitsandbytes  # noqa: F401  (imported only to fail early with a clear message)
     except ImportError as err:
@@ -238,7 +245,7 @@ def from_pretrained(
         )
     elif bits is not None:
         keep_16bit = _keep_16bit(config, trust_remote_code)
-        load_kwargs["quantization_config"] = _quantization_config(bits, compute_dtype, keep_16bit)
+        load_kwargs["quantization_config"] = quantization_config(bits, compute_dtype, keep_16bit)
         quantization = f"{bits}bit"
     if cuda:
         # One GPU per process (DDP places replicas itself): "auto" would spread a model over all GPUs.

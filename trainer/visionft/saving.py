@@ -232,7 +232,9 @@ def _save_merged_4bit(
             "save_method='merged_4bit' re-quantizes with bitsandbytes, which needs a CUDA GPU; "
             "use save_method='merged_16bit' (or 'lora') on this machine"
         )
-    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+    from transformers import AutoModelForImageTextToText
+
+    from visionft.loading import quantization_config
 
     info = get_load_info(model)
     compute = dtype or (info.dtype if info is not None and info.dtype != torch.float32 else torch.bfloat16)
@@ -243,13 +245,7 @@ def _save_merged_4bit(
             tmp,
             dtype=compute,
             device_map={"": torch.cuda.current_device()},
-            quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=compute,
-                llm_int8_skip_modules=keep,
-            ),
+            quantization_config=quantization_config(4, compute, keep),
         )
         quantized.save_pretrained(directory, max_shard_size=max_shard_size)
         del quantized
