@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from PIL import Image
+from visionft.testing.lora import tiny_lora
 
 pytestmark = [
     pytest.mark.gpu,
@@ -84,13 +84,7 @@ def _model(arch: str):
     model, processor = build_tiny_vlm(arch, seed=0)
     model.to("cuda", torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
-    )
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model = tiny_lora(model, torch.Generator(device="cpu").manual_seed(1))
     model.train()
     report = apply_optimizations(model)
     assert report.counts.get("static_inputs") == 1 and report.counts.get("packed_attn"), report.summary()

@@ -8,8 +8,8 @@ import logging
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from visionft.patching import apply_optimizations, revert_optimizations
+from visionft.testing.lora import tiny_lora
 from visionft.testing.tiny import build_tiny_vlm, tiny_image
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -32,11 +32,7 @@ def _model(arch: str, lora: bool):
     model, processor = build_tiny_vlm(arch, seed=0)
     model.to(DEVICE).train()
     if lora:
-        cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
-        model = get_peft_model(model, cfg)
-        for n, p in model.named_parameters():  # non-zero B so LoRA contributes to the outputs
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.05)
+        model = tiny_lora(model)
     return model, processor
 
 
@@ -148,12 +144,7 @@ def test_patched_matches_plain_on_a_4bit_qlora_model(tmp_path):
         folder, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0}
     )
     processor = AutoProcessor.from_pretrained(folder)
-    model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
-    )
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
+    model = tiny_lora(model)
     model.train()
     batch = _batch("qwen2_5_vl", processor)
     loss_plain, grads_plain = _loss_and_grads(model, batch)
