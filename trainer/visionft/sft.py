@@ -62,7 +62,6 @@ def vision_sft_trainer_class() -> type:
         _graph_step: Any = None
         _graph_off: str | None = None
         _grad_sync: Any = None
-        _ddp_detached = False
 
         def create_optimizer(self, *args, **kwargs):
             optimizer = super().create_optimizer(*args, **kwargs)
@@ -118,13 +117,13 @@ def vision_sft_trainer_class() -> type:
             step = self._own_step()
             if step is None:
                 return super().training_step(model, inputs, num_items_in_batch)
-            if self._grad_sync is not None and not self._ddp_detached:
+            if self._grad_sync is not None:
                 # The Trainer has wrapped the model by now (DDP broadcast the weights then); its
-                # reducer would break graph captures (grad_sync.detach_ddp_reducer says why).
+                # reducer would break graph captures (grad_sync.detach_ddp_reducer says why). Once
+                # detached, the call returns at once.
                 from visionft.grad_sync import detach_ddp_reducer
 
                 detach_ddp_reducer(model)
-                self._ddp_detached = True
             model.train()
             inputs = self._prepare_inputs(inputs)
             world = self.accelerator.num_processes
