@@ -6,7 +6,7 @@
 The parent process builds the model folder once (``bench/qlora_step.py``'s builder: 8.29 B parameters,
 bf16, seed 0, stand-in processor), then launches one ``torchrun --standalone --nproc_per_node N`` per
 entry of ``--gpus`` and of ``--engines``. Each rank loads its own 4-bit copy onto its own GPU
-(``device_map={"": LOCAL_RANK}`` via ``visionft.distributed.device_map``), adds LoRA r=16 / alpha=16 on all
+(``device_map={"": LOCAL_RANK}`` via ``visionft.engine.distributed.device_map``), adds LoRA r=16 / alpha=16 on all
 linear layers (vision tower kept in 16 bit, NF4 double-quant language model, non-reentrant activation
 checkpointing) and runs a visible loop: forward, backward, gradient averaging, 8-bit AdamW step. Engines:
 
@@ -14,13 +14,13 @@ checkpointing) and runs a visible loop: forward, backward, gradient averaging, 8
   ``DistributedDataParallel`` (NCCL, ``find_unused_parameters=False``: only the LoRA weights require
   grad, so only they are all-reduced, from DDP's hooks during backward); eager steps.
 - ``graphs``: what ``visionft-train`` runs under torchrun with the optimizations on
-  (``visionft.sft``): forward + backward replayed from a CUDA graph on the unwrapped model, then one
-  NCCL all-reduce of all LoRA gradients as one flat buffer (``visionft.grad_sync``), and the
-  sync-free 8-bit AdamW (``visionft.optim``).
+  (``visionft.engine.trainer``): forward + backward replayed from a CUDA graph on the unwrapped model, then one
+  NCCL all-reduce of all LoRA gradients as one flat buffer (``visionft.engine.grad_sync``), and the
+  sync-free 8-bit AdamW (``visionft.engine.optim``).
 
 Weak scaling: every rank keeps the per-device batch of the workload, so N GPUs process N times the tokens
 per step. Reported per N: median s/step over the timed steps (the slowest rank's, after a barrier), the
-job's tokens/s (sum over ranks, ``visionft.distributed.aggregate_tokens_per_second``), peak memory per
+job's tokens/s (sum over ranks, ``visionft.engine.distributed.aggregate_tokens_per_second``), peak memory per
 rank; then scaling = tokens/s(N) / tokens/s(1). The goal (issue 9) is >= 1.8x at N=2.
 
 Each rank uses the same batch content (``qlora_step.make_batch``, seed 0): throughput does not depend on
@@ -48,7 +48,7 @@ def _load(folder: Path, engine: str):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
-    from visionft import distributed
+    from visionft.engine import distributed
 
     model = AutoModelForImageTextToText.from_pretrained(
         folder,
@@ -77,15 +77,15 @@ def _step_function(args, model, batch):
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from visionft import distributed
+    from visionft.engine import distributed
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if args.engine == "graphs":
-        # visionft.sft's data-parallel path: CUDA-graph forward + backward on the unwrapped model,
-        # then one all-reduce of the flat LoRA gradients (visionft.grad_sync); no DDP hooks.
-        from visionft.cuda_graphs import CudaGraphTrainStep
-        from visionft.grad_sync import FlatGradientAllReduce
-        from visionft.optim import adamw_8bit
+        # visionft.engine.trainer's data-parallel path: CUDA-graph forward + backward on the unwrapped model,
+        # then one all-reduce of the flat LoRA gradients (visionft.engine.grad_sync); no DDP hooks.
+        from visionft.engine.cuda_graphs import CudaGraphTrainStep
+        from visionft.engine.grad_sync import FlatGradientAllReduce
+        from visionft.engine.optim import adamw_8bit
 
         for p in trainable:  # the same start on every rank, as DDP's constructor gives
             dist.broadcast(p.data, src=0)
@@ -117,7 +117,7 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
     from transformers import AutoProcessor
-    from visionft import distributed
+    from visionft.engine import distributed
 
     torch.cuda.set_device(distributed.local_rank())  # make_batch's .cuda() and NCCL use this rank's GPU
     dist.init_process_group(backend="nccl", device_id=distributed.device())

@@ -86,7 +86,7 @@ def main() -> None:
     from PIL import Image
     from transformers import AutoModelForImageTextToText
     from visionft import FastVisionModel
-    from visionft.loading import quantization_config
+    from visionft.model.loading import quantization_config
 
     t0 = time.perf_counter()
     folder = build_folder(args.out)

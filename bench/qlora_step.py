@@ -96,7 +96,7 @@ def build_processor():
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    from visionft.compat import image_processor_class
+    from visionft.model.compat import image_processor_class
     from visionft.testing.chat_templates import chatml
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -257,7 +257,7 @@ def _pack(batch, lengths):
 def _bnb_config():
     """NF4 with double quantization, vision tower and lm_head in 16 bit: what ``load_in_4bit`` gives."""
     import torch
-    from visionft.loading import quantization_config
+    from visionft.model.loading import quantization_config
 
     return quantization_config(4, torch.bfloat16, ["model.visual", "lm_head"])
 
@@ -356,7 +356,7 @@ def run_worker(args) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if args.engine == "graphs":
         # The same 8-bit AdamW, without bitsandbytes' device sync after every parameter.
-        from visionft.optim import adamw_8bit
+        from visionft.engine.optim import adamw_8bit
 
         opt = adamw_8bit(trainable, lr=2e-4)
     else:
@@ -427,7 +427,7 @@ def _forward_backward(engine: str, model, info: dict):
     import torch
 
     if engine == "graphs":
-        from visionft.cuda_graphs import CudaGraphTrainStep
+        from visionft.engine.cuda_graphs import CudaGraphTrainStep
 
         step = CudaGraphTrainStep(model, warmup=2)
         if step.disabled:

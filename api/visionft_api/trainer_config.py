@@ -3,7 +3,7 @@
 The operator renders this into the ConfigMap that the training pod mounts (no secrets: the pod's storage
 credentials arrive as environment variables from a secretKeyRef). The same file format drives a local run
 (`visionft-train config.yaml`); `visionft-train` also takes a VisionFineTune manifest, whose recipe it turns
-into this config with `TrainerConfig.from_recipe` (`visionft.config_file`), as the operator does.
+into this config with `TrainerConfig.from_recipe` (`visionft.job.config_file`), as the operator does.
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def test_entrypoint_is_a_declared_console_script(name: str) -> None:
 
 
 def test_console_scripts_point_into_the_installed_packages() -> None:
-    # `visionft-train = visionft.cli:main` and `visionft-operator = visionft_operator.main:main` must name
+    # `visionft-train = visionft.job.cli:main` and `visionft-operator = visionft_operator.main:main` must name
     # modules that exist in the folders each Dockerfile copies.
     folders = {"visionft": REPO / "trainer", "visionft_operator": REPO / "operator"}
     for script, target in PYPROJECT["project"]["scripts"].items():

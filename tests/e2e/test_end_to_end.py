@@ -72,7 +72,7 @@ CRD = REPO / "crds" / "visionft.io_visionfinetunes.yaml"
 CHART = REPO / "charts" / "visionft"
 NAME = "shapes-colour"
 SECRET_NAME = "team-s3"
-#: Enough steps that training outlasts the trainer's status throttle (visionft.reporting.StatusReporter:
+#: Enough steps that training outlasts the trainer's status throttle (visionft.job.reporting.StatusReporter:
 #: one write per 5 s, the first spent at train begin) even on an idle machine, where a step of the tiny
 #: model takes 0.07-0.09 s (about 11 s in all); on a loaded 2-core machine a step took up to 1.8 s.
 MAX_STEPS = 128

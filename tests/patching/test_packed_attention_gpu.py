@@ -1,6 +1,6 @@
 """Packed rows on CUDA: the flash varlen path of ``patching.packed_attention`` against the padded SDPA
 path (the one the CPU tests check against an explicit mask), forward and backward, and a packed row
-through ``visionft.cuda_graphs.CudaGraphTrainStep``: captured once, its replays give the eager step's
+through ``visionft.engine.cuda_graphs.CudaGraphTrainStep``: captured once, its replays give the eager step's
 loss and gradients, also for a second row of the same signature whose samples lie elsewhere (the
 segment starts are copied into the graph like the ids). Self-contained on purpose (imports nothing
 from tests/); a tiny bf16 model, well under a minute.
@@ -101,9 +101,9 @@ def _eager(model, batch):
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
 def test_packed_row_replays_in_a_cuda_graph_like_the_eager_step(arch):
-    from visionft.cuda_graphs import CudaGraphTrainStep
     from visionft.data.collator import VisionDataCollator
     from visionft.data.packing import PACKED_CU_SEQLENS
+    from visionft.engine.cuda_graphs import CudaGraphTrainStep
 
     model, processor = _model(arch)
     collator = VisionDataCollator(model, processor, packing=True)

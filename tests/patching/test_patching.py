@@ -135,7 +135,7 @@ def test_uncovered_architecture_falls_back_with_one_log_line(caplog):
 def test_patched_matches_plain_on_a_4bit_qlora_model(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from visionft.loading import quantization_config
+    from visionft.model.loading import quantization_config
     from visionft.testing.tiny import save_tiny_vlm
 
     folder = save_tiny_vlm("qwen2_5_vl", tmp_path / "tiny")

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from visionft.cuda_graphs import CudaGraphTrainStep, model_reason
+from visionft.engine.cuda_graphs import CudaGraphTrainStep, model_reason
 from visionft.patching import apply_optimizations, revert_optimizations
 from visionft.patching import static_inputs as si
 
@@ -93,7 +93,7 @@ def test_graph_step_falls_back_to_eager_on_cpu_and_trains_like_plain_steps(caplo
 
     if DEVICE.type == "cpu":
         assert "CUDA" in (model_reason(model_b) or "")
-    with caplog.at_level(logging.INFO, logger="visionft.cuda_graphs"):
+    with caplog.at_level(logging.INFO, logger="visionft.engine.cuda_graphs"):
         step = CudaGraphTrainStep(model_b, autocast_dtype=None)
     if DEVICE.type == "cpu":
         assert step.disabled and "CUDA graphs off" in caplog.text

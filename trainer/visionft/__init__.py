@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 __all__ = ["FastVisionModel", "VisionDataCollator"]
 
 _LAZY = {
-    "FastVisionModel": "visionft.api",
+    "FastVisionModel": "visionft.model.fast_vision_model",
     "VisionDataCollator": "visionft.data.collator",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from visionft.api import FastVisionModel
     from visionft.data.collator import VisionDataCollator
+    from visionft.model.fast_vision_model import FastVisionModel
 
 
 def __getattr__(name: str) -> Any:

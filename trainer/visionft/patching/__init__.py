@@ -81,7 +81,7 @@ def apply_optimizations(model: nn.Module, optimizations: bool | None = None, **k
         model (nn.Module): the loaded model, after ``get_peft_model`` if LoRA is used.
         optimizations (bool | None): the switch; None reads ``VISIONFT_DISABLE_KERNELS``. Default: None.
         **kinds (bool): turn single kinds off: ``rope``, ``rms_norm``, ``glu``, ``lora``, ``fused_loss``,
-            ``vision_attention``, ``offload_embeddings``, ``static_inputs`` (the hooks ``visionft.cuda_graphs`` uses),
+            ``vision_attention``, ``offload_embeddings``, ``static_inputs`` (the hooks ``visionft.engine.cuda_graphs`` uses),
             ``packed_attention``.
 
     Returns:

@@ -123,7 +123,7 @@ def apply(
         patch_lm_loss(hf_model, report)
     if offload_embeddings and device.type == "cuda":
         offload_input_embeddings(hf_model, report)
-    if static_inputs:  # inert until visionft.cuda_graphs activates a plan
+    if static_inputs:  # inert until visionft.engine.cuda_graphs activates a plan
         install_static_inputs(hf_model, report)
     if packed_attention:  # inert until a batch carries packed_cu_seqlens (visionft.data.packing)
         install_packed_attention(hf_model, report)

@@ -5,7 +5,7 @@ HF Trainer writes `<output_dir>/checkpoint-<step>/` (weights, optimizer, schedul
 `trainer_state.json`, which holds the position in the data) and then calls `on_save`. The callback hands
 that folder to the manager, which snapshots it and uploads it in the background. At the end of training
 `on_train_end` waits for the uploads. Under DDP, only rank 0 has this callback, and the other ranks' RNG
-files reach its folder through `visionft.checkpoint_rng.GatherRngStatesCallback`, which must run first.
+files reach its folder through `visionft.engine.checkpoint_rng.GatherRngStatesCallback`, which must run first.
 
 Resume: `prepare_resume` downloads the newest complete checkpoint from S3 into `output_dir` under HF's
 folder name, and returns its path for `trainer.train(resume_from_checkpoint=...)`. HF Trainer then restores

@@ -1,4 +1,4 @@
-"""The storage calls of a training run (`visionft.run`), taking the recipe's `storage` section.
+"""The storage calls of a training run (`visionft.job.run`), taking the recipe's `storage` section.
 
 `settings_from_spec` maps the VisionFineTune `spec.storage` (endpoint, region, addressingStyle, verifyTls)
 to `StorageSettings`. The CA bundle comes from `AWS_CA_BUNDLE`: the operator mounts

@@ -41,7 +41,7 @@ from transformers import (
     set_seed,
 )
 
-from visionft.compat import image_processor_class
+from visionft.model.compat import image_processor_class
 from visionft.testing import chat_templates
 from visionft.testing.tokenizer import build_bpe_tokenizer
 

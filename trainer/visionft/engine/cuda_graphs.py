@@ -1,0 +1,307 @@
+"""The training step's forward and backward as a CUDA graph, captured once per batch signature.
+
+Why: the QLoRA step of a 7B VLM at batch 1 is bound by the host launching kernels (about 12,600
+launches, the GPU busy a third of the step: ``bench/RESULTS.md``). A CUDA graph replays all of
+them with one launch, so the step costs what the GPU needs, not what Python needs.
+
+How one step runs (``CudaGraphTrainStep.__call__``):
+
+1. ``patching.static_inputs.prepare`` computes every data-dependent value of the batch on the
+   host (positions, vision windows, embeddings, the placeholder check). The batch's *signature*
+   (shapes, dtypes, image grids) picks the graph.
+2. The first ``warmup`` steps of a signature run eagerly (real training steps: Triton autotuning,
+   cuBLAS and the allocator settle). The next one captures forward + backward into a graph.
+3. Every later step of that signature copies the batch into the graph's input buffers and replays.
+
+Gradients: the graph is captured with every ``.grad`` unset, so backward allocates them inside
+the graph's memory pool, late in the backward, where the activations were (as eager backward
+does); a replay overwrites them and re-attaches them as ``.grad``. Where a gradient is pending at a
+replay (gradient accumulation, or an eager step before it), it is first moved to a separate
+accumulation buffer, allocated on first need, and the replay's gradients are added to it. So
+``.grad`` always holds the sum since the last ``zero_grad``, as in eager PyTorch.
+
+Not covered (each case runs the eager step and logs the reason once): a device other than CUDA,
+architectures without a static-input preparation, batches it does not cover (padding, videos),
+dropout (recomputation under checkpointing would need the RNG state saved inside the graph), more
+than ``max_graphs`` signatures. The optimizer step stays eager: bitsandbytes' 8-bit AdamW passes
+its step count as a host scalar, which a graph would freeze.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import time
+import traceback
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from visionft.patching import hf_model, patch_report, static_inputs
+
+logger = logging.getLogger("visionft.engine.cuda_graphs")
+
+#: model_type -> the preparation that makes its forward sync-free.
+STATIC_INPUT_ARCHS = {"qwen2_vl", "qwen2_5_vl"}
+
+#: ``VISIONFT_SYNC_DEBUG=1`` logs, with its Python stack, every host-device sync of the last eager
+#: step before a capture: each one is a place a capture would fail.
+SYNC_DEBUG_ENV = "VISIONFT_SYNC_DEBUG"
+
+
+@contextlib.contextmanager
+def _report_syncs() -> Iterator[None]:
+    def show(message, category, filename, lineno, file=None, line=None):
+        stack = "".join(traceback.format_stack(limit=12)[:-1])
+        logger.warning("host-device sync: %s\n%s", message, stack)
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+
+
+def model_reason(model: nn.Module) -> str | None:
+    """Why ``model`` can't use graphed steps at all (None when it can)."""
+    hf = hf_model(model)
+    model_type = getattr(getattr(hf, "config", None), "model_type", type(hf).__name__)
+    param = next((p for p in model.parameters() if p.requires_grad), None)
+    if param is None:
+        return "no trainable parameters"
+    if param.device.type != "cuda":
+        return f"parameters are on {param.device.type}, and CUDA graphs need CUDA"
+    if model_type not in STATIC_INPUT_ARCHS:
+        return f"no static-input preparation for model_type={model_type!r}"
+    report = patch_report(model)
+    if report is None or not report.counts.get("static_inputs"):
+        return "the optimizations are off (visionft.patching did not install the static-input hooks)"
+    dropouts = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    if dropouts:
+        return f"dropout is on ({dropouts[0]} p={model.get_submodule(dropouts[0]).p}; set it to 0)"
+    return None
+
+
+@dataclass
+class _Signature:
+    warm: int = 0
+    graph: torch.cuda.CUDAGraph | None = None
+    buffers: dict[str, torch.Tensor] | None = None
+    loss: torch.Tensor | None = None
+    grads: list[torch.Tensor] | None = None
+    scale: torch.Tensor | None = None
+    plan: static_inputs.StaticPlan | None = None
+
+
+class CudaGraphTrainStep:
+    """Runs forward + backward of ``model`` on a batch, from a CUDA graph where it can (module docstring).
+
+    Args:
+        model (nn.Module): the model being trained (PEFT wrapper or HF model), after
+            ``visionft.patching.apply_optimizations``.
+        warmup (int): eager steps per signature before capturing it. Default: 2.
+        max_graphs (int): signatures to capture; later ones run eagerly. Default: 4.
+        autocast_dtype (torch.dtype | None): the autocast dtype of the forward, None for none.
+            Default: torch.bfloat16.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        warmup: int = 2,
+        max_graphs: int = 4,
+        autocast_dtype: torch.dtype | None = torch.bfloat16,
+    ) -> None:
+        if warmup < 1:
+            raise ValueError(f"warmup={warmup} must be at least 1 (the first step settles autotuning)")
+        self.model = model
+        self.hf = hf_model(model)
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self.autocast_dtype = autocast_dtype
+        self.disabled = model_reason(model)
+        self.captured = 0
+        self.replays = 0
+        self.eager_steps = 0
+        self._said: set[str] = set()
+        self._signatures: dict[tuple, _Signature] = {}
+        self._vision_cache: dict[tuple, dict] = {}
+        self._pool: Any = None
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._accumulators: list[torch.Tensor] | None = None
+        #: Host seconds spent preparing batches and launching replays (for benchmarks).
+        self.host_seconds = {"prepare": 0.0, "replay": 0.0}
+        #: Allocated bytes around each capture (for benchmarks): (allocated before, process peak
+        #: before, process peak after, allocated after).
+        self.capture_memory: list[tuple[int, int, int, int]] = []
+        if self.disabled:
+            self._say(f"CUDA graphs off: {self.disabled}")
+            return
+        self._use_graph_safe_checkpointing()
+
+    # -- public --------------------------------------------------------------------------------------
+
+    def __call__(
+        self, batch: dict[str, Any], loss_scale: float = 1.0, extra: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Forward and backward of ``batch`` (gradients accumulate into ``.grad``); returns the loss.
+
+        Args:
+            batch (dict): model inputs with ``labels``, on the model's device.
+            loss_scale (float): backward runs on ``loss * loss_scale`` (1 / accumulation steps).
+            extra (dict | None): more forward keyword arguments that are device tensors and differ
+                between steps, e.g. ``num_items_in_batch`` (copied into the graph like the batch).
+        """
+        extra = extra or {}
+        if self.disabled:
+            return self._eager({**batch, **extra}, None, loss_scale)
+        start = time.perf_counter()
+        try:
+            plan = static_inputs.prepare(self.hf, batch, cache=self._vision_cache)
+        except ValueError as err:
+            self._say(f"CUDA graphs: eager step for this batch ({err})")
+            return self._eager({**batch, **extra}, None, loss_scale)
+        finally:
+            self.host_seconds["prepare"] += time.perf_counter() - start
+        plan.dynamic.update(extra)
+        plan.signature += tuple(sorted(extra))
+        sig = self._signatures.setdefault(plan.signature, _Signature())
+        if sig.graph is None:
+            if self.captured >= self.max_graphs:
+                self._say(f"CUDA graphs: {self.max_graphs} signatures captured; later ones run eagerly")
+                return self._eager({**batch, **extra}, None, loss_scale)
+            if sig.warm < self.warmup:
+                sig.warm += 1
+                if sig.warm == self.warmup and os.environ.get(SYNC_DEBUG_ENV) == "1":
+                    with _report_syncs():
+                        return self._eager(batch, plan, loss_scale)
+                return self._eager(batch, plan, loss_scale)
+            self._capture(sig, plan)
+        return self._replay(sig, plan, loss_scale)
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _say(self, msg: str) -> None:
+        if msg not in self._said:
+            self._said.add(msg)
+            logger.info(msg)
+
+    def _autocast(self, cache_enabled: bool = True):
+        if self.autocast_dtype is None:
+            return torch.autocast("cuda", enabled=False)
+        return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=cache_enabled)
+
+    def _eager(
+        self, batch: dict[str, Any], plan: static_inputs.StaticPlan | None, scale: float
+    ) -> torch.Tensor:
+        self.eager_steps += 1
+        if plan is None:
+            with self._autocast():
+                loss = self.model(**batch).loss
+        else:
+            with static_inputs.active(plan), self._autocast():
+                loss = self.model(**plan.model_kwargs()).loss
+        (loss * scale if scale != 1.0 else loss).backward()
+        return loss.detach()
+
+    def _use_graph_safe_checkpointing(self) -> None:
+        # Checkpointing saves and restores the CUDA RNG state around each recomputation; with no
+        # dropout (checked in model_reason) there is nothing random to replay, and the state copy is
+        # a host read that a capture refuses. Non-reentrant: the inputs are detached buffers.
+        flag = "is_activation_checkpointing" if hasattr(self.hf, "is_activation_checkpointing") else ""
+        if getattr(self.hf, flag or "is_gradient_checkpointing", False):
+            from torch.utils.checkpoint import checkpoint
+
+            func = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
+            for module in self.hf.modules():
+                if getattr(module, "gradient_checkpointing", False) and hasattr(
+                    module, "_gradient_checkpointing_func"
+                ):
+                    module._gradient_checkpointing_func = func
+
+    def _replay(self, sig: _Signature, plan: static_inputs.StaticPlan, scale: float) -> torch.Tensor:
+        start = time.perf_counter()
+        assert sig.graph is not None and sig.buffers is not None and sig.grads is not None
+        assert sig.loss is not None and sig.scale is not None
+        pending = [p.grad for p in self._params]
+        accumulate = any(g is not None for g in pending)
+        if accumulate:
+            # The replay would overwrite gradients that live in a graph pool: move them aside first.
+            acc = self._accumulator_views()
+            for g, a in zip(pending, acc, strict=True):
+                if g is None:
+                    a.zero_()
+                elif g is not a:
+                    a.copy_(g)
+        for key, buf in sig.buffers.items():
+            buf.copy_(plan.dynamic[key], non_blocking=True)
+        sig.scale.fill_(scale)
+        sig.graph.replay()
+        if accumulate:
+            torch._foreach_add_(acc, sig.grads)
+            grads = acc
+        else:
+            grads = sig.grads
+        for p, g in zip(self._params, grads, strict=True):
+            p.grad = g
+        self.replays += 1
+        self.host_seconds["replay"] += time.perf_counter() - start
+        return sig.loss.clone()
+
+    def _accumulator_views(self) -> list[torch.Tensor]:
+        if self._accumulators is None:
+            self._say("CUDA graphs: gradients accumulate across replays; allocating an accumulation buffer")
+            self._accumulators = [torch.empty_like(p) for p in self._params]
+        return self._accumulators
+
+    def _capture(self, sig: _Signature, plan: static_inputs.StaticPlan) -> None:
+        sig.buffers = {k: v.clone() for k, v in plan.dynamic.items()}
+        sig.scale = torch.ones((), dtype=torch.float32, device=self._params[0].device)
+        # From here on the plan holds the buffers, not this batch's tensors (no second copy alive
+        # during the capture); it keeps the signature's vision tensors, which the graph reads, alive.
+        plan.dynamic = sig.buffers
+        sig.plan = plan
+        # Unset, so that backward allocates the gradients in the graph's pool (module docstring).
+        pending = [p.grad for p in self._params]
+        for p in self._params:
+            p.grad = None
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        peak_so_far = torch.cuda.max_memory_allocated()
+        with torch.cuda.graph(graph, pool=self._pool):
+            with static_inputs.active(plan, sig.buffers), self._autocast(cache_enabled=False):
+                loss = self.model(**plan.model_kwargs(sig.buffers)).loss
+            (loss.float() * sig.scale).backward()
+        sig.grads = [p.grad for p in self._params]
+        if any(g is None for g in sig.grads):
+            missing = next(n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None)
+            raise RuntimeError(f"CUDA graphs: the captured backward gives {missing} no gradient")
+        for p, g in zip(self._params, pending, strict=True):
+            p.grad = g  # the capture ran nothing: what was pending is still pending
+        sig.loss = loss.detach()
+        sig.graph = graph
+        self.capture_memory.append(
+            (before, peak_so_far, torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated())
+        )
+        if self._pool is None:
+            self._pool = graph.pool()
+        self.captured += 1
+        # The eager warm-up's cached blocks are not needed by the graph, which owns its own pool.
+        torch.cuda.empty_cache()
+        self._say(
+            f"CUDA graphs: captured the step for signature {plan.signature[:2]} ({self.captured} so far)"
+        )
+
+
+__all__ = ["STATIC_INPUT_ARCHS", "CudaGraphTrainStep", "model_reason"]

@@ -1,0 +1,149 @@
+"""TRL's ``SFTTrainer`` with this engine's training step.
+
+Two changes, both active only when ``visionft.patching`` optimized the model (``training.optimizations``):
+
+- ``training_step`` runs forward and backward through ``visionft.engine.cuda_graphs.CudaGraphTrainStep``
+  (graph replays where the batch signature allows, eager otherwise). It keeps the Trainer's own
+  arithmetic: a model that takes ``num_items_in_batch`` gets it (as a device tensor the graph
+  copies in, like the batch) and normalises the loss by it (times the world size when tokens are
+  averaged across ranks, as the Trainer's ``compute_loss`` does); otherwise the loss is divided by
+  the accumulation steps before backward. The returned loss is the one the Trainer would return.
+  Under data parallelism the step runs on the unwrapped model, outside DDP's hooks (they fire
+  inside backward, which a graph replays without them), and ``visionft.engine.grad_sync`` averages the
+  gradients over the ranks with one all-reduce after the last micro-batch of each optimizer step;
+  DDP's wrapper stays for its start-up broadcast and for evaluation, with its reducer detached
+  (``grad_sync.detach_ddp_reducer``: it would break graph captures). This holds on CPU (gloo) too,
+  where the steps are eager, so CI runs the same code path. It steps aside (the Trainer's own step,
+  with one log line saying why) for a custom ``compute_loss_func`` and when ``VISIONFT_CUDA_GRAPHS=0``;
+  in a single process also where graphs are unavailable (e.g. on CPU).
+- bitsandbytes' 8-bit AdamW becomes ``visionft.engine.optim``'s, which skips the device sync after every
+  parameter (same updates and state).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("visionft.engine.trainer")
+
+#: ``VISIONFT_CUDA_GRAPHS=0`` keeps the optimizations but runs every step eagerly.
+GRAPHS_ENV = "VISIONFT_CUDA_GRAPHS"
+
+
+def _optimized(model: torch.nn.Module) -> bool:
+    """Whether ``visionft.patching`` swapped kernels into ``model``."""
+    from visionft.patching import patch_report
+
+    report = patch_report(model)
+    return bool(report is not None and report.enabled)
+
+
+def _optimizations_requested(model: torch.nn.Module) -> bool:
+    """Whether the optimizations were switched on for ``model``, even where no kernel could run."""
+    from visionft.patching import patch_report
+
+    report = patch_report(model)
+    return bool(report is not None and report.requested)
+
+
+@functools.cache
+def vision_sft_trainer_class() -> type:
+    """The ``SFTTrainer`` subclass (built on first use, so that importing this module needs no TRL)."""
+    from trl import SFTTrainer
+
+    class VisionSFTTrainer(SFTTrainer):
+        """``SFTTrainer`` with CUDA-graph steps and the sync-free 8-bit AdamW (module docstring)."""
+
+        _graph_step: Any = None
+        _graph_off: str | None = None
+        _grad_sync: Any = None
+
+        def create_optimizer(self, *args, **kwargs):
+            optimizer = super().create_optimizer(*args, **kwargs)
+            if _optimized(self.model):
+                from visionft.engine.optim import remove_per_parameter_sync
+
+                if remove_per_parameter_sync(optimizer):
+                    logger.info(
+                        "visionft: %s (bitsandbytes) without per-parameter device syncs",
+                        type(optimizer).__name__,
+                    )
+            return optimizer
+
+        def _own_step(self) -> Any:
+            """This engine's step object, or None where the Trainer's own step runs (module docstring)."""
+            if self._graph_off is None:
+                self._graph_off = self._own_step_unavailable()
+                if self._graph_off:
+                    logger.info("visionft: the Trainer's own training steps: %s", self._graph_off)
+            if self._graph_off:
+                return None
+            if self._graph_step is None:
+                from visionft.engine.cuda_graphs import CudaGraphTrainStep
+
+                dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+                self._graph_step = CudaGraphTrainStep(self.model, autocast_dtype=dtype)
+                if self.accelerator.num_processes > 1:
+                    from visionft.engine.grad_sync import FlatGradientAllReduce
+
+                    self._grad_sync = FlatGradientAllReduce(self.model.parameters())
+                    logger.info(
+                        "visionft: data parallel over %d ranks: %s; gradients averaged by one all-reduce "
+                        "of %d values per optimizer step",
+                        self.accelerator.num_processes,
+                        "eager steps" if self._graph_step.disabled else "CUDA-graph steps",
+                        self._grad_sync.numel,
+                    )
+                elif self._graph_step.disabled:
+                    self._graph_off = self._graph_step.disabled
+                    return None
+            return self._graph_step
+
+        def _own_step_unavailable(self) -> str | None:
+            if os.environ.get(GRAPHS_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+                return f"{GRAPHS_ENV}=0"
+            if not _optimizations_requested(self.model):
+                return "the optimizations are off (training.optimizations)"
+            if self.compute_loss_func is not None:
+                return "a compute_loss_func is set"
+            return None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            step = self._own_step()
+            if step is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            if self._grad_sync is not None:
+                # The Trainer has wrapped the model by now (DDP broadcast the weights then); its
+                # reducer would break graph captures (grad_sync.detach_ddp_reducer says why). Once
+                # detached, the call returns at once.
+                from visionft.engine.grad_sync import detach_ddp_reducer
+
+                detach_ddp_reducer(model)
+            model.train()
+            inputs = self._prepare_inputs(inputs)
+            world = self.accelerator.num_processes
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                # The model divides by the batch's token count (over all micro-batches, and over all
+                # ranks when averaged across devices) itself; the averaging all-reduce is then undone
+                # by the world size, as in Trainer.compute_loss.
+                count = torch.as_tensor(num_items_in_batch, device=self.args.device)
+                scale = float(world) if world > 1 and self.args.average_tokens_across_devices else 1.0
+                loss = step(inputs, loss_scale=scale, extra={"num_items_in_batch": count})
+            else:
+                accumulation = getattr(self, "current_gradient_accumulation_steps", None)
+                scale = 1.0 / (accumulation or self.args.gradient_accumulation_steps)
+                loss = step(inputs, loss_scale=scale)
+            if self._grad_sync is not None and self.accelerator.sync_gradients:
+                self._grad_sync()
+
+            return (loss * scale).detach()
+
+    return VisionSFTTrainer
+
+
+__all__ = ["GRAPHS_ENV", "vision_sft_trainer_class"]

@@ -1,0 +1,443 @@
+"""One training run from a ``TrainerConfig``: the steps of the training pod (and of the local quickstart).
+
+The steps, top to bottom in ``train``:
+
+1. locate inputs: local paths are used in place; ``s3://`` dataset/model URIs are synced into
+   ``runtime.workDir`` (``visionft.storage``); ``builtin://`` ones are generated there
+   (``visionft.job.builtin``);
+2. load the model (``FastVisionModel.from_pretrained``) and add LoRA (``get_peft_model``) as the recipe says,
+   then the optional fused kernels (``training.optimizations``);
+3. load the dataset, split off validation, build the ``VisionDataCollator`` (with ``training.packing``, one
+   row per batch without padding; refused right after loading for architectures other than Qwen2-VL/2.5-VL);
+4. score ``dataset.evalSamples`` held-out samples (exact-match accuracy), train with TRL's ``SFTTrainer``
+   (checkpoints every ``checkpointEverySteps``, resuming from the newest complete one), score again;
+5. save adapters or merged weights, the loss curve (``loss.png``) and ``run.json`` (the summary, written
+   last, so that its presence means the output folder is complete), then upload to S3 when the output is
+   an ``s3://`` URI.
+
+Without ``output`` (allowed for a generated model only), the output folder is ``<workDir>/output`` and each
+run starts from the first step: its checkpoints are a scratch copy, not a run to resume.
+
+Errors in the config or the data raise ``ConfigError`` / ``BadSampleError`` / ``ValueError`` with a message
+meant for the user; ``visionft.job.cli`` turns them into a one-line message and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from visionft_api.recipe import is_builtin
+from visionft_api.trainer_config import TrainerConfig
+
+logger = logging.getLogger(__name__)
+
+_EIGHT_BIT_OPTIMIZERS = {"adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+
+
+class ConfigError(ValueError):
+    """The config cannot be run as written (a missing path, an impossible combination)."""
+
+
+@dataclass
+class RunResult:
+    """What a run produced.
+
+    Attributes:
+        output_dir (str): the local output folder.
+        steps (int): optimizer steps done.
+        final_loss (float | None): the last logged training loss.
+        accuracy_before (float | None): held-out accuracy before training (None when not scored).
+        accuracy_after (float | None): held-out accuracy after training.
+        eval_samples (int): how many held-out samples were scored.
+        skipped_samples (int): samples skipped under ``onBadSample: skip``.
+        wall_seconds (float): the whole run's wall time.
+        cpu_seconds (float): CPU time of the process (all threads): the work itself, whatever else shares
+            the machine.
+        saved (dict[str, str]): what was saved where (``adapter``, ``merged``, ``lossCurve``).
+    """
+
+    output_dir: str
+    steps: int = 0
+    final_loss: float | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    eval_samples: int = 0
+    skipped_samples: int = 0
+    wall_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    saved: dict[str, str] = field(default_factory=dict)
+
+
+def train(config: TrainerConfig, echo=print) -> RunResult:
+    """Runs the whole flow (see the module docstring).
+
+    Args:
+        config (TrainerConfig): the validated config.
+        echo (Callable[[str], None]): where the human-readable summary lines go. Default: ``print``.
+
+    Returns:
+        RunResult: the run's summary (also written to ``run.json`` in the output folder).
+    """
+    t0, cpu0 = time.monotonic(), time.process_time()
+    from visionft.engine import distributed
+    from visionft.job.reporting import ProgressCallback, StatusReporter
+
+    # Under torchrun every rank runs this function; only rank 0 reports, scores and writes outputs.
+    distributed.setup()
+    main = distributed.is_main_process()
+    target = config.runtime.status_target
+    reporter = StatusReporter(target.namespace, target.name) if target and main else None
+    progress = ProgressCallback(json_lines=config.runtime.json_progress and main, reporter=reporter)
+    work = Path(config.runtime.work_dir)
+
+    _check_builtin_format(config)
+    progress.stage("Downloading")
+    output_uri = config.output.uri if config.output else None
+    output_dir = work / "output" if output_uri is None or output_uri.startswith("s3://") else Path(output_uri)
+    with distributed.local_main_first():
+        if output_uri is None and distributed.is_local_main_process():
+            # No output to resume into: a scratch run (the quickstart) trains from the first step each time,
+            # instead of resuming the previous run's last checkpoint (which would train zero steps).
+            shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+        dataset_dir = _local_input(config.dataset.uri, work / "dataset", config, "dataset")
+        model_dir = _local_input(config.model.uri, work / "model", config, "model")
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    progress.stage("Loading")
+    model, processor = _load_model(config, model_dir)
+    train_set, eval_set = _load_data(config, dataset_dir)
+    collator = _collator(config, model, processor, dataset_dir)
+    result = RunResult(output_dir=str(output_dir))
+
+    n_eval = min(config.dataset.eval_samples, len(eval_set)) if eval_set is not None else 0
+    if config.dataset.eval_samples and eval_set is None:
+        echo(
+            "visionft: dataset.evalSamples is set but there is no held-out split; set dataset.validationFraction"
+        )
+    if n_eval and main:
+        before = _score(model, collator, eval_set, n_eval)
+        result.accuracy_before, result.eval_samples = before.value, before.total
+        echo(f"held-out accuracy before training: {before}")
+
+    trainer = _trainer(config, model, processor, train_set, collator, output_dir, progress)
+    distributed.barrier()  # each node's local main has fetched the newest S3 checkpoint by now
+    resume = _newest_checkpoint(output_dir / "checkpoints")
+    if resume:
+        echo(f"visionft: resuming from {resume}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result.steps = trainer.state.global_step
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    result.final_loss = losses[-1] if losses else None
+    result.skipped_samples = collator.skipped
+
+    if not main:
+        distributed.barrier()  # rank 0 saves and uploads below, then releases the others
+        return result
+    if n_eval:
+        after = _score(model, collator, eval_set, n_eval)
+        result.accuracy_after = after.value
+        echo(f"held-out accuracy after training: {after}")
+
+    to_s3 = output_uri is not None and output_uri.startswith("s3://")
+    progress.stage("Uploading" if to_s3 else "Saving", trainer.state)
+    result.saved = _save(config, model, processor, output_dir, trainer.state.log_history)
+    result.wall_seconds = round(time.monotonic() - t0, 1)
+    result.cpu_seconds = round(time.process_time() - cpu0, 1)
+    (output_dir / "run.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    if to_s3:
+        _upload(config, output_dir)
+    progress.stage("Done", trainer.state)
+    distributed.barrier()
+    if collator.skipped:
+        echo(
+            f"visionft: skipped {collator.skipped} bad samples (onBadSample: skip); last: "
+            f"{collator.last_skip_reasons[-1]}"
+        )
+    echo(
+        f"done: {result.steps} steps, final loss {result.final_loss}, output in {output_dir}, "
+        f"wall time {result.wall_seconds:.1f} s (CPU time {result.cpu_seconds:.1f} s)"
+    )
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------------
+
+
+def _check_builtin_format(config: TrainerConfig) -> None:
+    if is_builtin(config.dataset.uri) and config.dataset.format not in ("auto", "imagefolder"):
+        raise ConfigError(
+            f"dataset.format {config.dataset.format} can't read {config.dataset.uri}, a generated "
+            "imagefolder: set dataset.format to auto or imagefolder"
+        )
+
+
+def _local_input(uri: str, scratch: Path, config: TrainerConfig, what: str) -> Path:
+    """The local folder for ``uri``: the path itself, an S3 prefix synced into ``scratch``, or a generated
+    source in ``<workDir>/builtin``."""
+    if is_builtin(uri):
+        from visionft.job import builtin
+
+        return builtin.materialize(uri, Path(config.runtime.work_dir) / "builtin")
+    if uri.startswith("s3://"):
+        from visionft import storage
+
+        return Path(storage.sync_down(uri, scratch, config.storage))
+    path = Path(uri)
+    if uri.startswith("/") and not path.exists():
+        raise ConfigError(
+            f"{what}.uri {uri} does not exist; check the path (relative paths are taken from "
+            "the config file's folder)"
+        )
+    return path
+
+
+def _upload(config: TrainerConfig, output_dir: Path) -> None:
+    from visionft import storage
+
+    assert config.output is not None  # only called for an s3:// output
+    storage.upload_outputs(output_dir, config.output.uri, config.storage)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Model, data, collator
+# ------------------------------------------------------------------------------------------------------
+
+
+def _load_model(config: TrainerConfig, model_dir: Path):
+    from visionft import FastVisionModel
+    from visionft.engine import distributed
+
+    m, lora, t = config.model, config.lora, config.training
+    model, processor = FastVisionModel.from_pretrained(
+        str(model_dir),
+        device_map=distributed.device_map(),
+        max_seq_length=m.max_seq_length,
+        load_in_4bit=m.load_in_4bit,
+        load_in_8bit=m.load_in_8bit,
+        dtype=None if m.dtype == "auto" else m.dtype,
+        trust_remote_code=m.trust_remote_code,
+    )
+    _check_packing(config, model)
+    targets: Any = lora.target_modules_regex or (
+        "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+    )
+    checkpointing = {"on": True, "off": False, "offload": "offload"}[t.gradient_checkpointing]
+    model = FastVisionModel.get_peft_model(
+        model,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=targets,
+        finetune_vision_layers=lora.finetune_vision_layers,
+        finetune_language_layers=lora.finetune_language_layers,
+        finetune_attention_modules=lora.finetune_attention_modules,
+        finetune_mlp_modules=lora.finetune_mlp_modules,
+        use_rslora=lora.use_rslora,
+        modules_to_save=list(lora.modules_to_save) or None,
+        use_gradient_checkpointing=checkpointing,
+        random_state=t.seed,
+    )
+    _apply_optimizations(model, t.optimizations)
+    return model, processor
+
+
+def _check_packing(config: TrainerConfig, model) -> None:
+    """training.packing needs an architecture with a packed attention: refused right after loading."""
+    if not config.training.packing:
+        return
+    from visionft.data.packing import packing_unsupported_reason
+
+    reason = packing_unsupported_reason(getattr(model.config, "model_type", None))
+    if reason:
+        raise ConfigError(f"training.packing: {reason}; set training.packing to false")
+
+
+def _apply_optimizations(model, enabled: bool) -> None:
+    """Swaps in the fused kernels (visionft.patching), or records that the plain modules run."""
+    from visionft import patching
+
+    report = patching.apply_optimizations(model, optimizations=enabled)
+    logger.info("visionft: optimizations=%s: %s", enabled, report)
+
+
+def _load_data(config: TrainerConfig, dataset_dir: Path):
+    from visionft.data.formats import load_local_dataset, split_validation
+
+    splits = load_local_dataset(dataset_dir, config.dataset.format)
+    train_set, eval_set = split_validation(splits, config.dataset.validation_fraction, config.training.seed)
+    # The dataset index travels with each record so that a bad sample's error names it.
+    train_set = train_set.add_column("__index__", list(range(len(train_set))))
+    return train_set, eval_set
+
+
+def _collator(config: TrainerConfig, model, processor, dataset_dir: Path):
+    from visionft.data.collator import VisionDataCollator
+    from visionft.data.formats import MessagesFormatter
+
+    d = config.dataset
+    root = dataset_dir if dataset_dir.is_dir() else dataset_dir.parent
+    return VisionDataCollator(
+        model,
+        processor,
+        max_seq_length=config.model.max_seq_length,
+        train_on_responses_only=config.training.train_on_responses_only,
+        max_image_pixels=d.max_image_pixels,
+        on_bad_sample=d.on_bad_sample,
+        dataset_root=root,
+        formatter=MessagesFormatter(d.columns, d.instruction),
+        packing=config.training.packing,
+    )
+
+
+def _score(model, collator, eval_set, n: int):
+    from visionft.job.evaluation import answer_accuracy
+
+    return answer_accuracy(model, collator, eval_set, limit=n)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------------------
+
+
+def _optimizer(name: str) -> str:
+    if name not in _EIGHT_BIT_OPTIMIZERS:
+        return name
+    import torch
+
+    try:
+        import bitsandbytes
+    except ImportError:
+        bitsandbytes = None
+    if torch.cuda.is_available() and bitsandbytes is not None:
+        return _EIGHT_BIT_OPTIMIZERS[name]
+    logger.warning("visionft: optimizer %s needs a CUDA GPU and bitsandbytes; using adamw_torch", name)
+    return "adamw_torch"
+
+
+def _trainer(config: TrainerConfig, model, processor, train_set, collator, output_dir: Path, progress):
+    import torch
+    from trl import SFTConfig
+
+    from visionft.engine import distributed
+    from visionft.engine.trainer import vision_sft_trainer_class
+
+    t = config.training
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    cuda = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(output_dir / "checkpoints"),
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        num_train_epochs=t.epochs if t.epochs is not None else 1.0,
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=_optimizer(t.optimizer),
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.checkpoint_every_steps,
+        save_total_limit=t.keep_checkpoints,
+        bf16=cuda and dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16,
+        # get_peft_model already set activation checkpointing as the recipe says; the Trainer must not
+        # switch it on again (with its reentrant default).
+        gradient_checkpointing=False,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        dataloader_num_workers=0,  # the collator's skip counts live in this process
+        include_num_input_tokens_seen=True,
+        report_to="none",
+        use_cpu=not cuda,
+        **distributed.ddp_training_kwargs(),
+    )
+    callbacks: list[Any] = [progress]
+    if distributed.is_distributed():
+        from visionft.engine.checkpoint_rng import GatherRngStatesCallback
+
+        # On every rank: brings each rank's RNG file into rank 0's checkpoint folder at each save.
+        callbacks.append(GatherRngStatesCallback())
+    trainer = vision_sft_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+    # Every node's local main fetches the newest complete S3 checkpoint (in the callback's constructor), so
+    # that all ranks resume from one step; only rank 0 uploads new ones. Added after the RNG callback
+    # (callbacks run in the order they were added), so each upload holds every rank's RNG file.
+    storage_callback = _storage_callback(config, output_dir) if distributed.is_local_main_process() else None
+    if storage_callback is not None and distributed.is_main_process():
+        trainer.add_callback(storage_callback)
+    return trainer
+
+
+def _storage_callback(config: TrainerConfig, output_dir: Path):
+    """The storage engineer's checkpoint-upload callback, for s3:// outputs."""
+    if config.output is None or not config.output.uri.startswith("s3://"):
+        return None
+    from visionft import storage
+
+    return storage.checkpoint_callback(
+        config.output.uri, output_dir / "checkpoints", config.storage, keep=config.training.keep_checkpoints
+    )
+
+
+def _newest_checkpoint(folder: Path) -> Path | None:
+    """The newest ``checkpoint-N`` folder that finished saving (its ``trainer_state.json`` is written
+    after the weights and optimizer state), or None."""
+    if not folder.is_dir():
+        return None
+    done = [
+        p
+        for p in folder.glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Saving
+# ------------------------------------------------------------------------------------------------------
+
+
+def _save(
+    config: TrainerConfig, model, processor, output_dir: Path, log_history: list[dict]
+) -> dict[str, str]:
+    from visionft.job.plotting import save_loss_curve
+
+    saved: dict[str, str] = {}
+    method = config.output.save_method if config.output else "lora"
+    if method == "lora":
+        model.save_pretrained(str(output_dir / "adapter"))
+        processor.save_pretrained(str(output_dir / "adapter"))
+        saved["adapter"] = str(output_dir / "adapter")
+    else:
+        from visionft import patching
+
+        # Merging reads every base weight; the patched model keeps the embedding table in host memory and
+        # its LoRA forwards outside PEFT's modules, so the plain modules go back first.
+        patching.revert_optimizations(model)
+        model.save_pretrained_merged(str(output_dir / "merged"), processor, save_method=method)
+        saved["merged"] = str(output_dir / "merged")
+    curve = save_loss_curve(log_history, output_dir / "loss.png")
+    if curve is not None:
+        saved["lossCurve"] = str(curve)
+    return saved
