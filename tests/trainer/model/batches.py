@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from visionft.model.registry import get_arch_spec
+from visionft.model.architectures import get_arch_spec
 from visionft.testing.tiny import tiny_image
 
 #: (image colour, answer) pairs: the task the tiny models memorise in the convergence tests.

@@ -7,9 +7,9 @@ import logging
 import pytest
 from peft.tuners.lora import LoraLayer
 from visionft import FastVisionModel
+from visionft.model.architectures import get_arch_spec, register_arch, unregister_arch
 from visionft.model.classify import Group, classify_linear_modules, count_groups
 from visionft.model.lora import lora_summary, select_lora_targets
-from visionft.model.registry import get_arch_spec, register_arch, unregister_arch
 from visionft.testing.tiny import TINY_ARCHS, build_tiny_vlm
 
 SWITCHES = {

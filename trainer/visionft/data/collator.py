@@ -52,10 +52,10 @@ from visionft.data.images import BadSampleError, ImageLimits, ImageLoader, fit_t
 from visionft.data.packing import (
     PACKED_CU_SEQLENS,
     mask_sample_starts,
-    packing_unsupported_reason,
     segment_layout,
 )
 from visionft.data.samples import Conversation, to_conversation
+from visionft.model.architectures import packing_unsupported_reason
 
 logger = logging.getLogger(__name__)
 

@@ -37,20 +37,7 @@ PACKED_CU_SEQLENS = "packed_cu_seqlens"
 #: Batch key of the longest segment (host int).
 PACKED_MAX_SEQLEN = "packed_max_seqlen"
 
-#: ``model_type``s whose text attention ``visionft.patching.packed_attention`` makes block-diagonal.
-PACKING_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-
 IGNORE_INDEX = -100
-
-
-def packing_unsupported_reason(model_type: str | None) -> str | None:
-    """Why a model of ``model_type`` can't train on packed rows (None when it can)."""
-    if model_type in PACKING_MODEL_TYPES:
-        return None
-    return (
-        f"packing is supported for {' and '.join(PACKING_MODEL_TYPES)} only, and this model is "
-        f"model_type={model_type!r}"
-    )
 
 
 def segment_layout(lengths: Sequence[int]) -> dict[str, torch.Tensor | int]:
@@ -74,8 +61,6 @@ def mask_sample_starts(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.
 __all__ = [
     "PACKED_CU_SEQLENS",
     "PACKED_MAX_SEQLEN",
-    "PACKING_MODEL_TYPES",
     "mask_sample_starts",
-    "packing_unsupported_reason",
     "segment_layout",
 ]

@@ -21,9 +21,9 @@ accumulation buffer, allocated on first need, and the replay's gradients are add
 ``.grad`` always holds the sum since the last ``zero_grad``, as in eager PyTorch.
 
 Not covered (each case runs the eager step and logs the reason once): a device other than CUDA,
-architectures without a static-input preparation, batches it does not cover (padding, videos),
-dropout (recomputation under checkpointing would need the RNG state saved inside the graph), more
-than ``max_graphs`` signatures. The optimizer step stays eager: bitsandbytes' 8-bit AdamW passes
+architectures whose family has no graph steps (``graph_steps`` in ``visionft.model.architectures``),
+batches it does not cover (padding, videos), dropout (recomputation under checkpointing would need the
+RNG state saved inside the graph), more than ``max_graphs`` signatures. The optimizer step stays eager: bitsandbytes' 8-bit AdamW passes
 its step count as a host scalar, which a graph would freeze.
 """
 
@@ -43,12 +43,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionft.model.architectures import get_arch_spec
 from visionft.patching import hf_model, patch_report, static_inputs
 
 logger = logging.getLogger("visionft.engine.cuda_graphs")
-
-#: model_type -> the preparation that makes its forward sync-free.
-STATIC_INPUT_ARCHS = {"qwen2_vl", "qwen2_5_vl"}
 
 #: ``VISIONFT_SYNC_DEBUG=1`` logs, with its Python stack, every host-device sync of the last eager
 #: step before a capture: each one is a place a capture would fail.
@@ -76,13 +74,14 @@ def model_reason(model: nn.Module) -> str | None:
     """Why ``model`` can't use graphed steps at all (None when it can)."""
     hf = hf_model(model)
     model_type = getattr(getattr(hf, "config", None), "model_type", type(hf).__name__)
+    spec = get_arch_spec(model_type)
+    if spec is None or not spec.graph_steps:
+        return f"no static-input preparation for model_type={model_type!r}"
     param = next((p for p in model.parameters() if p.requires_grad), None)
     if param is None:
         return "no trainable parameters"
     if param.device.type != "cuda":
         return f"parameters are on {param.device.type}, and CUDA graphs need CUDA"
-    if model_type not in STATIC_INPUT_ARCHS:
-        return f"no static-input preparation for model_type={model_type!r}"
     report = patch_report(model)
     if report is None or not report.counts.get("static_inputs"):
         return "the optimizations are off (visionft.patching did not install the static-input hooks)"
@@ -304,4 +303,4 @@ class CudaGraphTrainStep:
         )
 
 
-__all__ = ["STATIC_INPUT_ARCHS", "CudaGraphTrainStep", "model_reason"]
+__all__ = ["CudaGraphTrainStep", "model_reason"]

@@ -254,7 +254,7 @@ def _check_packing(config: TrainerConfig, model) -> None:
     """training.packing needs an architecture with a packed attention: refused right after loading."""
     if not config.training.packing:
         return
-    from visionft.data.packing import packing_unsupported_reason
+    from visionft.model.architectures import packing_unsupported_reason
 
     reason = packing_unsupported_reason(getattr(model.config, "model_type", None))
     if reason:

@@ -15,8 +15,7 @@ from enum import StrEnum
 
 from torch import nn
 
-from visionft.model.registry import get_arch_spec
-from visionft.model.spec import ArchSpec
+from visionft.model.architectures import ArchSpec, get_arch_spec
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +93,7 @@ def _classify_by_keywords(name: str) -> Group:
 
 
 def spec_for(model: nn.Module, warn: bool = True) -> ArchSpec | None:
-    """The registry spec for ``model.config.model_type``; None (with one warning) when unmapped."""
+    """The architecture family of ``model.config.model_type``; None (with one warning) when unmapped."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     spec = get_arch_spec(model_type) if model_type else None
     if spec is None and warn:

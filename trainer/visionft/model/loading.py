@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from visionft.model.architectures import get_arch_spec, supported_model_types
 from visionft.model.classify import classify_linear_modules
 from visionft.model.compat import image_text_to_text_model_types
 from visionft.model.info import LoadInfo, set_load_info
-from visionft.model.registry import get_arch_spec, supported_model_types
 
 logger = logging.getLogger(__name__)
 

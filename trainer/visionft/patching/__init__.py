@@ -8,7 +8,8 @@ Usage::
     ...train...
     revert_optimizations(model)                  # plain modules again
 
-What is swapped (instance-level ``forward`` assignments, recorded for ``revert``):
+Which architecture gets which patch set is its family's entry in ``visionft.model.architectures``
+(``patches``). What is swapped (instance-level ``forward`` assignments, recorded for ``revert``):
 
 - ``*RMSNorm`` modules -> ``kernels.rms_norm`` (Gemma's ``1 + w`` recognised by class name);
 - gated MLPs (``gate_proj``/``up_proj``/``down_proj`` + SiLU or tanh-GELU) -> ``kernels.glu``;
@@ -33,12 +34,14 @@ unsupported transformers release, or a device where Triton cannot run (CPU witho
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable
 
 from torch import nn
 
-from visionft.data.packing import packing_unsupported_reason
-from visionft.patching import gemma3, packed_attention, qwen2_vl
+from visionft.model.architectures import get_arch_spec, packing_unsupported_reason
+from visionft.patching import packed_attention
 from visionft.patching.core import (
     DISABLE_ENV,
     PatchReport,
@@ -48,12 +51,14 @@ from visionft.patching.core import (
     transformers_supported,
 )
 
-#: model_type -> function applying that architecture's patch set.
-ARCH_PATCHES: dict[str, Callable[..., None]] = {
-    "qwen2_vl": qwen2_vl.apply,
-    "qwen2_5_vl": qwen2_vl.apply,
-    "gemma3": gemma3.apply,
-}
+
+def patch_set(model_type: str | None) -> Callable[..., None] | None:
+    """The ``apply`` function of ``model_type``'s patch set (the module its family's entry names), or None."""
+    spec = get_arch_spec(model_type)
+    if spec is None or spec.patches is None:
+        return None
+    return functools.partial(importlib.import_module(spec.patches).apply, modeling=spec.modeling[model_type])
+
 
 _REPORT_ATTR = "_visionft_patch_report"
 _PACKING_REPORT_ATTR = "_visionft_packing_report"
@@ -98,7 +103,7 @@ def apply_optimizations(model: nn.Module, optimizations: bool | None = None, **k
     if not optimizations_enabled(optimizations):
         report.requested = False
         report.skipped.append(f"optimizations switched off ({DISABLE_ENV} or optimizations=False)")
-    elif model_type not in ARCH_PATCHES:
+    elif (apply := patch_set(model_type)) is None:
         report.skipped.append(f"no patch set for model_type={model_type!r}; using the plain modules")
     else:
         supported, version = transformers_supported()
@@ -113,7 +118,7 @@ def apply_optimizations(model: nn.Module, optimizations: bool | None = None, **k
                 f"Triton kernels cannot run on {where} (CUDA, or CPU with TRITON_INTERPRET=1)"
             )
         else:
-            ARCH_PATCHES[model_type](model, hf, report, **kinds)
+            apply(model, hf, report, **kinds)
     logger.info(report.summary())
     return report
 
@@ -170,12 +175,12 @@ def revert_optimizations(model: nn.Module) -> bool:
 
 
 __all__ = [
-    "ARCH_PATCHES",
     "PatchReport",
     "apply_optimizations",
     "enable_packing",
     "hf_model",
     "optimizations_enabled",
     "patch_report",
+    "patch_set",
     "revert_optimizations",
 ]

@@ -12,9 +12,7 @@ from torch import nn
 
 from visionft.patching.core import PatchReport
 from visionft.patching.modules import patch_gated_mlps, patch_lora_layers, patch_rms_norms
-from visionft.patching.qwen2_vl import patch_rope
-
-MODELING = "transformers.models.gemma3.modeling_gemma3"
+from visionft.patching.rope import patch_rope
 
 
 def apply(
@@ -22,6 +20,7 @@ def apply(
     hf_model: nn.Module,
     report: PatchReport,
     *,
+    modeling: str,
     rope: bool = True,
     rms_norm: bool = True,
     glu: bool = True,
@@ -32,7 +31,7 @@ def apply(
     device = next(hf_model.parameters()).device
     dtype = getattr(hf_model, "dtype", torch.float32)
     if rope:
-        patch_rope(MODELING, device, dtype if dtype.is_floating_point else torch.float32, report)
+        patch_rope(modeling, device, dtype, report)
     if rms_norm:
         patch_rms_norms(hf_model, report)
     if glu:

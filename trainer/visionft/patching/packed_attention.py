@@ -20,7 +20,7 @@ sees it too. The path reads nothing from the device on the host: the longest seg
 int from the batch, so it can be captured in a CUDA graph.
 
 The rotary function is looked up in the modeling module at each call, so the fused rope of
-``patching.qwen2_vl.patch_rope`` applies here as in the original forward.
+``patching.rope`` applies here as in the original forward.
 """
 
 from __future__ import annotations

@@ -1,30 +1,16 @@
-"""Qwen2-VL and Qwen2.5-VL: which swaps apply, and the rotary-embedding patch.
+"""Qwen2-VL and Qwen2.5-VL: the patch set, one swap per kind (``visionft.patching`` lists them).
 
-Rotary embeddings are applied by a module-level function of the modeling module, called by the
-text attention's forward:
-
-- transformers 5.17 and earlier: ``apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section)``
-  with ``cos``/``sin`` of shape ``(3, B, S, D)``; replaced by ``kernels.rope.apply_mrope``, which
-  does the per-section stream selection inside the kernel.
-- later 5.x releases: the rotary module recomposes the sections and attention calls
-  ``apply_rotary_pos_emb(q, k, cos, sin)`` with ``(B, S, D)``; replaced by ``kernels.rope.apply_rope``.
-
-Either way the replacement is checked against the original on a small random input first, and
-falls back to the original for inputs it does not cover (``unsqueeze_dim != 1``, CPU without the
-interpreter). The swap is of a module global, so it holds for every model of this architecture in
-the process until ``revert``.
+The rotary embedding (``patching.rope``) is swapped in the modeling module the family's entry names
+(``visionft.model.architectures``); the other swaps go to the model's instances. The static-input hooks
+and the packed attention are inert until a graph step or a packed batch uses them.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from visionft.kernels.rope import apply_mrope, apply_rope
-from visionft.patching.core import PatchReport, kernels_can_run, self_check
+from visionft.patching.core import PatchReport
 from visionft.patching.modules import (
     offload_input_embeddings,
     patch_gated_mlps,
@@ -33,60 +19,9 @@ from visionft.patching.modules import (
     patch_rms_norms,
 )
 from visionft.patching.packed_attention import install as install_packed_attention
+from visionft.patching.rope import patch_rope
 from visionft.patching.static_inputs import install as install_static_inputs
 from visionft.patching.vision_attention import patch_vision_attention
-
-MODELING = {
-    "qwen2_vl": "transformers.models.qwen2_vl.modeling_qwen2_vl",
-    "qwen2_5_vl": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
-}
-
-
-def _rope_inputs(device, dtype, mrope: bool):
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 4, 5, 16, generator=gen).to(device, dtype)
-    k = torch.randn(1, 2, 5, 16, generator=gen).to(device, dtype)
-    pos = torch.randint(0, 30, (3, 1, 5) if mrope else (1, 5), generator=gen).float()
-    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
-    emb = torch.cat([pos[..., None] * inv] * 2, dim=-1)
-    return q, k, emb.cos().to(device, dtype), emb.sin().to(device, dtype)
-
-
-def patch_rope(modeling: str, device: torch.device, dtype: torch.dtype, report: PatchReport) -> None:
-    """Swaps the rotary function of the modeling module ``modeling`` (see the module docstring)."""
-    mod = importlib.import_module(modeling)
-    if hasattr(mod, "apply_multimodal_rotary_pos_emb"):
-        orig = mod.apply_multimodal_rotary_pos_emb
-        q, k, c, s = _rope_inputs(device, dtype, mrope=True)
-        ok = self_check(lambda: apply_mrope(q, k, c, s, [2, 3, 3]), lambda: orig(q, k, c, s, [2, 3, 3]), 2e-2)
-
-        def fused_mrope(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
-            if unsqueeze_dim != 1 or cos.dim() != 4 or not kernels_can_run(q.device):
-                return orig(q, k, cos, sin, mrope_section, unsqueeze_dim)
-            return apply_mrope(q, k, cos, sin, mrope_section)
-
-        fused: Callable = fused_mrope
-        name = "apply_multimodal_rotary_pos_emb"
-    elif hasattr(mod, "apply_rotary_pos_emb"):
-        orig = mod.apply_rotary_pos_emb
-        q, k, c, s = _rope_inputs(device, dtype, mrope=False)
-        ok = self_check(lambda: apply_rope(q, k, c, s), lambda: orig(q, k, c, s), 2e-2)
-
-        def fused_rope(q, k, cos, sin, unsqueeze_dim=1, **kwargs):
-            if unsqueeze_dim != 1 or kwargs or cos.dim() != 3 or not kernels_can_run(q.device):
-                return orig(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim, **kwargs)
-            return apply_rope(q, k, cos, sin)
-
-        fused = fused_rope
-        name = "apply_rotary_pos_emb"
-    else:
-        report.skipped.append(f"rope: {modeling} has no known rotary function")
-        return
-    if not ok:
-        report.skipped.append(f"rope: {name} differs from the kernel on a test input (left plain)")
-        return
-    fused.__wrapped__ = orig  # type: ignore[attr-defined]
-    report.swap(mod, name, fused, "rope")
 
 
 def apply(
@@ -94,6 +29,7 @@ def apply(
     hf_model: nn.Module,
     report: PatchReport,
     *,
+    modeling: str,
     rope: bool = True,
     rms_norm: bool = True,
     glu: bool = True,
@@ -104,13 +40,21 @@ def apply(
     static_inputs: bool = True,
     packed_attention: bool = True,
 ) -> None:
-    """Applies the Qwen2-VL / Qwen2.5-VL set to ``hf_model`` (and its PEFT wrapper ``model``)."""
+    """Applies the Qwen2-VL / Qwen2.5-VL set to ``hf_model`` (and its PEFT wrapper ``model``).
+
+    Args:
+        model (nn.Module): the PEFT wrapper, or ``hf_model`` itself.
+        hf_model (nn.Module): the Hugging Face model.
+        report (PatchReport): records every swap.
+        modeling (str): the model type's transformers modeling module (its rotary function is swapped).
+        rope, vision_attention, rms_norm, glu, lora, fused_loss, offload_embeddings, static_inputs,
+            packed_attention (bool): one switch per kind of swap (``visionft.patching.apply_optimizations``).
+            Default: True.
+    """
     device = next(hf_model.parameters()).device
     dtype = getattr(hf_model, "dtype", torch.float32)
     if rope:
-        patch_rope(
-            MODELING[report.model_type], device, dtype if dtype.is_floating_point else torch.float32, report
-        )
+        patch_rope(modeling, device, dtype, report)
     if vision_attention:
         patch_vision_attention(hf_model, report)
     if rms_norm:
