@@ -86,10 +86,11 @@ def _step_function(args, model, batch):
         from visionft.engine.cuda_graphs import CudaGraphTrainStep
         from visionft.engine.grad_sync import FlatGradientAllReduce
         from visionft.engine.optim import adamw_8bit
+        from visionft.patching import patch_report
 
         for p in trainable:  # the same start on every rank, as DDP's constructor gives
             dist.broadcast(p.data, src=0)
-        step = CudaGraphTrainStep(model, warmup=2)
+        step = CudaGraphTrainStep(model, patch_report(model), warmup=2)
         if step.disabled:
             raise RuntimeError(f"CUDA graphs unavailable: {step.disabled}")
         sync = FlatGradientAllReduce(trainable)

@@ -428,8 +428,9 @@ def _forward_backward(engine: str, model, info: dict):
 
     if engine == "graphs":
         from visionft.engine.cuda_graphs import CudaGraphTrainStep
+        from visionft.patching import patch_report
 
-        step = CudaGraphTrainStep(model, warmup=2)
+        step = CudaGraphTrainStep(model, patch_report(model), warmup=2)
         if step.disabled:
             raise RuntimeError(f"CUDA graphs unavailable: {step.disabled}")
         return step.__call__

@@ -88,7 +88,7 @@ def _model(arch: str):
     model.train()
     report = apply_optimizations(model)
     assert report.counts.get("static_inputs") == 1 and report.counts.get("packed_attn"), report.summary()
-    return model, processor
+    return model, processor, report
 
 
 def _eager(model, batch):
@@ -105,7 +105,7 @@ def test_packed_row_replays_in_a_cuda_graph_like_the_eager_step(arch):
     from visionft.data.packing import PACKED_CU_SEQLENS
     from visionft.engine.cuda_graphs import CudaGraphTrainStep
 
-    model, processor = _model(arch)
+    model, processor, report = _model(arch)
     collator = VisionDataCollator(model, processor, packing=True)
     short, long = _sample("red", (56, 56)), _sample("a red square on a grey field, small", (56, 56))
     text = _sample("only text here", None)
@@ -114,7 +114,7 @@ def test_packed_row_replays_in_a_cuda_graph_like_the_eager_step(arch):
     assert rows[0][PACKED_CU_SEQLENS].tolist() != rows[1][PACKED_CU_SEQLENS].tolist()  # ... two layouts
     rows = [{k: v.to("cuda") if torch.is_tensor(v) else v for k, v in row.items()} for row in rows]
 
-    step = CudaGraphTrainStep(model, warmup=1)
+    step = CudaGraphTrainStep(model, report, warmup=1)
     assert step.disabled is None, step.disabled
     params = [p for p in model.parameters() if p.requires_grad]
     results = []

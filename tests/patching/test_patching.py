@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from visionft.engine.options import EngineOptions
 from visionft.patching import apply_optimizations, revert_optimizations
 from visionft.testing.lora import tiny_lora
 from visionft.testing.tiny import build_tiny_vlm, tiny_image
@@ -113,12 +114,14 @@ def test_one_switch_turns_everything_off(monkeypatch, caplog):
     model, _ = _model("qwen2_5_vl", lora=False)
     monkeypatch.setenv("VISIONFT_DISABLE_KERNELS", "1")
     with caplog.at_level(logging.INFO, logger="visionft.patching"):
-        report = apply_optimizations(model)
+        report = apply_optimizations(model, optimizations=EngineOptions.resolve().optimizations)
     assert not report.enabled and not report.counts
     assert "switched off" in caplog.text
     assert "forward" not in vars(model.model.language_model.norm)
     # and the explicit argument wins over the environment
-    assert apply_optimizations(model, optimizations=True).enabled
+    assert apply_optimizations(
+        model, optimizations=EngineOptions.resolve(optimizations=True).optimizations
+    ).enabled
     revert_optimizations(model)
 
 

@@ -89,12 +89,12 @@ def test_graph_step_falls_back_to_eager_on_cpu_and_trains_like_plain_steps(caplo
     model_b, _ = _lora_model("qwen2_vl")
     model_b.load_state_dict(model_a.state_dict())
     batch = _batch("qwen2_vl", processor)
-    apply_optimizations(model_b, optimizations=True)
+    report = apply_optimizations(model_b, optimizations=True)
 
     if DEVICE.type == "cpu":
-        assert "CUDA" in (model_reason(model_b) or "")
+        assert "CUDA" in (model_reason(model_b, report) or "")
     with caplog.at_level(logging.INFO, logger="visionft.engine.cuda_graphs"):
-        step = CudaGraphTrainStep(model_b, autocast_dtype=None)
+        step = CudaGraphTrainStep(model_b, report, autocast_dtype=None)
     if DEVICE.type == "cpu":
         assert step.disabled and "CUDA graphs off" in caplog.text
 

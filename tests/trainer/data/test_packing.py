@@ -14,6 +14,7 @@ import yaml
 from visionft.data.collator import IGNORE_INDEX, VisionDataCollator
 from visionft.data.packing import PACKED_CU_SEQLENS, PACKED_MAX_SEQLEN
 from visionft.job.cli import EXIT_CONFIG, main
+from visionft.patching import enable_packing, revert_optimizations
 from visionft.testing.tiny import build_tiny_vlm
 from visionft_api import crd
 
@@ -24,6 +25,7 @@ from tests.trainer.job.test_cli import config, progress_lines
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
 def test_the_packed_row_is_the_padded_batch_without_padding(arch):
     model, processor = build_tiny_vlm(arch)
+    enable_packing(model)
     samples = _samples()
     padded = VisionDataCollator(model, processor)(samples)
     packed = VisionDataCollator(model, processor, packing=True)(samples)
@@ -68,6 +70,17 @@ def test_visionft_train_learns_with_packing_as_with_padded_batches(tmp_path, tin
     print(f"loss every 4 steps, padded {padded}, packed {packed}")
     assert packed[-1] < 0.5 * packed[0], packed  # it learns
     assert packed == pytest.approx(padded, rel=1e-3)  # as the padded batches do
+
+
+def test_the_collator_refuses_a_model_whose_attention_would_mix_the_samples():
+    model, processor = build_tiny_vlm("qwen2_vl")
+    with pytest.raises(ValueError, match=r"training\.packing.*see the samples before it.*enable_packing"):
+        VisionDataCollator(model, processor, packing=True)
+    enable_packing(model)
+    VisionDataCollator(model, processor, packing=True)
+    revert_optimizations(model)
+    with pytest.raises(ValueError, match="enable_packing"):
+        VisionDataCollator(model, processor, packing=True)
 
 
 def test_packing_for_another_architecture_stops_before_training(tmp_path, tiny_dir, capsys):

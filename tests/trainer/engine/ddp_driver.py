@@ -153,10 +153,11 @@ def main() -> None:
     model = FastVisionModel.get_peft_model(
         model, r=8, lora_alpha=16, use_gradient_checkpointing=True, random_state=a.seed
     )
+    patch_report = None
     if a.trainer == "visionft":
         from visionft import patching
 
-        patching.apply_optimizations(model, optimizations=True)
+        patch_report = patching.apply_optimizations(model, optimizations=True)
     collator = RecordingCollator(VisionDataCollator(model, processor, max_seq_length=512))
     args = SFTConfig(
         output_dir=str(local / "checkpoints"),
@@ -188,11 +189,13 @@ def main() -> None:
     callbacks: list = [probe] if a.rng_probe else []
     if dist_utils.is_distributed():
         callbacks.append(GatherRngStatesCallback())
-    trainer_class = SFTTrainer
+    trainer_class, engine = SFTTrainer, {}
     if a.trainer == "visionft":
+        from visionft.engine.options import EngineOptions
         from visionft.engine.trainer import vision_sft_trainer_class
 
         trainer_class = vision_sft_trainer_class()
+        engine = {"engine_options": EngineOptions.resolve(optimizations=True), "patch_report": patch_report}
     trainer = trainer_class(
         model=model,
         args=args,
@@ -200,6 +203,7 @@ def main() -> None:
         data_collator=collator,
         processing_class=processor,
         callbacks=callbacks,
+        **engine,
     )
     if a.s3_output and dist_utils.is_main_process():
         from visionft import storage

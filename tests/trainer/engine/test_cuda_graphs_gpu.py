@@ -45,7 +45,7 @@ def _load(folder):
     model.train()
     report = apply_optimizations(model)
     assert report.counts.get("static_inputs") == 1, report.summary()
-    return model
+    return model, report
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
@@ -60,8 +60,8 @@ def test_graph_replay_trains_like_eager_steps(tmp_path, arch):
     batches = [_batch(processor, (56, 56), "A red square."), _batch(processor, (84, 56), "A wide red box.")]
     assert batches[0]["input_ids"].shape != batches[1]["input_ids"].shape  # two signatures
 
-    eager, graphed = _load(folder), _load(folder)
-    step = CudaGraphTrainStep(graphed, warmup=2)
+    (eager, _), (graphed, report) = _load(folder), _load(folder)
+    step = CudaGraphTrainStep(graphed, report, warmup=2)
     assert step.disabled is None, step.disabled
     params_e = [p for p in eager.parameters() if p.requires_grad]
     params_g = [p for p in graphed.parameters() if p.requires_grad]

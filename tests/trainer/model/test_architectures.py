@@ -50,7 +50,7 @@ def test_the_packing_flag_is_what_the_packed_attention_covers(arch):
 def test_the_graph_step_flag_decides_whether_a_family_takes_graph_steps(arch):
     model, _ = build_tiny_vlm(arch)
     spec = get_arch_spec(model.config.model_type)
-    reason = model_reason(model) or ""
+    reason = model_reason(model, None) or ""
     if spec.graph_steps:  # refused here only for the device (these tests run on the CPU)
         assert "CUDA graphs need CUDA" in reason or torch.cuda.is_available()
     else:

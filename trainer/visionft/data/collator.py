@@ -26,9 +26,10 @@ with zero padding, as its processor does for a batch. Text-only samples mix free
 
 Packing (``packing=True``, Qwen2-VL / Qwen2.5-VL): instead of padded rows, the batch's samples are
 concatenated into one row with no padding at all, and the segment layout travels with it
-(``visionft.data.packing`` describes the format). The model's text attention is made block-diagonal
-for such rows (``visionft.patching.enable_packing``, which the collator calls), so each sample sees
-only itself, as in a padded batch, without computing a single padded token.
+(``visionft.data.packing`` describes the format). The model's text attention must be block-diagonal
+for such rows (``visionft.patching.enable_packing(model)``, which ``visionft-train`` calls after loading),
+so each sample sees only itself, as in a padded batch, without computing a single padded token; the
+collator refuses a model without it.
 
 Bad samples: with ``on_bad_sample="error"`` the first one raises ``BadSampleError``. With ``"skip"`` it is
 dropped, counted in ``skipped`` and logged with its reason. If every sample of a batch is bad, the batch
@@ -53,9 +54,9 @@ from visionft.data.packing import (
     PACKED_CU_SEQLENS,
     mask_sample_starts,
     segment_layout,
+    separates_packed_samples,
 )
 from visionft.data.samples import Conversation, to_conversation
-from visionft.model.architectures import packing_unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +116,13 @@ class VisionDataCollator:
         formatter (Callable[[dict], dict] | None): applied to each raw record first, e.g. to map
             instruction/response/image columns to messages (``visionft.data.formats.to_messages``).
         image_loader (ImageLoader | None): a preconfigured loader (overrides dataset_root/image_limits).
-        packing (bool): join the batch's samples into one row without padding (Qwen2-VL / Qwen2.5-VL
-            only; installs the packed text attention on ``model``). Default: False.
+        packing (bool): join the batch's samples into one row without padding; ``model`` must keep the
+            samples apart (``visionft.patching.enable_packing(model)``, for Qwen2-VL / Qwen2.5-VL).
+            Default: False.
 
     Raises:
-        ValueError: an argument is out of range, or ``packing`` is on for another architecture or
-            together with ``pad_to_multiple_of``.
+        ValueError: an argument is out of range, or ``packing`` is on for a model whose attention would
+            mix the samples of a row, or together with ``pad_to_multiple_of``.
 
     Attributes:
         skipped (int): samples skipped so far under ``on_bad_sample="skip"``.
@@ -167,24 +169,23 @@ class VisionDataCollator:
         self.image_token_ids = _image_token_ids(processor, self.tokenizer)
         self.packing = packing
         if packing:
-            self._enable_packing(model)
+            self._check_packing(model)
         self.skipped = 0
         self.substituted = 0
         self.last_skip_reasons: list[str] = []
         self._last_good: dict[str, torch.Tensor] | None = None
 
-    def _enable_packing(self, model) -> None:
-        reason = packing_unsupported_reason(self.model_type)
-        if reason:
-            raise ValueError(f"packing=True (training.packing): {reason}; set it to false")
+    def _check_packing(self, model) -> None:
         if self.pad_to_multiple_of:
             raise ValueError(
                 "pad_to_multiple_of pads rows, and packing=True makes rows without padding: set one"
             )
-        from visionft.patching import enable_packing
-
-        # Without the packed attention, each sample of a row would attend to the samples before it.
-        enable_packing(model)
+        if not separates_packed_samples(model):
+            raise ValueError(
+                f"packing=True (training.packing): the attention of this {self.model_type} model would let "
+                "each sample of a row see the samples before it; call visionft.patching.enable_packing(model) "
+                "first (Qwen2-VL and Qwen2.5-VL), or set packing to false"
+            )
 
     # ---------------------------------------------------------------------------------------------
     # Batch

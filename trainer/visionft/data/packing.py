@@ -37,7 +37,24 @@ PACKED_CU_SEQLENS = "packed_cu_seqlens"
 #: Batch key of the longest segment (host int).
 PACKED_MAX_SEQLEN = "packed_max_seqlen"
 
+#: Set (to True) on a forward that keeps the samples of a packed row apart:
+#: ``visionft.patching.packed_attention`` marks its text-attention forwards so.
+SEPARATES_PACKED_SAMPLES = "separates_packed_samples"
+
 IGNORE_INDEX = -100
+
+
+def separates_packed_samples(model) -> bool:
+    """Whether ``model`` (or its PEFT wrapper) has a forward that keeps a packed row's samples apart.
+
+    Without one, each sample of a packed row would attend to the samples before it: the row needs
+    ``visionft.patching.enable_packing(model)`` first.
+    """
+    for module in model.modules():
+        function = getattr(module.forward, "__func__", module.forward)
+        if getattr(function, SEPARATES_PACKED_SAMPLES, False):
+            return True
+    return False
 
 
 def segment_layout(lengths: Sequence[int]) -> dict[str, torch.Tensor | int]:
@@ -61,6 +78,8 @@ def mask_sample_starts(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.
 __all__ = [
     "PACKED_CU_SEQLENS",
     "PACKED_MAX_SEQLEN",
+    "SEPARATES_PACKED_SAMPLES",
     "mask_sample_starts",
     "segment_layout",
+    "separates_packed_samples",
 ]

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import time
 import traceback
 import warnings
@@ -43,14 +42,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionft.engine.options import EngineOptions
 from visionft.model.architectures import get_arch_spec
-from visionft.patching import hf_model, patch_report, static_inputs
+from visionft.patching import PatchReport, hf_model, static_inputs
 
 logger = logging.getLogger("visionft.engine.cuda_graphs")
-
-#: ``VISIONFT_SYNC_DEBUG=1`` logs, with its Python stack, every host-device sync of the last eager
-#: step before a capture: each one is a place a capture would fail.
-SYNC_DEBUG_ENV = "VISIONFT_SYNC_DEBUG"
 
 
 @contextlib.contextmanager
@@ -70,8 +66,14 @@ def _report_syncs() -> Iterator[None]:
             torch.cuda.set_sync_debug_mode(previous)
 
 
-def model_reason(model: nn.Module) -> str | None:
-    """Why ``model`` can't use graphed steps at all (None when it can)."""
+def model_reason(model: nn.Module, patch_report: PatchReport | None) -> str | None:
+    """Why ``model`` can't use graphed steps at all (None when it can).
+
+    Args:
+        model (nn.Module): the model being trained (PEFT wrapper or HF model).
+        patch_report (PatchReport | None): what ``visionft.patching.apply_optimizations`` did to it; None
+            when it did not run.
+    """
     hf = hf_model(model)
     model_type = getattr(getattr(hf, "config", None), "model_type", type(hf).__name__)
     spec = get_arch_spec(model_type)
@@ -82,8 +84,7 @@ def model_reason(model: nn.Module) -> str | None:
         return "no trainable parameters"
     if param.device.type != "cuda":
         return f"parameters are on {param.device.type}, and CUDA graphs need CUDA"
-    report = patch_report(model)
-    if report is None or not report.counts.get("static_inputs"):
+    if patch_report is None or not patch_report.counts.get("static_inputs"):
         return "the optimizations are off (visionft.patching did not install the static-input hooks)"
     dropouts = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
     if dropouts:
@@ -108,6 +109,10 @@ class CudaGraphTrainStep:
     Args:
         model (nn.Module): the model being trained (PEFT wrapper or HF model), after
             ``visionft.patching.apply_optimizations``.
+        patch_report (PatchReport | None): what ``apply_optimizations`` did to ``model`` (graphs need its
+            static-input hooks); None when it did not run.
+        options (EngineOptions | None): the engine's switches (``sync_debug``); None for the defaults.
+            Default: None.
         warmup (int): eager steps per signature before capturing it. Default: 2.
         max_graphs (int): signatures to capture; later ones run eagerly. Default: 4.
         autocast_dtype (torch.dtype | None): the autocast dtype of the forward, None for none.
@@ -117,6 +122,9 @@ class CudaGraphTrainStep:
     def __init__(
         self,
         model: nn.Module,
+        patch_report: PatchReport | None,
+        *,
+        options: EngineOptions | None = None,
         warmup: int = 2,
         max_graphs: int = 4,
         autocast_dtype: torch.dtype | None = torch.bfloat16,
@@ -128,7 +136,8 @@ class CudaGraphTrainStep:
         self.warmup = warmup
         self.max_graphs = max_graphs
         self.autocast_dtype = autocast_dtype
-        self.disabled = model_reason(model)
+        self.options = options or EngineOptions()
+        self.disabled = model_reason(model, patch_report)
         self.captured = 0
         self.replays = 0
         self.eager_steps = 0
@@ -181,7 +190,7 @@ class CudaGraphTrainStep:
                 return self._eager({**batch, **extra}, None, loss_scale)
             if sig.warm < self.warmup:
                 sig.warm += 1
-                if sig.warm == self.warmup and os.environ.get(SYNC_DEBUG_ENV) == "1":
+                if sig.warm == self.warmup and self.options.sync_debug:
                     with _report_syncs():
                         return self._eager(batch, plan, loss_scale)
                 return self._eager(batch, plan, loss_scale)

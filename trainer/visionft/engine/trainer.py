@@ -1,6 +1,7 @@
 """TRL's ``SFTTrainer`` with this engine's training step.
 
-Two changes, both active only when ``visionft.patching`` optimized the model (``training.optimizations``):
+Two changes, both decided by what the run passes in: the engine's switches (``engine_options``, a
+``visionft.engine.options.EngineOptions``) and what ``visionft.patching`` did to the model (``patch_report``):
 
 - ``training_step`` runs forward and backward through ``visionft.engine.cuda_graphs.CudaGraphTrainStep``
   (graph replays where the batch signature allows, eager otherwise). It keeps the Trainer's own
@@ -14,46 +15,39 @@ Two changes, both active only when ``visionft.patching`` optimized the model (``
   DDP's wrapper stays for its start-up broadcast and for evaluation, with its reducer detached
   (``grad_sync.detach_ddp_reducer``: it would break graph captures). This holds on CPU (gloo) too,
   where the steps are eager, so CI runs the same code path. It steps aside (the Trainer's own step,
-  with one log line saying why) for a custom ``compute_loss_func`` and when ``VISIONFT_CUDA_GRAPHS=0``;
-  in a single process also where graphs are unavailable (e.g. on CPU).
-- bitsandbytes' 8-bit AdamW becomes ``visionft.engine.optim``'s, which skips the device sync after every
-  parameter (same updates and state).
+  with one log line saying why) when the optimizations are off, for a custom ``compute_loss_func`` and
+  when ``VISIONFT_CUDA_GRAPHS=0``; in a single process also where graphs are unavailable (e.g. on CPU).
+- where kernels were swapped in, bitsandbytes' 8-bit AdamW becomes ``visionft.engine.optim``'s, which
+  skips the device sync after every parameter (same updates and state).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-logger = logging.getLogger("visionft.engine.trainer")
+from visionft.engine.options import GRAPHS_ENV, EngineOptions
 
-#: ``VISIONFT_CUDA_GRAPHS=0`` keeps the optimizations but runs every step eagerly.
-GRAPHS_ENV = "VISIONFT_CUDA_GRAPHS"
+if TYPE_CHECKING:  # pragma: no cover
+    from visionft.patching import PatchReport
 
-
-def _optimized(model: torch.nn.Module) -> bool:
-    """Whether ``visionft.patching`` swapped kernels into ``model``."""
-    from visionft.patching import patch_report
-
-    report = patch_report(model)
-    return bool(report is not None and report.enabled)
-
-
-def _optimizations_requested(model: torch.nn.Module) -> bool:
-    """Whether the optimizations were switched on for ``model``, even where no kernel could run."""
-    from visionft.patching import patch_report
-
-    report = patch_report(model)
-    return bool(report is not None and report.requested)
+logger = logging.getLogger(__name__)
 
 
 @functools.cache
 def vision_sft_trainer_class() -> type:
-    """The ``SFTTrainer`` subclass (built on first use, so that importing this module needs no TRL)."""
+    """The ``SFTTrainer`` subclass (built on first use, so that importing this module needs no TRL).
+
+    Its constructor takes TRL's arguments and two of its own, by keyword:
+
+    - ``engine_options`` (``EngineOptions | None``): the engine's switches; None resolves them from the
+      environment alone;
+    - ``patch_report`` (``PatchReport | None``): what ``visionft.patching.apply_optimizations`` did to the
+      model; None when it did not run (the Trainer's own steps then).
+    """
     from trl import SFTTrainer
 
     class VisionSFTTrainer(SFTTrainer):
@@ -63,9 +57,20 @@ def vision_sft_trainer_class() -> type:
         _graph_off: str | None = None
         _grad_sync: Any = None
 
+        def __init__(
+            self,
+            *args: Any,
+            engine_options: EngineOptions | None = None,
+            patch_report: PatchReport | None = None,
+            **kwargs: Any,
+        ) -> None:
+            self.engine_options = engine_options or EngineOptions.resolve()
+            self.patch_report = patch_report
+            super().__init__(*args, **kwargs)
+
         def create_optimizer(self, *args, **kwargs):
             optimizer = super().create_optimizer(*args, **kwargs)
-            if _optimized(self.model):
+            if self.patch_report is not None and self.patch_report.enabled:
                 from visionft.engine.optim import remove_per_parameter_sync
 
                 if remove_per_parameter_sync(optimizer):
@@ -87,7 +92,9 @@ def vision_sft_trainer_class() -> type:
                 from visionft.engine.cuda_graphs import CudaGraphTrainStep
 
                 dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-                self._graph_step = CudaGraphTrainStep(self.model, autocast_dtype=dtype)
+                self._graph_step = CudaGraphTrainStep(
+                    self.model, self.patch_report, options=self.engine_options, autocast_dtype=dtype
+                )
                 if self.accelerator.num_processes > 1:
                     from visionft.engine.grad_sync import FlatGradientAllReduce
 
@@ -105,10 +112,12 @@ def vision_sft_trainer_class() -> type:
             return self._graph_step
 
         def _own_step_unavailable(self) -> str | None:
-            if os.environ.get(GRAPHS_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+            if not self.engine_options.cuda_graphs:
                 return f"{GRAPHS_ENV}=0"
-            if not _optimizations_requested(self.model):
+            if not self.engine_options.optimizations:
                 return "the optimizations are off (training.optimizations)"
+            if self.patch_report is None:
+                return "no patch report (pass patch_report=visionft.patching.apply_optimizations(model))"
             if self.compute_loss_func is not None:
                 return "a compute_loss_func is set"
             return None
@@ -146,4 +155,4 @@ def vision_sft_trainer_class() -> type:
     return VisionSFTTrainer
 
 
-__all__ = ["GRAPHS_ENV", "vision_sft_trainer_class"]
+__all__ = ["vision_sft_trainer_class"]

@@ -6,9 +6,11 @@ The steps, top to bottom in ``train``:
    ``runtime.workDir`` (``visionft.storage``); ``builtin://`` ones are generated there
    (``visionft.job.builtin``);
 2. load the model (``FastVisionModel.from_pretrained``) and add LoRA (``get_peft_model``) as the recipe says,
-   then the optional fused kernels (``training.optimizations``);
+   then the optional fused kernels; the engine's switches (``EngineOptions``: ``training.optimizations``,
+   ``training.packing`` and the environment) are resolved once, before, and passed on from here;
 3. load the dataset, split off validation, build the ``VisionDataCollator`` (with ``training.packing``, one
-   row per batch without padding; refused right after loading for architectures other than Qwen2-VL/2.5-VL);
+   row per batch without padding: decided right after loading, refused for architectures whose family does
+   not pack, and the packed attention installed once the kernels are in);
 4. score ``dataset.evalSamples`` held-out samples (exact-match accuracy), train with TRL's ``SFTTrainer``
    (checkpoints every ``checkpointEverySteps``, resuming from the newest complete one), score again;
 5. save adapters or merged weights, the loss curve (``loss.png``) and ``run.json`` (the summary, written
@@ -86,6 +88,7 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     """
     t0, cpu0 = time.monotonic(), time.process_time()
     from visionft.engine import distributed
+    from visionft.engine.options import EngineOptions
     from visionft.job.reporting import ProgressCallback, StatusReporter
 
     # Under torchrun every rank runs this function; only rank 0 reports, scores and writes outputs.
@@ -95,6 +98,7 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     reporter = StatusReporter(target.namespace, target.name) if target and main else None
     progress = ProgressCallback(json_lines=config.runtime.json_progress and main, reporter=reporter)
     work = Path(config.runtime.work_dir)
+    options = EngineOptions.from_recipe(config.training)
 
     _check_builtin_format(config)
     progress.stage("Downloading")
@@ -110,9 +114,9 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     progress.stage("Loading")
-    model, processor = _load_model(config, model_dir)
+    model, processor, patch_report = _load_model(config, model_dir, options)
     train_set, eval_set = _load_data(config, dataset_dir)
-    collator = _collator(config, model, processor, dataset_dir)
+    collator = _collator(config, model, processor, dataset_dir, options)
     result = RunResult(output_dir=str(output_dir))
 
     n_eval = min(config.dataset.eval_samples, len(eval_set)) if eval_set is not None else 0
@@ -125,7 +129,9 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
         result.accuracy_before, result.eval_samples = before.value, before.total
         echo(f"held-out accuracy before training: {before}")
 
-    trainer = _trainer(config, model, processor, train_set, collator, output_dir, progress)
+    trainer = _trainer(
+        config, model, processor, train_set, collator, output_dir, progress, options, patch_report
+    )
     distributed.barrier()  # each node's local main has fetched the newest S3 checkpoint by now
     resume = _newest_checkpoint(output_dir / "checkpoints")
     if resume:
@@ -211,7 +217,9 @@ def _upload(config: TrainerConfig, output_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
-def _load_model(config: TrainerConfig, model_dir: Path):
+def _load_model(config: TrainerConfig, model_dir: Path, options):
+    """The model with LoRA and (as ``options`` say) the kernels and the packed attention, its processor,
+    and the ``PatchReport`` of the kernels."""
     from visionft import FastVisionModel
     from visionft.engine import distributed
 
@@ -225,7 +233,7 @@ def _load_model(config: TrainerConfig, model_dir: Path):
         dtype=None if m.dtype == "auto" else m.dtype,
         trust_remote_code=m.trust_remote_code,
     )
-    _check_packing(config, model)
+    _check_packing(options, model)
     targets: Any = lora.target_modules_regex or (
         "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
     )
@@ -246,27 +254,25 @@ def _load_model(config: TrainerConfig, model_dir: Path):
         use_gradient_checkpointing=checkpointing,
         random_state=t.seed,
     )
-    _apply_optimizations(model, t.optimizations)
-    return model, processor
+    from visionft import patching
+
+    patch_report = patching.apply_optimizations(model, optimizations=options.optimizations)
+    logger.info("visionft: optimizations=%s: %s", options.optimizations, patch_report)
+    if options.packing:
+        # Without it each sample of a packed row would attend to the samples before it.
+        patching.enable_packing(model)
+    return model, processor, patch_report
 
 
-def _check_packing(config: TrainerConfig, model) -> None:
-    """training.packing needs an architecture with a packed attention: refused right after loading."""
-    if not config.training.packing:
+def _check_packing(options, model) -> None:
+    """training.packing needs an architecture whose family packs: refused right after loading."""
+    if not options.packing:
         return
     from visionft.model.architectures import packing_unsupported_reason
 
     reason = packing_unsupported_reason(getattr(model.config, "model_type", None))
     if reason:
         raise ConfigError(f"training.packing: {reason}; set training.packing to false")
-
-
-def _apply_optimizations(model, enabled: bool) -> None:
-    """Swaps in the fused kernels (visionft.patching), or records that the plain modules run."""
-    from visionft import patching
-
-    report = patching.apply_optimizations(model, optimizations=enabled)
-    logger.info("visionft: optimizations=%s: %s", enabled, report)
 
 
 def _load_data(config: TrainerConfig, dataset_dir: Path):
@@ -279,7 +285,7 @@ def _load_data(config: TrainerConfig, dataset_dir: Path):
     return train_set, eval_set
 
 
-def _collator(config: TrainerConfig, model, processor, dataset_dir: Path):
+def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, options):
     from visionft.data.collator import VisionDataCollator
     from visionft.data.formats import MessagesFormatter
 
@@ -294,7 +300,7 @@ def _collator(config: TrainerConfig, model, processor, dataset_dir: Path):
         on_bad_sample=d.on_bad_sample,
         dataset_root=root,
         formatter=MessagesFormatter(d.columns, d.instruction),
-        packing=config.training.packing,
+        packing=options.packing,
     )
 
 
@@ -324,7 +330,17 @@ def _optimizer(name: str) -> str:
     return "adamw_torch"
 
 
-def _trainer(config: TrainerConfig, model, processor, train_set, collator, output_dir: Path, progress):
+def _trainer(
+    config: TrainerConfig,
+    model,
+    processor,
+    train_set,
+    collator,
+    output_dir: Path,
+    progress,
+    options,
+    patch_report,
+):
     import torch
     from trl import SFTConfig
 
@@ -379,6 +395,8 @@ def _trainer(config: TrainerConfig, model, processor, train_set, collator, outpu
         data_collator=collator,
         processing_class=processor,
         callbacks=callbacks,
+        engine_options=options,
+        patch_report=patch_report,
     )
     # Every node's local main fetches the newest complete S3 checkpoint (in the callback's constructor), so
     # that all ranks resume from one step; only rank 0 uploads new ones. Added after the RNG callback

@@ -24,10 +24,11 @@ Which architecture gets which patch set is its family's entry in ``visionft.mode
 
 Packed rows need that last swap for correctness, not speed: ``enable_packing(model)`` installs it on
 its own when the optimizations are off or can't run (kept in a separate report, also undone by
-``revert_optimizations``); ``VisionDataCollator(..., packing=True)`` calls it.
+``revert_optimizations``). A run calls it once, after loading (``visionft.job.run``);
+``VisionDataCollator(..., packing=True)`` refuses a model without it.
 
-The one switch: ``apply_optimizations(model, optimizations=False)``, or the environment variable
-``VISIONFT_DISABLE_KERNELS=1``, leaves the model plain. Architectures without a patch set, an
+The one switch: ``apply_optimizations(model, optimizations=False)`` leaves the model plain (a run resolves
+it from ``training.optimizations`` and the environment: ``visionft.engine.options``). Architectures without a patch set, an
 unsupported transformers release, or a device where Triton cannot run (CPU without
 ``TRITON_INTERPRET=1``) also leave it plain; each case logs one line saying so.
 """
@@ -43,11 +44,9 @@ from torch import nn
 from visionft.model.architectures import get_arch_spec, packing_unsupported_reason
 from visionft.patching import packed_attention
 from visionft.patching.core import (
-    DISABLE_ENV,
     PatchReport,
     kernels_can_run,
     logger,
-    optimizations_enabled,
     transformers_supported,
 )
 
@@ -79,12 +78,12 @@ def _hf_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def apply_optimizations(model: nn.Module, optimizations: bool | None = None, **kinds: bool) -> PatchReport:
+def apply_optimizations(model: nn.Module, optimizations: bool = True, **kinds: bool) -> PatchReport:
     """Swaps the fused kernels into ``model`` (an HF model or its PEFT wrapper); idempotent.
 
     Args:
         model (nn.Module): the loaded model, after ``get_peft_model`` if LoRA is used.
-        optimizations (bool | None): the switch; None reads ``VISIONFT_DISABLE_KERNELS``. Default: None.
+        optimizations (bool): the switch; False leaves the model plain. Default: True.
         **kinds (bool): turn single kinds off: ``rope``, ``rms_norm``, ``glu``, ``lora``, ``fused_loss``,
             ``vision_attention``, ``offload_embeddings``, ``static_inputs`` (the hooks ``visionft.engine.cuda_graphs`` uses),
             ``packed_attention``.
@@ -100,9 +99,11 @@ def apply_optimizations(model: nn.Module, optimizations: bool | None = None, **k
         previous.revert()
     report = PatchReport(model_type=model_type)
     object.__setattr__(hf, _REPORT_ATTR, report)
-    if not optimizations_enabled(optimizations):
+    if not optimizations:
         report.requested = False
-        report.skipped.append(f"optimizations switched off ({DISABLE_ENV} or optimizations=False)")
+        report.skipped.append(
+            "optimizations switched off (optimizations=False: training.optimizations or VISIONFT_DISABLE_KERNELS)"
+        )
     elif (apply := patch_set(model_type)) is None:
         report.skipped.append(f"no patch set for model_type={model_type!r}; using the plain modules")
     else:
@@ -179,7 +180,6 @@ __all__ = [
     "apply_optimizations",
     "enable_packing",
     "hf_model",
-    "optimizations_enabled",
     "patch_report",
     "patch_set",
     "revert_optimizations",

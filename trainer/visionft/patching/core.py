@@ -1,11 +1,10 @@
-"""The bookkeeping every patch goes through: the on/off switch, the record of what was swapped
-(so ``revert`` undoes exactly that), the device and version checks, and the one log line."""
+"""The bookkeeping every patch goes through: the record of what was swapped (so ``revert`` undoes exactly
+that), the device and version checks, and the one log line."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,20 +15,10 @@ from visionft.kernels._utils import interpret_mode
 
 logger = logging.getLogger("visionft.patching")
 
-#: Environment switch: ``VISIONFT_DISABLE_KERNELS=1`` turns every optimization off.
-DISABLE_ENV = "VISIONFT_DISABLE_KERNELS"
-
 #: transformers releases whose module layouts the patches were written and tested against.
 TRANSFORMERS_SUPPORTED = ((5, 17), (5, 23))
 
 _MISSING = object()
-
-
-def optimizations_enabled(optimizations: bool | None = None) -> bool:
-    """The one switch: an explicit ``optimizations`` wins, else on unless ``VISIONFT_DISABLE_KERNELS`` is set."""
-    if optimizations is not None:
-        return bool(optimizations)
-    return os.environ.get(DISABLE_ENV, "0").strip().lower() in ("", "0", "false", "no", "off")
 
 
 def kernels_can_run(device: torch.device) -> bool:

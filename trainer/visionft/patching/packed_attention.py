@@ -35,14 +35,12 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from visionft.data.packing import PACKED_CU_SEQLENS, PACKED_MAX_SEQLEN
+from visionft.data.packing import PACKED_CU_SEQLENS, PACKED_MAX_SEQLEN, SEPARATES_PACKED_SAMPLES
 from visionft.patching.core import PatchReport
 from visionft.patching.segments import pad_segments, segment_attention
 
 #: Text attention classes of the covered architectures (transformers 5.17 - 5.23).
 TEXT_ATTENTION_CLASSES = ("Qwen2VLAttention", "Qwen2_5_VLAttention")
-
-_MARK = "_visionft_packed_attention"
 
 
 @functools.cache
@@ -155,7 +153,7 @@ def _make_forward(orig: Callable, modeling: ModuleType) -> Callable:
             )
         return _packed_forward(self, modeling, hidden_states, kwargs)
 
-    setattr(forward, _MARK, True)
+    setattr(forward, SEPARATES_PACKED_SAMPLES, True)
     return forward
 
 
@@ -164,7 +162,7 @@ def installed(hf_model: nn.Module) -> bool:
     found = False
     for module in hf_model.modules():
         if type(module).__name__ in TEXT_ATTENTION_CLASSES:
-            if not getattr(getattr(module.forward, "__func__", None), _MARK, False):
+            if not getattr(getattr(module.forward, "__func__", None), SEPARATES_PACKED_SAMPLES, False):
                 return False
             found = True
     return found
