@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from visionft.data.collator import IGNORE_INDEX, VisionDataCollator, patch_multiple
-from visionft.data.images import BadSampleError
+from visionft.data.errors import BadSampleError
 from visionft.testing.tiny import TINY_ARCHS, build_tiny_vlm, tiny_image
 
 from .test_images import huge_png, png_bytes, truncated_jpeg

@@ -8,6 +8,7 @@ import json
 import datasets
 import pytest
 from visionft.data.collator import VisionDataCollator
+from visionft.data.errors import BadSampleError
 from visionft.data.formats import (
     MessagesFormatter,
     detect_format,
@@ -15,7 +16,6 @@ from visionft.data.formats import (
     split_validation,
     to_messages,
 )
-from visionft.data.images import BadSampleError
 from visionft.data.synthetic import COLOURS, make_shapes_dataset
 from visionft.testing.tiny import build_tiny_vlm
 

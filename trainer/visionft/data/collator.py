@@ -49,7 +49,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from visionft.data.images import BadSampleError, ImageLimits, ImageLoader, fit_to_budget
+from visionft.data.errors import BadSampleError
+from visionft.data.images import ImageLimits, ImageLoader, fit_to_budget
 from visionft.data.packing import (
     PACKED_CU_SEQLENS,
     mask_sample_starts,

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from visionft.data.images import BadSampleError
+from visionft.data.errors import BadSampleError
 
 FORMATS = ("jsonl", "json", "parquet", "arrow", "imagefolder")
 _EXTENSIONS = {"jsonl": (".jsonl",), "json": (".json",), "parquet": (".parquet",)}

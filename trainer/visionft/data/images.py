@@ -4,80 +4,43 @@ Accepted sources: a ``PIL.Image``, raw ``bytes``, a ``{"bytes": ..., "path": ...
 ``datasets`` Image column), a ``data:`` URI, a local path, an ``https://`` URL (``http://`` only when allowed)
 and an ``s3://`` URI (read through ``visionft.storage``).
 
-The loader is the trainer's boundary with untrusted data (issue 8), so its rules are strict by default:
+The loader is the trainer's boundary with untrusted data, so its rules are strict by default:
 
 - Schemes: ``s3://``, ``https://`` and ``data:`` only; ``http://`` only with ``allow_http=True``. ``file://``
   and every other scheme are rejected, so a dataset cannot name files outside its own folder through a URL.
 - Local paths: relative paths are resolved against the dataset root, and the fully resolved path (``..``
   and symlinks followed) must stay inside it. With ``dataset_root=None`` the caller vouches for its paths
   (the Python API on one's own data); the CLI always sets the root to the dataset folder.
-- URLs: the host is resolved first and every address is checked. Loopback, link-local (which covers the
-  cloud metadata service 169.254.169.254), the AWS IPv6 metadata address fd00:ec2::254, unspecified,
-  multicast and reserved addresses are always refused. Private ranges (RFC 1918, IPv6 ULA, carrier-grade
-  NAT) are refused too unless ``allow_private_networks=True``: a dataset URL pointing into the cluster
-  network is how server-side request forgery reaches internal services, so reaching it is an explicit
-  opt-in. The connection then goes to the checked address itself (TLS still verifies the host name), so a
-  second DNS answer cannot swap in another address between check and use. Redirects are followed at most
-  three times, each target checked the same way.
-- Every fetch has a time-out (connect and each read) and a byte limit, read in chunks, so a slow or endless
-  response cannot hang or exhaust the trainer.
+- URLs go through ``visionft.data.fetch.GuardedFetch``: public addresses only (private networks by explicit
+  opt-in), checked after DNS and connected to as checked, with a time-out and a byte limit.
 - Decompression bombs: the image header is read first (``Image.open`` decodes nothing) and ``width x
   height`` is checked against ``max_decode_pixels`` before any pixel is decoded; PIL's own
   ``MAX_IMAGE_PIXELS`` guard is set to the same limit as a second line. Truncated or corrupt files raise.
 
-Every failure is a ``BadSampleError`` whose message names the sample, the field and the fix.
+Every failure is a ``BadSampleError`` (``visionft.data.errors``) whose message names the sample, the field
+and the fix.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import http.client
 import io
-import ipaddress
 import math
 import os
-import socket
-import ssl
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_to_bytes, urljoin, urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from PIL import Image, UnidentifiedImageError
 
+from visionft.data.errors import BadSampleError
+from visionft.data.fetch import GuardedFetch, short_url
+
 # The AWS metadata service's IPv6 address is inside the ULA range, so "private" would not catch it alone.
-_METADATA_ADDRESSES = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
-_MAX_REDIRECTS = 3
-_CHUNK = 64 * 1024
-
-
-class BadSampleError(ValueError):
-    """A sample that cannot be used: a broken or refused image, a malformed record, or one that is too long.
-
-    Attributes:
-        index (int | None): the sample's index in the batch source (dataset index when known).
-        field (str): which part of the sample is at fault, e.g. ``"messages[0].content[1].image"``.
-        reason (str): what is wrong and how to fix it.
-    """
-
-    def __init__(self, reason: str, index: int | None = None, field: str = "sample"):
-        self.index = index
-        self.field = field
-        self.reason = reason
-        super().__init__(self._message())
-
-    def _message(self) -> str:
-        where = f"sample {self.index}" if self.index is not None else "sample"
-        return f"{where}, field {self.field}: {self.reason}"
-
-    def at(self, index: int | None, field: str | None = None) -> BadSampleError:
-        """Returns the same error located at ``index`` (and ``field``), for callers that know them."""
-        return BadSampleError(
-            self.reason, index=index if index is not None else self.index, field=field or self.field
-        )
 
 
 @dataclass(frozen=True)
@@ -147,7 +110,14 @@ class ImageLoader:
         self.root = Path(dataset_root).resolve() if dataset_root is not None else None
         self.limits = limits or ImageLimits()
         self._s3 = s3_reader or _StorageS3Reader()
-        self._resolve = resolver or socket.getaddrinfo
+        #: The guarded GET that ``https://`` (and allowed ``http://``) images go through.
+        self.fetch = GuardedFetch(
+            self.limits.max_bytes,
+            self.limits.timeout_s,
+            allow_http=self.limits.allow_http,
+            allow_private_networks=self.limits.allow_private_networks,
+            resolver=resolver,
+        )
 
     # ---------------------------------------------------------------------------------------------
     # Entry point
@@ -200,13 +170,13 @@ class ImageLoader:
         if scheme in ("https", "http"):
             if scheme == "http" and not self.limits.allow_http:
                 raise BadSampleError(
-                    f"{_short(source)} uses http://, which is refused by default; use https:// or s3://, "
+                    f"{short_url(source)} uses http://, which is refused by default; use https:// or s3://, "
                     "or allow plain HTTP explicitly"
                 )
-            return self._read_url(source)
+            return self.fetch.get(source)
         if scheme:
             raise BadSampleError(
-                f"{_short(source)} uses the unsupported scheme {scheme}://; images may be s3://, https://, "
+                f"{short_url(source)} uses the unsupported scheme {scheme}://; images may be s3://, https://, "
                 "data: URIs or paths inside the dataset folder"
             )
         return self._read_local(source)
@@ -277,116 +247,6 @@ class ImageLoader:
         except Exception as err:  # the storage layer's errors vary (botocore, network); report them uniformly
             raise BadSampleError(f"{uri} could not be read from S3 ({type(err).__name__}: {err})") from err
         return self._bounded(data, f"{uri}'s bytes")
-
-    # ---------------------------------------------------------------------------------------------
-    # URLs
-    # ---------------------------------------------------------------------------------------------
-
-    def check_host(self, host: str, port: int) -> str:
-        """Resolves ``host`` and returns one address that passes the rules (the one to connect to).
-
-        Raises:
-            BadSampleError: the name does not resolve, or any of its addresses is refused. Any refused
-                address fails the whole name, since a resolver may hand out a different one next time.
-        """
-        try:
-            # An address literal needs no resolver (and must not be sent to one as a name).
-            literal = ipaddress.ip_address(host.strip("[]"))
-            infos = [(0, socket.SOCK_STREAM, 0, "", (str(literal), port))]
-        except ValueError:
-            infos = None
-        try:
-            infos = infos or self._resolve(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as err:
-            raise BadSampleError(f"host {host!r} does not resolve ({err}); check the URL") from err
-        addresses = []
-        for info in infos:
-            addr = ipaddress.ip_address(info[4][0].split("%")[0])
-            reason = self.refusal(addr)
-            if reason:
-                raise BadSampleError(
-                    f"host {host!r} resolves to {addr}, {reason}; image URLs must reach public servers "
-                    "(private networks need an explicit allow)"
-                )
-            addresses.append(str(addr))
-        if not addresses:
-            raise BadSampleError(f"host {host!r} resolves to no address; check the URL")
-        return addresses[0]
-
-    def refusal(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-        """Why ``addr`` may not be fetched from, or None when it may."""
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        if addr in _METADATA_ADDRESSES:
-            return "the cloud metadata service"
-        for test, name in (
-            (addr.is_loopback, "a loopback address"),
-            (addr.is_link_local, "a link-local address"),
-            (addr.is_unspecified, "the unspecified address"),
-            (addr.is_multicast, "a multicast address"),
-        ):
-            if test:
-                return name
-        if addr.is_global:
-            return None
-        if addr.is_reserved:
-            return "a reserved address"
-        if addr.is_private or addr in ipaddress.ip_network("100.64.0.0/10"):
-            return None if self.limits.allow_private_networks else "a private-network address"
-        return "a reserved address"
-
-    def _read_url(self, url: str) -> bytes:
-        for _ in range(_MAX_REDIRECTS + 1):
-            parts = urlsplit(url)
-            scheme = parts.scheme.lower()
-            if scheme not in ("https", "http") or (scheme == "http" and not self.limits.allow_http):
-                raise BadSampleError(f"{_short(url)}: redirect to a refused scheme {scheme}://")
-            if not parts.hostname:
-                raise BadSampleError(f"{_short(url)} has no host name; fix the URL")
-            port = parts.port or (443 if scheme == "https" else 80)
-            ip = self.check_host(parts.hostname, port)
-            conn: http.client.HTTPConnection
-            if scheme == "https":
-                conn = _PinnedHTTPSConnection(parts.hostname, ip, port, timeout=self.limits.timeout_s)
-            else:
-                conn = _PinnedHTTPConnection(parts.hostname, ip, port, timeout=self.limits.timeout_s)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            try:
-                conn.request("GET", target, headers={"Host": parts.netloc, "User-Agent": "visionft-trainer"})
-                response = conn.getresponse()
-                if response.status in (301, 302, 303, 307, 308):
-                    location = response.getheader("Location")
-                    if not location:
-                        raise BadSampleError(f"{_short(url)} redirects without a Location header")
-                    url = urljoin(url, location)
-                    continue
-                if response.status != 200:
-                    raise BadSampleError(f"{_short(url)} answered HTTP {response.status}; check the URL")
-                length = response.getheader("Content-Length")
-                if length and length.isdigit() and int(length) > self.limits.max_bytes:
-                    raise BadSampleError(
-                        f"{_short(url)} is {length} bytes, over the {self.limits.max_bytes}-byte limit"
-                    )
-                return self._read_body(response, url)
-            except (OSError, http.client.HTTPException) as err:
-                raise BadSampleError(
-                    f"{_short(url)} could not be fetched ({type(err).__name__}: {err}); check the URL and "
-                    "that the server answers within the time-out"
-                ) from err
-            finally:
-                conn.close()
-        raise BadSampleError(f"{_short(url)} redirects more than {_MAX_REDIRECTS} times")
-
-    def _read_body(self, response: http.client.HTTPResponse, url: str) -> bytes:
-        chunks, total = [], 0
-        while True:
-            chunk = response.read(_CHUNK)
-            if not chunk:
-                return b"".join(chunks)
-            total += len(chunk)
-            if total > self.limits.max_bytes:
-                raise BadSampleError(f"{_short(url)} sends more than the {self.limits.max_bytes}-byte limit")
-            chunks.append(chunk)
 
     # ---------------------------------------------------------------------------------------------
     # Decoding
@@ -495,32 +355,3 @@ def _round_to(value: float, multiple: int, down: bool) -> int:
     if multiple <= 1:
         return max(1, int(value) if down else round(value))
     return int(value // multiple) * multiple if down else round(value / multiple) * multiple
-
-
-def _short(url: str) -> str:
-    """The URL without its query string, which may carry signatures (presigned URLs)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.scheme else url[:200]
-
-
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to an already checked address instead of resolving the host name again."""
-
-    def __init__(self, host: str, ip: str, port: int, timeout: float):
-        super().__init__(host, port, timeout=timeout)
-        self._ip = ip
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self._ip, self.port), timeout=self.timeout)
-
-
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to an already checked address; the certificate is still verified against the host name."""
-
-    def __init__(self, host: str, ip: str, port: int, timeout: float):
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self._ip = ip
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self._ip, self.port), timeout=self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from visionft.data.images import BadSampleError
+from visionft.data.errors import BadSampleError
 
 _ROLES = ("system", "user", "assistant")
 # Keys under which an image part may carry its reference (OpenAI-style image_url included).

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).info(note)
     config = loaded.config
 
-    from visionft.data.images import BadSampleError
+    from visionft.data.errors import BadSampleError
     from visionft.job.run import ConfigError, train
 
     try:

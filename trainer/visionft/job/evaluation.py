@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from visionft.data.images import BadSampleError
+from visionft.data.errors import BadSampleError
 
 logger = logging.getLogger(__name__)
 
