@@ -1,4 +1,4 @@
-"""DDP throughput scaling of a random-weight Qwen2.5-VL-7B-shaped QLoRA from 1 to 2 GPUs (issue 9).
+"""DDP throughput scaling of a random-weight Qwen2.5-VL-7B-shaped QLoRA from 1 to 2 GPUs.
 
     python bench/ddp_scaling.py --model-dir /tmp/vft-qwen25vl-7b --workload headline \
         --gpus 1,2 --log ddp_scaling.log --json ddp_scaling.json
@@ -21,7 +21,7 @@ checkpointing) and runs a visible loop: forward, backward, gradient averaging, 8
 Weak scaling: every rank keeps the per-device batch of the workload, so N GPUs process N times the tokens
 per step. Reported per N: median s/step over the timed steps (the slowest rank's, after a barrier), the
 job's tokens/s (sum over ranks, ``visionft.engine.distributed.aggregate_tokens_per_second``), peak memory per
-rank; then scaling = tokens/s(N) / tokens/s(1). The goal (issue 9) is >= 1.8x at N=2.
+rank; then scaling = tokens/s(N) / tokens/s(1). The goal is >= 1.8x at N=2.
 
 Each rank uses the same batch content (``qlora_step.make_batch``, seed 0): throughput does not depend on
 the values, and the ranks' gradients still all-reduce in full.

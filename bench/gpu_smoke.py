@@ -1,4 +1,4 @@
-"""GPU acceptance smoke test (issue 3): 4-bit load, LoRA and 10 steps on a ~2B-shaped random Qwen2.5-VL.
+"""GPU acceptance smoke test: 4-bit load, LoRA and 10 steps on a ~2B-shaped random Qwen2.5-VL.
 
 Run on the GPU host (not in CI):
 

@@ -1,4 +1,4 @@
-"""The repository's three structural rules (issue 2): no module shadows the standard library's `operator`,
+"""The repository's three structural rules: no module shadows the standard library's `operator`,
 the schema and the operator import without torch, and the schema has one source of truth."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Condition types and reasons of a VisionFineTune, in one module.
 
-The three kstatus types (Ready, Reconciling, Stalled) let Flux, Argo CD and `kubectl wait` read the state
+The three kstatus types (Ready, Reconciling, Stalled) let Flux, Argo CD and ``kubectl wait`` read the state
 without custom code. The domain types say why: whether the run was admitted to start, whether it finished.
 Reasons are CamelCase and grouped by the condition they belong to.
 """

@@ -1,10 +1,10 @@
 """Generate the VisionFineTune CustomResourceDefinition from the pydantic models.
 
-`python -m visionft_api.crd --write` regenerates crds/visionft.io_visionfinetunes.yaml (and the copy in the
-Helm chart); `tests/api/test_crd_sync.py` fails when the committed files differ from what this produces.
+``python -m visionft_api.crd --write`` regenerates crds/visionft.io_visionfinetunes.yaml (and the copy in the
+Helm chart); ``tests/api/test_crd_sync.py`` fails when the committed files differ from what this produces.
 
 Pydantic emits JSON Schema 2020-12; a CRD needs a *structural* OpenAPI v3 schema. The conversion inlines
-$refs, turns `X | None` into an optional `X`, maps numeric exclusive bounds to the OpenAPI 3.0 form, drops
+$refs, turns ``X | None`` into an optional ``X``, maps numeric exclusive bounds to the OpenAPI 3.0 form, drops
 titles, and keeps descriptions, defaults, enums, bounds, patterns and the CEL rules declared on the models.
 """
 

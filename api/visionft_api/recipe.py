@@ -1,13 +1,13 @@
 """The training recipe: what to fine-tune, on which data, how, and where results go.
 
 These models are the one source of truth for the VisionFineTune schema. The operator embeds them in the
-resource's `spec` (see `visionft_api.resource`), the CRD in crds/ is generated from them
-(`visionft_api.crd`), and the trainer CLI reads the same recipe from its config file. Each field carries one
+resource's ``spec`` (see ``visionft_api.resource``), the CRD in crds/ is generated from them
+(``visionft_api.crd``), and the trainer CLI reads the same recipe from its config file. Each field carries one
 plain sentence of documentation, which the generator copies into the CRD.
 
-Cross-field rules are declared twice on purpose, in one place: as CEL (`x-kubernetes-validations`, checked by
-the apiserver at admission) and as pydantic validators (checked by the trainer and the operator, which also
-see configs that never passed through an apiserver). `tests/api/test_rules.py` runs one table of malformed
+Cross-field rules are declared twice on purpose, in one place: as CEL (``x-kubernetes-validations``, checked
+by the apiserver at admission) and as pydantic validators (checked by the trainer and the operator, which also
+see configs that never passed through an apiserver). ``tests/api/test_rules.py`` runs one table of malformed
 specs through both.
 """
 
@@ -226,7 +226,8 @@ class LoraSettings(SpecModel):
 
 
 class DatasetColumns(SpecModel):
-    """Column names in the dataset. Either `messages`, or `image` + `response` (+ optional `instruction`)."""
+    """Column names in the dataset. Either ``messages``, or ``image`` + ``response`` (+ optional
+    ``instruction``)."""
 
     messages: str | None = Field(
         None, max_length=128, description="messages is a column of chat turns in the messages format."

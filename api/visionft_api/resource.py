@@ -1,8 +1,9 @@
 """The VisionFineTune resource: the recipe plus how to run it on a cluster, and the status it reports.
 
-`VisionFineTuneSpec` extends the trainer's `TrainingRecipe` with cluster concerns (GPUs, scheduling, retries,
-suspension). `VisionFineTuneStatus` is written by the operator (phase, conditions, attempts, restarts, times,
-outputs) and, for `progress` only, by the trainer pod through server-side apply with its own field manager.
+``VisionFineTuneSpec`` extends the trainer's ``TrainingRecipe`` with cluster concerns (GPUs, scheduling,
+retries, suspension). ``VisionFineTuneStatus`` is written by the operator (phase, conditions, attempts,
+restarts, times, outputs) and, for ``progress`` only, by the trainer pod through server-side apply with its
+own field manager.
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ IMMUTABLE_AFTER_START = (
 )
 """Spec fields that may not change once training has started (status.startTime is set): the recipe, and
 what is baked into the running Job's immutable pod template or spec (image, resources, backoffLimit).
-`suspend`, `runPolicy.activeDeadlineSeconds` and `runPolicy.ttlSecondsAfterFinished` stay mutable; the
+``suspend``, ``runPolicy.activeDeadlineSeconds`` and ``runPolicy.ttlSecondsAfterFinished`` stay mutable; the
 operator applies them to the live Job."""
 
 
@@ -262,7 +263,7 @@ def immutability_rules() -> list[JsonDict]:
     """Root-level CEL transition rules: the recipe can't change under a running or finished fine-tune.
 
     A dotted field (runPolicy.backoffLimit) is compared only when both old and new objects have its
-    parent, since CEL's `has()` errors on a missing parent."""
+    parent, since CEL's ``has()`` errors on a missing parent."""
     started = "!has(oldSelf.status) || !has(oldSelf.status.startTime)"
     rules = []
     for field in IMMUTABLE_AFTER_START:

@@ -2,8 +2,9 @@
 
 The operator renders this into the ConfigMap that the training pod mounts (no secrets: the pod's storage
 credentials arrive as environment variables from a secretKeyRef). The same file format drives a local run
-(`visionft-train config.yaml`); `visionft-train` also takes a VisionFineTune manifest, whose recipe it turns
-into this config with `TrainerConfig.from_recipe` (`visionft.job.config_file`), as the operator does.
+(``visionft-train config.yaml``); ``visionft-train`` also takes a VisionFineTune manifest, whose recipe it
+turns into this config with ``TrainerConfig.from_recipe`` (``visionft.job.config_file``), as the operator
+does.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ class RuntimeSettings(SpecModel):
 
 
 class TrainerConfig(TrainingRecipe):
-    """The whole config file of `visionft-train`."""
+    """The whole config file of ``visionft-train``."""
 
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings, description="runtime settings.")
 
     @classmethod
     def from_recipe(cls, recipe: TrainingRecipe, runtime: RuntimeSettings) -> TrainerConfig:
-        """The recipe part of ``recipe`` (a VisionFineTune spec carries cluster fields too) plus ``runtime``."""
+        """The recipe part of ``recipe`` (a VisionFineTune spec carries cluster fields too), plus
+        ``runtime``."""
         fields = {field.alias or name for name, field in TrainingRecipe.model_fields.items()}
         raw = {key: value for key, value in recipe.to_dict().items() if key in fields}
         raw["runtime"] = runtime.to_dict()

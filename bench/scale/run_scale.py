@@ -1,6 +1,6 @@
-"""Scale and fault-tolerance harness of the VisionFT operator on a real control plane with kwok (issue 10).
+"""Scale and fault-tolerance harness of the VisionFT operator on a real control plane with kwok.
 
-One command (the full run of issue 10, with the operator's default settings: about 5 min of wall clock on
+One command (the full run, with the operator's default settings: about 5 min of wall clock on
 a 2-core machine; results in bench/SCALE_RESULTS.md):
 
     .venv/bin/python bench/scale/run_scale.py --report /tmp/scale.md
@@ -36,7 +36,7 @@ default pytest run. What it does:
    reconciles and retries from its /metrics, summed over incarnations; and final-state consistency: every resource's phase against its Job's conditions and against the
    outcome that was injected, no orphan Jobs, no resource with more than one Job, no Job created twice.
 6. Writes a JSON summary and a Markdown report (--report, --json) and exits 0 only when every acceptance
-   criterion of issue 10 holds.
+   criterion holds.
 
 The run stops at --timeout seconds or at the wall-clock time --stop-at (HH:MM, UTC), whichever comes
 first, and reports what it reached.

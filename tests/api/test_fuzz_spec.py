@@ -1,4 +1,4 @@
-"""Fuzzing (issue 8): hypothesis mutates a valid spec (any field, any JSON value) and the operator's
+"""Fuzzing: hypothesis mutates a valid spec (any field, any JSON value) and the operator's
 validation must never crash: a spec is either accepted or rejected with a message that names a spec field.
 tests/operator/test_cluster_fuzz.py sends a sample of the same specs to the real apiserver."""
 

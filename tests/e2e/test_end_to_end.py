@@ -1,4 +1,4 @@
-"""End to end, with real components only: issue 5's last acceptance line and issue 8's secret-leak test.
+"""End to end, with real components only: a VisionFineTune from manifest to outputs, and the secret-leak test.
 
 What runs, and what stands in for what:
 
@@ -504,7 +504,7 @@ def test_trainer_runs_as_the_pod_and_no_credential_leaks(
     )
     operator_sa = install_operator_rbac(plane, release, operator_ns, tenant)
     operator_user = f"system:serviceaccount:{operator_ns}:{operator_sa}"
-    # Issue 8: the operator's ServiceAccount cannot read Secrets (while it can do its job: the control).
+    # The operator's ServiceAccount cannot read Secrets (while it can do its job: the control).
     for verb in ("get", "list", "watch"):
         answer = plane.kubectl(
             "auth", "can-i", verb, "secrets", "-n", tenant, f"--as={operator_user}", check=False
@@ -737,7 +737,7 @@ def test_trainer_runs_as_the_pod_and_no_credential_leaks(
     ]
     assert not forbidden, forbidden
 
-    # --- issue 8: the planted credentials appear nowhere ---------------------------------------------------
+    # --- the planted credentials appear nowhere ------------------------------------------------------------
     needles = leak_needles(creds)
     secret_json = kubectl(plane, "get", "secret", SECRET_NAME, "-n", tenant, "-o", "json").encode()
     # The control: the search finds the values where they are meant to be (the Secret's data is base64).

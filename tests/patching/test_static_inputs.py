@@ -1,7 +1,8 @@
 """The sync-free forward that CUDA graphs replay (``patching.static_inputs``), on tiny Qwen2-VL and
 Qwen2.5-VL models: the same loss and gradients as the plain forward, the hooks inert without a plan,
 uncovered batches named, and ``CudaGraphTrainStep``'s eager fallback training like plain steps.
-The capture itself needs CUDA: tests/kernels/test_gpu_graphs.py (gpu marker) and bench/qlora_step.py."""
+The capture itself needs CUDA: tests/trainer/engine/test_cuda_graphs_gpu.py (gpu marker) and
+bench/qlora_step.py."""
 
 from __future__ import annotations
 

@@ -183,9 +183,10 @@ class VisionDataCollator:
             )
         if not separates_packed_samples(model):
             raise ValueError(
-                f"packing=True (training.packing): the attention of this {self.model_type} model would let "
-                "each sample of a row see the samples before it; call visionft.patching.enable_packing(model) "
-                "first (Qwen2-VL and Qwen2.5-VL), or set packing to false"
+                f"packing=True (training.packing): the attention of this {self.model_type} model would "
+                "let each sample of a row see the samples before it; call "
+                "visionft.patching.enable_packing(model) first (Qwen2-VL and Qwen2.5-VL), or set packing "
+                "to false"
             )
 
     # ---------------------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ class VisionDataCollator:
                 )
             self.substituted += 1
             logger.warning(
-                "visionft: every sample of a batch was skipped; reusing the last good sample "
+                "every sample of a batch was skipped; reusing the last good sample "
                 "(%d substituted batches so far)",
                 self.substituted,
             )
@@ -221,7 +222,7 @@ class VisionDataCollator:
     def _note_skip(self, err: BadSampleError) -> None:
         self.skipped += 1
         self.last_skip_reasons = [*self.last_skip_reasons[-19:], str(err)]
-        logger.warning("visionft: skipped %s (%d skipped so far)", err, self.skipped)
+        logger.warning("skipped %s (%d skipped so far)", err, self.skipped)
 
     # ---------------------------------------------------------------------------------------------
     # One sample

@@ -176,8 +176,8 @@ class ImageLoader:
             return self.fetch.get(source)
         if scheme:
             raise BadSampleError(
-                f"{short_url(source)} uses the unsupported scheme {scheme}://; images may be s3://, https://, "
-                "data: URIs or paths inside the dataset folder"
+                f"{short_url(source)} uses the unsupported scheme {scheme}://; images may be s3://, "
+                "https://, data: URIs or paths inside the dataset folder"
             )
         return self._read_local(source)
 

@@ -1,11 +1,11 @@
-"""Every rank's RNG state in the checkpoint that rank 0 uploads (issue 9: resume works for any world size).
+"""Every rank's RNG state in the checkpoint that rank 0 uploads, so that a resume works for any world size.
 
 Under DDP the Hugging Face Trainer saves one ``rng_state_<rank>.pth`` per rank, each rank into the
 ``checkpoint-<step>/`` folder on its own disk (``Trainer._save_rng_state``: Python, NumPy, torch CPU and,
 with CUDA, every visible GPU's state). Only rank 0 uploads checkpoints (``visionft.storage``'s
-``S3CheckpointCallback``), so on a multi-node run the files of the other nodes' ranks never reached S3,
-and on resume those ranks logged "Didn't find an RNG file" and went on with a fresh RNG. Nothing made
-rank 0 wait for the other ranks' files either, even on its own node.
+``S3CheckpointCallback``), so on a multi-node run the files of the other nodes' ranks would never reach
+S3, and on resume those ranks would log "Didn't find an RNG file" and go on with a fresh RNG; nor would
+rank 0 wait for the other ranks' files, even on its own node.
 
 ``GatherRngStatesCallback`` runs on every rank. In ``on_save``, which the Trainer calls after its whole
 ``_save_checkpoint`` (RNG file included) on that rank, each rank reads back the bytes of its own
@@ -113,9 +113,7 @@ class GatherRngStatesCallback(TrainerCallback):
         for index, data in gathered:
             if data is None:
                 if not args.save_only_model:
-                    logger.warning(
-                        "visionft: rank %d saved no RNG state at step %d", index, state.global_step
-                    )
+                    logger.warning("rank %d saved no RNG state at step %d", index, state.global_step)
                 continue
             path = folder / rng_file_name(index)
             if index == args.process_index or (path.is_file() and path.read_bytes() == data):
@@ -126,7 +124,7 @@ class GatherRngStatesCallback(TrainerCallback):
             _write_single_process_state(own, folder / SINGLE_PROCESS_RNG_FILE)
             written.append(SINGLE_PROCESS_RNG_FILE)
         if written:
-            logger.info("visionft: step %d: wrote %s into rank 0's checkpoint", state.global_step, written)
+            logger.info("step %d: wrote %s into rank 0's checkpoint", state.global_step, written)
 
 
 def _write_single_process_state(own: Path, path: Path) -> None:

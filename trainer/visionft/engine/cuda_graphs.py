@@ -23,8 +23,8 @@ accumulation buffer, allocated on first need, and the replay's gradients are add
 Not covered (each case runs the eager step and logs the reason once): a device other than CUDA,
 architectures whose family has no graph steps (``graph_steps`` in ``visionft.model.architectures``),
 batches it does not cover (padding, videos), dropout (recomputation under checkpointing would need the
-RNG state saved inside the graph), more than ``max_graphs`` signatures. The optimizer step stays eager: bitsandbytes' 8-bit AdamW passes
-its step count as a host scalar, which a graph would freeze.
+RNG state saved inside the graph), more than ``max_graphs`` signatures. The optimizer step stays
+eager: bitsandbytes' 8-bit AdamW passes its step count as a host scalar, which a graph would freeze.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from visionft.engine.options import EngineOptions
 from visionft.model.architectures import get_arch_spec
 from visionft.patching import PatchReport, hf_model, static_inputs
 
-logger = logging.getLogger("visionft.engine.cuda_graphs")
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ The launcher (torchrun, started by the operator's Indexed Job) sets ``RANK``, ``
 accelerate) initialises the process group itself from those; this module only reads them, so every
 helper here also works before the process group exists and in a plain single process (rank 0 of 1).
 
-How the pieces fit (issue 9, items 2 and 3):
+How the pieces fit:
 
 - **Model placement.** Each rank loads its own (4-bit) model onto its own GPU:
   ``from_pretrained(..., device_map=device_map())``. Without it ``visionft.model.loading`` places a 4-bit model

@@ -81,7 +81,7 @@ class EngineOptions:
 
     @classmethod
     def from_recipe(cls, training: TrainingSettings, env: Mapping[str, str] | None = None) -> EngineOptions:
-        """The options of a recipe's ``training`` section (``training.optimizations``, ``training.packing``)."""
+        """The options of a recipe's ``training`` (its ``optimizations`` and ``packing``)."""
         return cls.resolve(optimizations=training.optimizations, packing=training.packing, env=env)
 
 

@@ -75,7 +75,7 @@ def vision_sft_trainer_class() -> type:
 
                 if remove_per_parameter_sync(optimizer):
                     logger.info(
-                        "visionft: %s (bitsandbytes) without per-parameter device syncs",
+                        "%s (bitsandbytes) without per-parameter device syncs",
                         type(optimizer).__name__,
                     )
             return optimizer
@@ -85,7 +85,7 @@ def vision_sft_trainer_class() -> type:
             if self._graph_off is None:
                 self._graph_off = self._own_step_unavailable()
                 if self._graph_off:
-                    logger.info("visionft: the Trainer's own training steps: %s", self._graph_off)
+                    logger.info("the Trainer's own training steps: %s", self._graph_off)
             if self._graph_off:
                 return None
             if self._graph_step is None:
@@ -100,7 +100,7 @@ def vision_sft_trainer_class() -> type:
 
                     self._grad_sync = FlatGradientAllReduce(self.model.parameters())
                     logger.info(
-                        "visionft: data parallel over %d ranks: %s; gradients averaged by one all-reduce "
+                        "data parallel over %d ranks: %s; gradients averaged by one all-reduce "
                         "of %d values per optimizer step",
                         self.accelerator.num_processes,
                         "eager steps" if self._graph_step.disabled else "CUDA-graph steps",

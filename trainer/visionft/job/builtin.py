@@ -67,7 +67,7 @@ def materialize(uri: str, root: str | Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    logger.info("visionft: generating %s in %s", uri, target)
+    logger.info("generating %s in %s", uri, target)
     generate(partial)
     partial.rename(target)
     return target

@@ -63,7 +63,7 @@ def answer_accuracy(model, collator, samples, limit: int | None = None, max_new_
             try:
                 inputs, answer = collator.prompt_inputs(samples[i], index=i)
             except BadSampleError as err:
-                logger.warning("visionft: not scoring %s", err)
+                logger.warning("not scoring %s", err)
                 continue
             inputs = {k: v.to(device) for k, v in inputs.items()}
             out = model.generate(

@@ -108,7 +108,7 @@ class StatusReporter:
             self.failures += 1
             log = logger.debug if self._failed_once else logger.warning
             log(
-                "visionft: could not report progress to %s/%s (%s: %s); training continues",
+                "could not report progress to %s/%s (%s: %s); training continues",
                 self.namespace,
                 self.name,
                 type(err).__name__,

@@ -257,7 +257,7 @@ def _load_model(config: TrainerConfig, model_dir: Path, options):
     from visionft import patching
 
     patch_report = patching.apply_optimizations(model, optimizations=options.optimizations)
-    logger.info("visionft: optimizations=%s: %s", options.optimizations, patch_report)
+    logger.info("optimizations=%s: %s", options.optimizations, patch_report)
     if options.packing:
         # Without it each sample of a packed row would attend to the samples before it.
         patching.enable_packing(model)
@@ -326,7 +326,7 @@ def _optimizer(name: str) -> str:
         bitsandbytes = None
     if torch.cuda.is_available() and bitsandbytes is not None:
         return _EIGHT_BIT_OPTIMIZERS[name]
-    logger.warning("visionft: optimizer %s needs a CUDA GPU and bitsandbytes; using adamw_torch", name)
+    logger.warning("optimizer %s needs a CUDA GPU and bitsandbytes; using adamw_torch", name)
     return "adamw_torch"
 
 
@@ -408,7 +408,7 @@ def _trainer(
 
 
 def _storage_callback(config: TrainerConfig, output_dir: Path):
-    """The storage engineer's checkpoint-upload callback, for s3:// outputs."""
+    """The checkpoint-upload callback of ``visionft.storage``, for s3:// outputs (None otherwise)."""
     if config.output is None or not config.output.uri.startswith("s3://"):
         return None
     from visionft import storage

@@ -7,10 +7,10 @@ modeling module of each of its model types, and whether it trains on packed rows
 ``packing_unsupported_reason``, the patch sets and graph steps of ``visionft.patching`` and
 ``visionft.engine.cuda_graphs``) reads it.
 
-The paths were read off the module trees transformers 5.17-5.23 build; ``tests/trainer/model/test_selection.py``
-checks every path against the tiny models, so a rename upstream fails a test instead of silently adapting
-nothing. Architectures not listed here still load: ``visionft.model.classify`` then falls back to keyword
-rules and says so in the log.
+The paths were read off the module trees transformers 5.17-5.23 build;
+``tests/trainer/model/test_selection.py`` checks every path against the tiny models, so a rename upstream
+fails a test instead of silently adapting nothing. Architectures not listed here still load:
+``visionft.model.classify`` then falls back to keyword rules and says so in the log.
 """
 
 from __future__ import annotations
@@ -173,7 +173,8 @@ FAMILIES: tuple[ArchSpec, ...] = (
             "model.multi_modal_projector",
             "lm_head",
         ),
-        chat=None,  # varies by checkpoint: vicuna "USER:/ASSISTANT:" (1.5) or Mistral "[INST]" (NeXT, Pixtral)
+        # Varies by checkpoint: vicuna "USER:/ASSISTANT:" (1.5) or Mistral "[INST]" (NeXT, Pixtral).
+        chat=None,
     ),
 )
 

@@ -98,7 +98,7 @@ def spec_for(model: nn.Module, warn: bool = True) -> ArchSpec | None:
     spec = get_arch_spec(model_type) if model_type else None
     if spec is None and warn:
         logger.warning(
-            "visionft: model_type %r is not in the architecture map; classifying modules by name "
+            "model_type %r is not in the architecture map; classifying modules by name "
             "keywords (fallback). Check the LoRA summary below.",
             model_type,
         )

@@ -90,7 +90,7 @@ def _check_model_type(config, trust_remote_code: bool) -> None:
     if model_type in image_text_to_text_model_types() or trust_remote_code:
         if get_arch_spec(model_type) is None:
             logger.warning(
-                "visionft: model_type %r is not in the architecture map (mapped: %s); it loads, and LoRA "
+                "model_type %r is not in the architecture map (mapped: %s); it loads, and LoRA "
                 "module selection uses the keyword fallback",
                 model_type,
                 ", ".join(supported_model_types()),
@@ -198,7 +198,7 @@ def from_pretrained(
         raise ValueError("quantization_config is built by visionft; use load_in_4bit / load_in_8bit instead")
     if full_finetuning and (load_in_4bit or load_in_8bit):
         # As in the Unsloth API: full fine-tuning trains every weight, which cannot be quantized.
-        logger.warning("visionft: full_finetuning=True loads unquantized weights (load_in_4bit/8bit ignored)")
+        logger.warning("full_finetuning=True loads unquantized weights (load_in_4bit/8bit ignored)")
         load_in_4bit = load_in_8bit = False
 
     source = _check_source(model_name_or_path)
@@ -238,7 +238,7 @@ def from_pretrained(
         keep_16bit = list(get("llm_int8_skip_modules") or [])
     elif bits is not None and not cuda:
         logger.warning(
-            "visionft: load_in_%dbit=True needs a CUDA GPU (bitsandbytes); none is available, so the "
+            "load_in_%dbit=True needs a CUDA GPU (bitsandbytes); none is available, so the "
             "model loads unquantized in %s. Pass load_in_%dbit=False to silence this.",
             bits,
             str(compute_dtype).removeprefix("torch."),

@@ -230,7 +230,7 @@ def _log_summary(peft_model: PeftModel, selected: dict[str, Group], quantized: b
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info(
-        "visionft: LoRA on %d modules (%s)%s; trainable parameters: %s of %s (%.3f%%)",
+        "LoRA on %d modules (%s)%s; trainable parameters: %s of %s (%.3f%%)",
         len(selected),
         ", ".join(f"{k} {v}" for k, v in counts.items()),
         " of a quantized base" if quantized else "",

@@ -293,4 +293,4 @@ def save_pretrained_merged(
     processor = _processor_to_save(model, processor)
     if processor is not None:
         processor.save_pretrained(directory)
-    logger.info("visionft: saved %s model to %s", save_method, directory)
+    logger.info("saved %s model to %s", save_method, directory)

@@ -28,15 +28,16 @@ its own when the optimizations are off or can't run (kept in a separate report, 
 ``VisionDataCollator(..., packing=True)`` refuses a model without it.
 
 The one switch: ``apply_optimizations(model, optimizations=False)`` leaves the model plain (a run resolves
-it from ``training.optimizations`` and the environment: ``visionft.engine.options``). Architectures without a patch set, an
-unsupported transformers release, or a device where Triton cannot run (CPU without
-``TRITON_INTERPRET=1``) also leave it plain; each case logs one line saying so.
+it from ``training.optimizations`` and the environment: ``visionft.engine.options``). Architectures
+without a patch set, an unsupported transformers release, or a device where Triton cannot run (CPU
+without ``TRITON_INTERPRET=1``) also leave it plain; each case logs one line saying so.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import logging
 from collections.abc import Callable
 
 from torch import nn
@@ -46,9 +47,10 @@ from visionft.patching import packed_attention
 from visionft.patching.core import (
     PatchReport,
     kernels_can_run,
-    logger,
     transformers_supported,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def patch_set(model_type: str | None) -> Callable[..., None] | None:
@@ -102,7 +104,8 @@ def apply_optimizations(model: nn.Module, optimizations: bool = True, **kinds: b
     if not optimizations:
         report.requested = False
         report.skipped.append(
-            "optimizations switched off (optimizations=False: training.optimizations or VISIONFT_DISABLE_KERNELS)"
+            "optimizations switched off (optimizations=False: training.optimizations or "
+            "VISIONFT_DISABLE_KERNELS)"
         )
     elif (apply := patch_set(model_type)) is None:
         report.skipped.append(f"no patch set for model_type={model_type!r}; using the plain modules")
@@ -156,7 +159,7 @@ def enable_packing(model: nn.Module) -> PatchReport:
             "packing: the model's text attention layers are not the Qwen2-VL/2.5-VL ones this release "
             f"patches ({'; '.join(report.skipped) or 'none found'})"
         )
-    logger.info("visionft: packed attention installed on %s for packed rows", model_type)
+    logger.info("packed attention installed on %s for packed rows", model_type)
     return report
 
 

@@ -13,7 +13,7 @@ import torch
 
 from visionft.kernels._utils import interpret_mode
 
-logger = logging.getLogger("visionft.patching")
+logger = logging.getLogger(__name__)
 
 #: transformers releases whose module layouts the patches were written and tested against.
 TRANSFORMERS_SUPPORTED = ((5, 17), (5, 23))

@@ -24,7 +24,7 @@ an ``index_copy`` at the image tokens' precomputed positions (same values; its b
 gather). The numbers are those of the plain forward.
 
 Only what a graph must never see varies between batches of one signature (the ids, embeddings,
-positions, pixels and labels: copied into static buffers by ``visionft.graphs``). Everything keyed
+positions, pixels and labels: copied into static buffers by ``visionft.engine.cuda_graphs``). Everything keyed
 by the signature (``grid_thw`` and the vision tensors derived from it) is cached per signature, so
 a captured graph keeps reading valid tensors. A packed row (``visionft.data.packing``) adds its
 segment starts to what varies and its sample count and longest sample to the signature.

@@ -1,7 +1,8 @@
 """Object storage for the trainer: S3 URIs, settings, resumable sync, atomic publish and checkpoints.
 
-torch-free and transformers-free (only `hf_callback` imports transformers, when a checkpoint callback is
-made). `sync_down`, `upload_outputs` and `checkpoint_callback` are the calls `visionft.job.run` makes. Typical use::
+torch-free and transformers-free (only ``hf_callback`` imports transformers, when a checkpoint callback is
+made). ``sync_down``, ``upload_outputs`` and ``checkpoint_callback`` are the calls ``visionft.job.run`` makes.
+Typical use::
 
     from visionft.storage import StorageSettings, make_client, download_prefix, upload_folder
 

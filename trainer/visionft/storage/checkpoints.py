@@ -1,13 +1,13 @@
 """Checkpoints in S3: background upload, keep-newest-K retention, and resume from the newest complete one.
 
-Layout: `<output>/checkpoints/step-00000050/` holds the files of one checkpoint and, written last, its
-`_visionft_manifest.json`. A checkpoint without a manifest is an upload that died: it is never resumed from,
+Layout: ``<output>/checkpoints/step-00000050/`` holds the files of one checkpoint and, written last, its
+``_visionft_manifest.json``. A checkpoint without a manifest is an upload that died: it is never resumed from,
 and it is deleted once a newer checkpoint is complete.
 
-The training thread only pays for `save()`: a hard-link snapshot of the checkpoint folder (no data copied)
+The training thread only pays for ``save()``: a hard-link snapshot of the checkpoint folder (no data copied)
 and a queue append. One background thread uploads the snapshots in order. The queue is bounded: when the
 network is slower than checkpointing, the oldest waiting snapshot is dropped (a newer one supersedes it),
-so training never waits on the network. Only `flush()` (at the end of training) waits.
+so training never waits on the network. Only ``flush()`` (at the end of training) waits.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ from visionft.storage.sync import (
 )
 from visionft.storage.uri import StorageURI, parse_uri
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _STEP_RE = re.compile(r"^step-(\d+)/?$")
 
 
 def step_name(step: int) -> str:
-    """The folder name of a checkpoint: `step-00000050` (zero-padded so names sort by step)."""
+    """The folder name of a checkpoint: ``step-00000050`` (zero-padded so names sort by step)."""
     return f"step-{step:08d}"
 
 
@@ -65,7 +65,7 @@ class CheckpointInfo:
 
 
 def _snapshot(src: Path, dest: Path) -> None:
-    """Hard-link every file of `src` into `dest` (copy where links are impossible).
+    """Hard-link every file of ``src`` into ``dest`` (copy where links are impossible).
 
     A link costs no data copy, and the trainer may delete or rewrite its checkpoint folder (HF Trainer's
     save_total_limit) while the upload still reads the linked files.
@@ -83,11 +83,11 @@ def _snapshot(src: Path, dest: Path) -> None:
 
 
 class CheckpointManager:
-    """Uploads checkpoints to `<output>/checkpoints/` in the background and finds them again for resume.
+    """Uploads checkpoints to ``<output>/checkpoints/`` in the background and finds them again for resume.
 
     Args:
-        output_uri (str | StorageURI): the run's output prefix, e.g. `s3://outputs/team-a/latex-ocr/`.
-        client: an S3 client; `make_client()` when None.
+        output_uri (str | StorageURI): the run's output prefix, e.g. ``s3://outputs/team-a/latex-ocr/``.
+        client: an S3 client; ``make_client()`` when None.
         keep (int): complete checkpoints kept in S3; older ones are deleted after a newer manifest is
             written. Default: 3.
         max_pending (int): snapshots waiting for upload (besides the one being uploaded); beyond it the
@@ -96,7 +96,7 @@ class CheckpointManager:
             the checkpoints for hard links. A temporary folder when None. Default: None.
         concurrency (int): files uploaded at once. Default: 8.
         transfer_config (TransferConfig | None): multipart settings for large files. Default: None
-            (`sync.DEFAULT_TRANSFER`).
+            (``sync.DEFAULT_TRANSFER``).
         progress (ProgressCallback | None): called after each uploaded file. Default: None.
     """
 
@@ -147,7 +147,7 @@ class CheckpointManager:
         return self._staging
 
     def uri_for(self, step: int) -> StorageURI:
-        """The prefix of the checkpoint at `step`."""
+        """The prefix of the checkpoint at ``step``."""
         return self.root.join(step_name(step))
 
     # Writing -------------------------------------------------------------------------------------------
@@ -156,12 +156,12 @@ class CheckpointManager:
         """Queue a checkpoint folder for upload and return at once.
 
         Args:
-            local_dir (str | Path): the checkpoint folder (e.g. HF Trainer's `checkpoint-50`). It may be
+            local_dir (str | Path): the checkpoint folder (e.g. HF Trainer's ``checkpoint-50``). It may be
                 deleted or changed right after this call returns.
             step (int): the global step; names the checkpoint.
 
         Raises:
-            FileNotFoundError: `local_dir` is not a folder.
+            FileNotFoundError: ``local_dir`` is not a folder.
             RuntimeError: the manager was closed.
         """
         src = Path(local_dir)
@@ -180,7 +180,9 @@ class CheckpointManager:
                 old_step, old_snapshot = self._queue.popleft()
                 shutil.rmtree(old_snapshot, ignore_errors=True)
                 self.dropped.append(old_step)
-                log.warning("checkpoint step %d dropped before upload: step %d supersedes it", old_step, step)
+                logger.warning(
+                    "checkpoint step %d dropped before upload: step %d supersedes it", old_step, step
+                )
             self._queue.append((step, snapshot))
             self._cond.notify_all()
             if self._worker is None:
@@ -199,11 +201,11 @@ class CheckpointManager:
             try:
                 self._upload(step, snapshot)
             except StorageError as exc:
-                log.error("checkpoint step %d not uploaded: %s", step, exc)
+                logger.error("checkpoint step %d not uploaded: %s", step, exc)
                 with self._cond:
                     self._errors.append(exc)
             except Exception as exc:  # never let the worker die silently; flush() reports it
-                log.exception("checkpoint step %d not uploaded", step)
+                logger.exception("checkpoint step %d not uploaded", step)
                 with self._cond:
                     self._errors.append(StorageError(str(self.uri_for(step)), f"upload failed: {exc!r}"))
             finally:
@@ -223,7 +225,7 @@ class CheckpointManager:
             progress=self.progress,
             meta={"step": step},
         )
-        log.info("checkpoint step %d published to %s (%.1f MB)", step, uri, result.bytes_transferred / 1e6)
+        logger.info("checkpoint step %d published to %s (%.1f MB)", step, uri, result.bytes_transferred / 1e6)
         with self._cond:
             self.uploaded.append(step)
         self.prune()
@@ -235,7 +237,7 @@ class CheckpointManager:
             timeout (float | None): seconds to wait at most; None waits as long as it takes. Default: None.
 
         Raises:
-            TimeoutError: uploads still running after `timeout`.
+            TimeoutError: uploads still running after ``timeout``.
             StorageError: an upload failed since the last flush (the last such error; all are logged).
         """
         with self._cond:
@@ -268,7 +270,7 @@ class CheckpointManager:
     # Reading -------------------------------------------------------------------------------------------
 
     def list_checkpoints(self) -> list[CheckpointInfo]:
-        """All checkpoints under `<output>/checkpoints/`, oldest first, each marked complete or not.
+        """All checkpoints under ``<output>/checkpoints/``, oldest first, each marked complete or not.
 
         One recursive listing, grouped by step: some servers (SeaweedFS) keep an emptied folder as a
         common prefix, so a step counts only when it still holds objects.
@@ -303,25 +305,25 @@ class CheckpointManager:
 
         Args:
             dest_dir (str | Path): the parent folder, e.g. the trainer's output_dir.
-            folder (str): the checkpoint folder's name; `{step}` is replaced. The default is HF Trainer's
-                naming, so the result can be passed as `resume_from_checkpoint`.
+            folder (str): the checkpoint folder's name; ``{step}`` is replaced. The default is HF Trainer's
+                naming, so the result can be passed as ``resume_from_checkpoint``.
 
         Returns:
             Path | None: the downloaded folder, or None when S3 holds no complete checkpoint.
         """
         latest = self.find_latest_complete()
         if latest is None:
-            log.info("no complete checkpoint under %s: starting fresh", self.root)
+            logger.info("no complete checkpoint under %s: starting fresh", self.root)
             return None
         target = Path(dest_dir) / folder.format(step=latest.step)
         download_prefix(
             latest.uri, target, client=self.client, concurrency=self.concurrency, require_manifest=True
         )
-        log.info("resuming from %s (step %d) in %s", latest.uri, latest.step, target)
+        logger.info("resuming from %s (step %d) in %s", latest.uri, latest.step, target)
         return target
 
     def prune(self) -> list[int]:
-        """Apply retention: keep the newest `keep` complete checkpoints; delete older complete ones, and
+        """Apply retention: keep the newest ``keep`` complete checkpoints; delete older complete ones, and
         incomplete ones older than the newest complete one (uploads that died).
 
         Returns:
@@ -336,5 +338,5 @@ class CheckpointManager:
         doomed = [c.step for c in found if c.step not in keep and (c.complete or c.step < newest)]
         for step in doomed:
             delete_prefix(self.uri_for(step), client=self.client)
-            log.info("deleted checkpoint step %d (keeping the newest %d)", step, self.keep)
+            logger.info("deleted checkpoint step %d (keeping the newest %d)", step, self.keep)
         return doomed

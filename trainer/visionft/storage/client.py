@@ -4,12 +4,12 @@ Retries happen at two levels:
 
 * Per request, inside botocore: "standard" retry mode retries 5xx, throttling, timeouts and dropped
   connections with exponential backoff and full jitter (at most 20 s), and fails fast on 4xx such as
-  NoSuchBucket or AccessDenied. `StorageSettings.max_attempts` bounds it.
-* Per file, in `sync`: a body that breaks off mid-stream cannot be retried by botocore (the request already
-  succeeded), so `retry_call` restarts it, and the download resumes from the bytes it already has.
+  NoSuchBucket or AccessDenied. ``StorageSettings.max_attempts`` bounds it.
+* Per file, in ``sync``: a body that breaks off mid-stream cannot be retried by botocore (the request already
+  succeeded), so ``retry_call`` restarts it, and the download resumes from the bytes it already has.
 
-botocore's DEBUG records hold request headers: the access key id in `Authorization`, the session token in
-`X-Amz-Security-Token` and the canonical request. `make_client` installs a log record factory that scrubs
+botocore's DEBUG records hold request headers: the access key id in ``Authorization``, the session token in
+``X-Amz-Security-Token`` and the canonical request. ``make_client`` installs a log record factory that scrubs
 those, and the literal credential values it resolved, from every record of the boto3, botocore, s3transfer
 and urllib3 loggers, so DEBUG logging stays usable and safe.
 """
@@ -30,7 +30,7 @@ from botocore.config import Config
 from visionft.storage.errors import StorageError, classify
 from visionft.storage.settings import StorageSettings
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -92,7 +92,7 @@ _redactor = _Redactor()
 
 
 def scrub(text: str) -> str:
-    """Remove the credentials known to this process (and signed header values) from `text`."""
+    """Remove the credentials known to this process (and signed header values) from ``text``."""
     return _redactor.scrub(text)
 
 
@@ -148,7 +148,7 @@ def endpoint_of(client: Any) -> str:
 
 
 def backoff_delay(attempt: int, base: float = 0.5, cap: float = 20.0) -> float:
-    """Seconds to sleep before retry number `attempt` (1-based): exponential with full jitter.
+    """Seconds to sleep before retry number ``attempt`` (1-based): exponential with full jitter.
 
     Full jitter (a uniform draw up to the exponential bound) spreads the retries of many pods that failed
     at the same moment, so they do not hammer a recovering server in lockstep.
@@ -164,7 +164,7 @@ def retry_call(
     attempts: int = 3,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """Call `fn`, retrying transient faults with backoff; permanent ones are raised at once.
+    """Call ``fn``, retrying transient faults with backoff; permanent ones are raised at once.
 
     Args:
         fn (Callable[[], T]): the operation; it must be safe to repeat (idempotent or resumable).
@@ -174,7 +174,7 @@ def retry_call(
         sleep (Callable[[float], None]): for tests. Default: time.sleep.
 
     Returns:
-        T: what `fn` returned.
+        T: what ``fn`` returned.
 
     Raises:
         StorageError: the classified error of the last attempt.
@@ -189,11 +189,11 @@ def retry_call(
                     raise
                 raise error from exc
             delay = backoff_delay(attempt)
-            log.warning("%s; retrying in %.1f s (attempt %d of %d)", error, delay, attempt + 1, attempts)
+            logger.warning("%s; retrying in %.1f s (attempt %d of %d)", error, delay, attempt + 1, attempts)
             sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 def wrap_errors(uri: str, endpoint: str | None, exc: BaseException) -> StorageError:
-    """Classify `exc` for `uri` (shorthand for `raise wrap_errors(...) from exc`)."""
+    """Classify ``exc`` for ``uri`` (shorthand for ``raise wrap_errors(...) from exc``)."""
     return exc if isinstance(exc, StorageError) else classify(exc, uri, endpoint)

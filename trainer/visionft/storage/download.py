@@ -1,4 +1,4 @@
-"""Resumable, verified download of an S3 prefix into a local folder (see `sync` for the overview)."""
+"""Resumable, verified download of an S3 prefix into a local folder (see ``sync`` for the overview)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from visionft.storage.prefix import RemoteObject, as_s3, list_objects, verify_pr
 from visionft.storage.progress import ProgressCallback, SyncResult, Tracker, run_all
 from visionft.storage.uri import StorageURI
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: Suffix of a file being downloaded; it is renamed into place only when complete and verified.
 PART_SUFFIX = ".visionft-part"
@@ -99,7 +99,7 @@ def _sidecar(part: Path) -> Path:
 
 
 def _fetch(client: Any, bucket: str, key: str, part: Path, remote: RemoteObject, uri: str) -> None:
-    """Append the missing bytes of `key` to `part` (one attempt; the caller retries)."""
+    """Append the missing bytes of ``key`` to ``part`` (one attempt; the caller retries)."""
     offset = part.stat().st_size if part.exists() else 0
     if offset > remote.size:
         part.unlink()
@@ -126,7 +126,7 @@ def _fetch_ranges(
 ) -> None:
     """Fetch a large object as parallel ranged GETs into a part file of its full size (one attempt).
 
-    The sidecar `<part>.json` lists the finished chunks with the object's ETag, so the next attempt (or
+    The sidecar ``<part>.json`` lists the finished chunks with the object's ETag, so the next attempt (or
     the next run) fetches only the missing ones; a different ETag starts over.
     """
     sidecar = _sidecar(part)
@@ -245,9 +245,9 @@ def download_prefix(
     checked.
 
     Args:
-        uri (str | StorageURI): `s3://bucket/prefix/`.
+        uri (str | StorageURI): ``s3://bucket/prefix/``.
         dest (str | Path): the local folder; created if missing. Files not under the prefix are left alone.
-        client: an S3 client; `make_client()` (settings and credentials from the environment) when None.
+        client: an S3 client; ``make_client()`` (settings and credentials from the environment) when None.
         concurrency (int): files fetched at once. Default: 8.
         require_manifest (bool): refuse a prefix without a complete manifest (use for checkpoints and
             outputs, which VisionFT publishes). Default: False.
@@ -261,7 +261,7 @@ def download_prefix(
         SyncResult: counts and timing.
 
     Raises:
-        IncompleteUploadError: `require_manifest` is set and the prefix is not completely published, or a
+        IncompleteUploadError: ``require_manifest`` is set and the prefix is not completely published, or a
             manifest lists a file that is missing.
         IntegrityError: a file does not match its manifest or ETag after a fresh retry.
         StorageError: a missing bucket, denied access, a wrong endpoint, an unreachable host, or transient
@@ -282,7 +282,7 @@ def download_prefix(
     else:
         entries = {rel: None for rel in listing if not rel.endswith((PART_SUFFIX, PART_SUFFIX + ".json"))}
     if not listing and not require_manifest:
-        log.warning("%s: the prefix is empty", src)
+        logger.warning("%s: the prefix is empty", src)
     plan = {rel: (_safe_local(dest, rel, str(src)), listing[rel], entries[rel]) for rel in sorted(entries)}
     dest.mkdir(parents=True, exist_ok=True)
     state = _load_state(dest)

@@ -1,6 +1,6 @@
 """Storage errors: one class per cause a user can fix, each message naming the URI and the likely fix.
 
-`classify()` turns a botocore exception into one of these. Messages never hold credentials: they are built
+``classify()`` turns a botocore exception into one of these. Messages never hold credentials: they are built
 from the URI, the endpoint and the S3 error code only, never from request headers or the signing context.
 """
 
@@ -27,7 +27,7 @@ class StorageError(Exception):
     """Base of all storage errors.
 
     Args:
-        uri (str): the object or prefix the operation was about, e.g. `s3://datasets/latex-ocr/`.
+        uri (str): the object or prefix the operation was about, e.g. ``s3://datasets/latex-ocr/``.
         message (str): what went wrong and the likely fix.
     """
 

@@ -1,4 +1,4 @@
-"""The publish manifest: `_visionft_manifest.json`, the last object written under a prefix.
+"""The publish manifest: ``_visionft_manifest.json``, the last object written under a prefix.
 
 A writer uploads every file first and the manifest last. A reader trusts a prefix only when the manifest
 exists, parses, and every file it lists is present with the listed size; a download then checks each
@@ -64,7 +64,7 @@ class Manifest:
         return {f.path: f for f in self.files}
 
     def to_json(self) -> bytes:
-        """Serialize; `file_count` and `total_bytes` let a reader check the list is whole."""
+        """Serialize; ``file_count`` and ``total_bytes`` let a reader check the list is whole."""
         body = {
             "format": MANIFEST_FORMAT,
             "created": self.created,

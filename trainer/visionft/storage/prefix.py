@@ -15,7 +15,7 @@ from visionft.storage.errors import (
 from visionft.storage.manifest import MANIFEST_NAME, Manifest
 from visionft.storage.uri import StorageURI, parse_uri
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,8 @@ def read_manifest(uri: str | StorageURI, *, client: Any = None) -> Manifest | No
     """The manifest under a prefix, or None when there is none or it is not a complete manifest.
 
     Args:
-        uri (str | StorageURI): the published prefix, `s3://bucket/prefix/`.
-        client: an S3 client; `make_client()` when None.
+        uri (str | StorageURI): the published prefix, ``s3://bucket/prefix/``.
+        client: an S3 client; ``make_client()`` when None.
 
     Raises:
         StorageError: for a missing bucket, denied access or an unreachable endpoint.
@@ -90,7 +90,7 @@ def read_manifest(uri: str | StorageURI, *, client: Any = None) -> Manifest | No
     try:
         return Manifest.from_json(data)
     except (ValueError, KeyError, TypeError) as exc:
-        log.warning("%s: ignoring an unreadable manifest (%s)", parsed, exc)
+        logger.warning("%s: ignoring an unreadable manifest (%s)", parsed, exc)
         return None
 
 
@@ -102,7 +102,7 @@ def verify_prefix(
 
     Args:
         uri (str | StorageURI): the prefix.
-        client: an S3 client; `make_client()` when None.
+        client: an S3 client; ``make_client()`` when None.
         listing (dict | None): a listing already made (internal). Default: None.
 
     Returns:

@@ -10,7 +10,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TypeVar
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -87,7 +87,7 @@ class Tracker:
             now = time.monotonic()
             if now - self.last_log >= _LOG_EVERY_S:
                 self.last_log = now
-                log.info(
+                logger.info(
                     "%s: %d/%d files, %.1f/%.1f MB",
                     self.uri,
                     report.files_done,
@@ -100,7 +100,7 @@ class Tracker:
                 self.callback(report)
 
     def finish(self, began: float, route: str, verb: str, note: str = "") -> SyncResult:
-        """The sync's summary (wall time since `began`, a `time.monotonic()`), logged in one line."""
+        """The sync's summary (wall time since ``began``, a ``time.monotonic()``), logged in one line."""
         result = SyncResult(
             self.files_total,
             self.transferred,
@@ -108,7 +108,7 @@ class Tracker:
             self.bytes_transferred,
             time.monotonic() - began,
         )
-        log.info(
+        logger.info(
             "%s: %d files %s (%.1f MB), %d unchanged, %.1f s%s",
             route,
             result.files_transferred,
@@ -122,7 +122,7 @@ class Tracker:
 
 
 def run_all(fn: Callable[[T], None], items: Iterable[T], concurrency: int) -> None:
-    """Run `fn` on every item on a bounded pool; on the first failure, cancel what has not started and
+    """Run ``fn`` on every item on a bounded pool; on the first failure, cancel what has not started and
     raise that failure once the running calls end."""
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="visionft-sync") as pool:
         futures: list[Future[None]] = [pool.submit(fn, item) for item in items]

@@ -1,9 +1,9 @@
 """Where and how to reach S3: endpoint, region, addressing style and TLS. Never credentials.
 
 Credentials deliberately have no field here. boto3 reads them from the standard environment variables
-(`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, which the operator maps from the user's
-Secret) or the rest of the AWS chain (profile, web identity, instance metadata). So a settings object can
-be printed, logged and saved in the trainer's config without ever holding a secret.
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, which the operator maps from the
+user's Secret) or the rest of the AWS chain (profile, web identity, instance metadata). So a settings object
+can be printed, logged and saved in the trainer's config without ever holding a secret.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ class StorageSettings:
     """How to reach the object store.
 
     Args:
-        endpoint_url (str | None): the S3 API URL, e.g. `http://minio.storage.svc:9000`; None for AWS.
+        endpoint_url (str | None): the S3 API URL, e.g. ``http://minio.storage.svc:9000``; None for AWS.
             Default: None.
         region (str | None): the region to sign for; None lets boto3 decide (us-east-1 for most
             S3-compatible servers). Default: None.
-        path_style (bool): address buckets as `endpoint/bucket/key` instead of `bucket.endpoint/key`.
+        path_style (bool): address buckets as ``endpoint/bucket/key`` instead of ``bucket.endpoint/key``.
             MinIO, Ceph RGW and SeaweedFS need it unless they have wildcard DNS. Default: True when an
-            endpoint is set, else False (see `from_env`).
+            endpoint is set, else False (see ``from_env``).
         verify_tls (bool): check the server's TLS certificate. Turn off only for a test endpoint.
             Default: True.
         ca_bundle (str | None): a PEM file of CA certificates to trust instead of the system ones (for a
@@ -79,12 +79,12 @@ class StorageSettings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> StorageSettings:
         """Read settings from the environment, as the trainer pod gets them.
 
-        Variables: `VISIONFT_S3_ENDPOINT` (else `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`),
-        `AWS_REGION` (else `AWS_DEFAULT_REGION`), `VISIONFT_S3_PATH_STYLE` (default: true when an endpoint is
-        set), `VISIONFT_S3_VERIFY_TLS` (default true) and `AWS_CA_BUNDLE`.
+        Variables: ``VISIONFT_S3_ENDPOINT`` (else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``),
+        ``AWS_REGION`` (else ``AWS_DEFAULT_REGION``), ``VISIONFT_S3_PATH_STYLE`` (default: true when an
+        endpoint is set), ``VISIONFT_S3_VERIFY_TLS`` (default true) and ``AWS_CA_BUNDLE``.
 
         Args:
-            env (Mapping[str, str] | None): the environment; `os.environ` when None. Default: None.
+            env (Mapping[str, str] | None): the environment; ``os.environ`` when None. Default: None.
             **overrides: field values that win over the environment (None values are ignored).
 
         Returns:

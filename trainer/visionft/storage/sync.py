@@ -1,22 +1,22 @@
 """Folder sync between a local directory and an S3 prefix: resumable downloads and atomic publishes.
 
-Download (`download_prefix`):
+Download (``download_prefix``):
     Lists the prefix, then fetches files on a bounded thread pool. A file is skipped when it is unchanged:
-    its size and ETag match what the last sync recorded in `.visionft-sync.json`, or its size and sha256
-    match the prefix's manifest. Each file streams into `<name>.visionft-part`; after a failure the next
+    its size and ETag match what the last sync recorded in ``.visionft-sync.json``, or its size and sha256
+    match the prefix's manifest. Each file streams into ``<name>.visionft-part``; after a failure the next
     attempt (or the next run) continues from the bytes already there with a ranged GET, guarded by
-    `If-Match: <ETag>` so that a changed object restarts from zero. Files of 64 MiB and more are fetched
-    as 4 parallel ranged GETs of 16 MiB into a full-size part file, whose sidecar `<part>.json` lists the
+    ``If-Match: <ETag>`` so that a changed object restarts from zero. Files of 64 MiB and more are fetched
+    as 4 parallel ranged GETs of 16 MiB into a full-size part file, whose sidecar ``<part>.json`` lists the
     finished chunks, so a rerun fetches only the rest. A finished file is checked (size, and
     sha256 from the manifest or MD5 from a single-part ETag) before it is renamed into place, and the whole
     folder is checked against the plan before the call returns.
 
-Upload (`upload_folder`):
+Upload (``upload_folder``):
     Compares with the prefix's current manifest (hashing only files whose path and size match it),
     removes that manifest (so readers stop trusting the prefix), uploads what changed while hashing it,
     and writes the new manifest last. Small files go as single PUTs on the pool; files at or
-    above `TransferConfig.multipart_threshold` go one at a time as multipart uploads. Memory stays near
-    `concurrency x multipart_threshold` for small files and `max_concurrency x multipart_chunksize` for a
+    above ``TransferConfig.multipart_threshold`` go one at a time as multipart uploads. Memory stays near
+    ``concurrency x multipart_threshold`` for small files and ``max_concurrency x multipart_chunksize`` for a
     large one, since both stream from disk.
 """
 
@@ -63,17 +63,17 @@ __all__ = [
 def read_bytes(uri: str | Path | StorageURI, *, client: Any = None) -> bytes:
     """Read one file (e.g. an image) from S3 or a local path.
 
-    http(s) URLs are parsed by `parse_uri` but not fetched here: dataset images from the web go through
-    `visionft.data.images`, which refuses internal addresses (cloud metadata, cluster services) and caps
+    http(s) URLs are parsed by ``parse_uri`` but not fetched here: dataset images from the web go through
+    ``visionft.data.images``, which refuses internal addresses (cloud metadata, cluster services) and caps
     sizes; a second, unchecked fetcher would undo that.
 
     Args:
-        uri (str | Path | StorageURI): `s3://bucket/key` or a local path.
-        client: an S3 client for s3:// URIs; `make_client()` when None.
+        uri (str | Path | StorageURI): ``s3://bucket/key`` or a local path.
+        client: an S3 client for s3:// URIs; ``make_client()`` when None.
 
     Raises:
         ValueError: for an http(s) URL.
-        StorageError: for S3 failures (see `errors`).
+        StorageError: for S3 failures (see ``errors``).
     """
     parsed = parse_uri(uri)
     if parsed.is_local:

@@ -1,8 +1,8 @@
-"""The storage calls of a training run (`visionft.job.run`), taking the recipe's `storage` section.
+"""The storage calls of a training run (``visionft.job.run``), taking the recipe's ``storage`` section.
 
-`settings_from_spec` maps the VisionFineTune `spec.storage` (endpoint, region, addressingStyle, verifyTls)
-to `StorageSettings`. The CA bundle comes from `AWS_CA_BUNDLE`: the operator mounts
-`caBundleConfigMap` into the pod and points that variable at `ca.crt`. Credentials come from the
+``settings_from_spec`` maps the VisionFineTune ``spec.storage`` (endpoint, region, addressingStyle, verifyTls)
+to ``StorageSettings``. The CA bundle comes from ``AWS_CA_BUNDLE``: the operator mounts
+``caBundleConfigMap`` into the pod and points that variable at ``ca.crt``. Credentials come from the
 environment (the Secret's keys) or the pod's identity, as everywhere in this package.
 """
 
@@ -20,11 +20,11 @@ from visionft.storage.uri import parse_uri
 
 
 def settings_from_spec(spec: Any = None) -> StorageSettings:
-    """Storage settings from a recipe's `storage` section (`visionft_api.StorageSettings`) or None.
+    """Storage settings from a recipe's ``storage`` section (``visionft_api.StorageSettings``) or None.
 
     Args:
-        spec: an object with `endpoint`, `region`, `addressing_style` and `verify_tls`; None reads the
-            environment only (`StorageSettings.from_env`).
+        spec: an object with ``endpoint``, ``region``, ``addressing_style`` and ``verify_tls``; None reads the
+            environment only (``StorageSettings.from_env``).
 
     Returns:
         StorageSettings: the settings; environment variables fill what the spec leaves empty.
@@ -44,7 +44,7 @@ def settings_from_spec(spec: Any = None) -> StorageSettings:
 
 
 def sync_down(uri: str, scratch: str | Path, spec: Any = None) -> Path:
-    """Download an `s3://` dataset or model prefix into `scratch` and return the local folder.
+    """Download an ``s3://`` dataset or model prefix into ``scratch`` and return the local folder.
 
     Files already there and unchanged are skipped, and an interrupted sync resumes, so a retried pod
     only fetches what it lacks.
@@ -56,9 +56,9 @@ def sync_down(uri: str, scratch: str | Path, spec: Any = None) -> Path:
 
 
 def upload_outputs(output_dir: str | Path, output_uri: str, spec: Any = None) -> None:
-    """Publish the run's output folder (adapters, merged weights, run.json, loss curve) to `output_uri`,
-    manifest last. The local `checkpoints/` folder is left out: checkpoints go up through
-    `CheckpointManager` under `<output>/checkpoints/`."""
+    """Publish the run's output folder (adapters, merged weights, run.json, loss curve) to ``output_uri``,
+    manifest last. The local ``checkpoints/`` folder is left out: checkpoints go up through
+    ``CheckpointManager`` under ``<output>/checkpoints/``."""
     settings = settings_from_spec(spec)
     upload_folder(output_dir, output_uri, client=make_client(settings), exclude=("checkpoints",))
 
@@ -66,18 +66,18 @@ def upload_outputs(output_dir: str | Path, output_uri: str, spec: Any = None) ->
 def checkpoint_callback(
     output_uri: str, local_checkpoints: str | Path, spec: Any = None, *, keep: int = 2
 ) -> Any:
-    """An HF `TrainerCallback` that uploads checkpoints to `<output_uri>/checkpoints/`, after fetching the
-    newest complete one from S3 into `local_checkpoints` (HF's output_dir), so that the trainer's own
-    look-up of the newest local `checkpoint-N` finds it and resumes.
+    """An HF ``TrainerCallback`` that uploads checkpoints to ``<output_uri>/checkpoints/``, after fetching the
+    newest complete one from S3 into ``local_checkpoints`` (HF's output_dir), so that the trainer's own
+    look-up of the newest local ``checkpoint-N`` finds it and resumes.
 
     Args:
-        output_uri (str): the run's `s3://` output prefix.
-        local_checkpoints (str | Path): HF Trainer's `output_dir`.
-        spec: the recipe's storage section (see `settings_from_spec`). Default: None.
+        output_uri (str): the run's ``s3://`` output prefix.
+        local_checkpoints (str | Path): HF Trainer's ``output_dir``.
+        spec: the recipe's storage section (see ``settings_from_spec``). Default: None.
         keep (int): complete checkpoints kept in S3. Default: 2.
 
     Returns:
-        S3CheckpointCallback: add it with `trainer.add_callback`.
+        S3CheckpointCallback: add it with ``trainer.add_callback``.
     """
     from visionft.storage.hf_callback import S3CheckpointCallback, prepare_resume
 

@@ -1,4 +1,4 @@
-"""Atomic publish of a local folder to an S3 prefix: files first, manifest last (see `sync`)."""
+"""Atomic publish of a local folder to an S3 prefix: files first, manifest last (see ``sync``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from visionft.storage.prefix import RemoteObject, as_s3, list_objects, read_mani
 from visionft.storage.progress import ProgressCallback, SyncResult, Tracker, run_all
 from visionft.storage.uri import StorageURI
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _MiB = 1024 * 1024
 
@@ -56,19 +56,20 @@ def upload_folder(
 
     Files already published with the same size and sha256 (per the prefix's current manifest) are not sent
     again; the others are hashed while they upload (for a large file, in a thread beside its multipart
-    upload), so the sha256 pass costs no extra wall time. While the upload runs the prefix has no manifest, so readers (`verify_prefix`,
-    `download_prefix(require_manifest=True)`, `CheckpointManager.find_latest_complete`) do not trust it.
+    upload), so the sha256 pass costs no extra wall time. While the upload runs the prefix has no manifest, so
+    readers (``verify_prefix``, ``download_prefix(require_manifest=True)``,
+    ``CheckpointManager.find_latest_complete``) do not trust it.
 
     Args:
         src (str | Path): the local folder.
-        uri (str | StorageURI): the target prefix, `s3://bucket/prefix/`.
-        client: an S3 client; `make_client()` when None.
+        uri (str | StorageURI): the target prefix, ``s3://bucket/prefix/``.
+        client: an S3 client; ``make_client()`` when None.
         concurrency (int): small files sent at once. Default: 8.
         transfer_config (TransferConfig | None): multipart threshold, part size and parts in flight for
-            large files. Default: `DEFAULT_TRANSFER` (16 MiB parts, 8 in flight).
+            large files. Default: ``DEFAULT_TRANSFER`` (16 MiB parts, 8 in flight).
         progress (ProgressCallback | None): called after each file. Default: None.
-        meta (dict | None): stored in the manifest, e.g. `{"step": 50}`. Default: None.
-        exclude (Sequence[str]): names of top-level files or folders to leave out, e.g. `["checkpoints"]`.
+        meta (dict | None): stored in the manifest, e.g. ``{"step": 50}``. Default: None.
+        exclude (Sequence[str]): names of top-level files or folders to leave out, e.g. ``["checkpoints"]``.
             Default: ().
         attempts (int): tries per file beyond botocore's per-request retries. Default: 3.
 

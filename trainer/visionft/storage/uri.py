@@ -1,7 +1,7 @@
-"""Locations: `s3://bucket/prefix`, local paths (plain or `file://`), and http(s) URLs for single images.
+"""Locations: ``s3://bucket/prefix``, local paths (plain or ``file://``), and http(s) URLs for single images.
 
-`parse_uri` is the one place that decides what a string names; the rest of the storage code takes a
-`StorageURI`. An S3 prefix is kept without a leading slash; `join` adds path parts with single slashes.
+``parse_uri`` is the one place that decides what a string names; the rest of the storage code takes a
+``StorageURI``. An S3 prefix is kept without a leading slash; ``join`` adds path parts with single slashes.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class StorageURI:
         return self.key if not self.key or self.key.endswith("/") else self.key + "/"
 
     def join(self, *parts: str) -> StorageURI:
-        """Append path parts, e.g. `uri.join("checkpoints", "step-00000050")`."""
+        """Append path parts, e.g. ``uri.join("checkpoints", "step-00000050")``."""
         cleaned = [p.strip("/") for p in parts if p.strip("/")]
         if self.is_local:
             return StorageURI("file", "", str(Path(self.key, *cleaned)))
@@ -83,8 +83,8 @@ def parse_uri(value: str | Path | StorageURI) -> StorageURI:
     """Parse a dataset, model or output location.
 
     Args:
-        value (str | Path | StorageURI): `s3://bucket/prefix`, `file:///abs/path`, a plain local path, or an
-            `http(s)://` URL.
+        value (str | Path | StorageURI): ``s3://bucket/prefix``, ``file:///abs/path``, a plain local
+            path, or an ``http(s)://`` URL.
 
     Returns:
         StorageURI: the parsed location.
