@@ -1,5 +1,5 @@
 """Pure functions from a VisionFineTune to the objects it owns: ConfigMap, Job, ServiceAccount, Role and
-RoleBinding. No API calls here: `reconcile.py` creates (or adopts) what these return.
+RoleBinding. No API calls here: `reconciler.py` creates (or adopts) what these return.
 
 Every child carries an ownerReference to the resource (controller, blockOwnerDeletion), so the garbage
 collector removes it with the resource: the operator needs no finalizer.

@@ -107,16 +107,3 @@ class Config:
                 value = raw
             setattr(config, name, value)
         return config
-
-
-_current = Config()
-
-
-def get() -> Config:
-    """The process's config (set by `main` at start-up; defaults before that)."""
-    return _current
-
-
-def set_current(config: Config) -> None:
-    global _current
-    _current = config

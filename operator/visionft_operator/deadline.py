@@ -9,7 +9,7 @@ deadline, which stays mutable, is applied to the live Job again as `deadline - e
 the clock, and the operator never rewrites it just because time passed.
 
 When nothing is left, no further Job is made: a group restart that would start another attempt fails the
-run instead (`gang.decide`), and so does a run found without a Job (`reconcile.py`), both with reason
+run instead (`gang.decide`), and so does a run found without a Job (`decision.py`), both with reason
 DeadlineExceeded. Within one Job, the Job controller enforces the deadline itself.
 """
 

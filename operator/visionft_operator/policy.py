@@ -32,7 +32,14 @@ from pydantic import Field
 from visionft_api import VisionFineTuneSpec
 from visionft_api.recipe import SpecModel
 
-from visionft_operator.status import PolicyDecision
+
+@dataclass
+class PolicyDecision:
+    """What the policy says about starting the run: allowed, wait (capacity) or deny (a hard rule)."""
+
+    verdict: str = "allow"  # allow | wait | deny
+    rule: str = ""
+    message: str = ""
 
 
 class Rules(SpecModel):

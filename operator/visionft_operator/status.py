@@ -20,25 +20,19 @@ from typing import Any
 from visionft_api import conditions as cond
 from visionft_api.resource import FINAL_PHASES
 
+from visionft_operator import jobs
 from visionft_operator.constants import ANNOTATION_ATTEMPTS
+from visionft_operator.policy import PolicyDecision
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass
-class PolicyDecision:
-    """What the policy says about starting the run: allowed, wait (capacity) or deny (a hard rule)."""
-
-    verdict: str = "allow"  # allow | wait | deny
-    rule: str = ""
-    message: str = ""
+def iso(moment: datetime) -> str:
+    """A metav1.Time: RFC 3339 in UTC, whole seconds."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
 class Observation:
-    """Everything the derivation looks at, fetched by `reconcile.py`."""
+    """Everything the derivation looks at, gathered by `decision.py`."""
 
     generation: int
     spec: dict[str, Any]
@@ -107,13 +101,6 @@ def get_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any
 
 
 # --- reading the Job and pods -----------------------------------------------------------------------------
-
-
-def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    for c in (job.get("status") or {}).get("conditions") or []:
-        if c.get("type") == type_ and c.get("status") == "True":
-            return c
-    return None
 
 
 def _pod_time(pod: dict[str, Any]) -> str:
@@ -241,14 +228,14 @@ def _state(obs: Observation) -> _State:
         return _State(phase, message, reason, stalled=phase == "Failed", admitted=admitted)
     job = obs.job
     if job is not None:
-        if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
+        if jobs.condition(job, "Complete") or jobs.condition(job, "SuccessCriteriaMet"):
             done = "training finished and the outputs are published"
             if not obs.spec.get("output"):
                 done = (
                     "training finished; with no spec.output, the results stayed in the pod's scratch volume"
                 )
             return _State("Succeeded", done, cond.REASON_SUCCEEDED)
-        failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
+        failed = jobs.failure(job)
         if failed:
             job_reason = failed.get("reason") or cond.REASON_JOB_FAILED
             reason = {
@@ -329,9 +316,9 @@ def _state(obs: Observation) -> _State:
     )
 
 
-def derive(obs: Observation, now: str | None = None) -> Derived:
-    """The operator-owned status fields for one observation."""
-    now = now or now_iso()
+def derive(obs: Observation, now: str) -> Derived:
+    """The operator-owned status fields for one observation, `now` (a metav1.Time) for the new condition
+    transitions and completionTime."""
     old = obs.status or {}
     st = _state(obs)
     gen = obs.generation

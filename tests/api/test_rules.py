@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 from visionft_api import VisionFineTuneSpec
 from visionft_api.recipe import BUILTIN_DATASETS, BUILTIN_MODELS
-from visionft_operator.reconcile import format_validation_error
+from visionft_operator.decision import format_validation_error
 
 from tests.api.malformed import MALFORMED
 from tests.operator.specs import spec

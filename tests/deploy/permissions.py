@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from visionft_api import resource as api_resource
-from visionft_operator import peering as operator_peering
+from visionft_operator.controller import peering as operator_peering
 
 REPO = Path(__file__).resolve().parents[2]
 OPERATOR_SOURCES = REPO / "operator" / "visionft_operator"

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from visionft_operator.reconcile import validate
+from visionft_operator.decision import validate
 
 from tests.api.test_fuzz_spec import mutate, mutations
 from tests.operator.kube import Kube

@@ -6,6 +6,7 @@ from typing import Any
 
 from visionft_api import conditions as cond
 from visionft_operator import status as st
+from visionft_operator.policy import PolicyDecision
 
 from tests.operator.specs import spec
 
@@ -46,16 +47,14 @@ def test_pending_before_the_job_exists() -> None:
 
 
 def test_policy_wait_and_deny() -> None:
-    wait = _derive(
-        policy=st.PolicyDecision("wait", "maxConcurrentJobs", "policy maxConcurrentJobs: limit is 1")
-    )
+    wait = _derive(policy=PolicyDecision("wait", "maxConcurrentJobs", "policy maxConcurrentJobs: limit is 1"))
     assert wait.status["phase"] == "Pending"
     assert (_cond(wait, cond.ADMITTED)["status"], _cond(wait, cond.ADMITTED)["reason"]) == (
         "False",
         cond.REASON_POLICY_LIMIT,
     )
     assert "maxConcurrentJobs" in _cond(wait, cond.ADMITTED)["message"]
-    deny = _derive(policy=st.PolicyDecision("deny", "allowedImages", "policy allowedImages: no"))
+    deny = _derive(policy=PolicyDecision("deny", "allowedImages", "policy allowedImages: no"))
     assert deny.status["phase"] == "Failed"
     assert _cond(deny, cond.STALLED)["reason"] == cond.REASON_POLICY_VIOLATION
     assert deny.event is not None and deny.event[0] == "Warning"
@@ -208,7 +207,7 @@ def test_last_transition_time_moves_only_on_status_change() -> None:
 
 def test_final_phase_survives_a_deleted_job() -> None:
     done = _derive({"phase": "Training"}, job=_job(conditions=[{"type": "Complete", "status": "True"}]))
-    later = st.derive(st.Observation(generation=3, spec=spec(), status=done.status, job=None))
+    later = st.derive(st.Observation(generation=3, spec=spec(), status=done.status, job=None), now=T1)
     assert later.status["phase"] == "Succeeded"
 
 

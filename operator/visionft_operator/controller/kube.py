@@ -1,9 +1,10 @@
 """The few API calls the operator makes, on the kubernetes client (synchronous; callers run them in a
 thread). Objects go in and come out as plain dicts in their wire (camelCase) form.
 
-The operator only ever creates children, merge-patches a Job's `suspend`/`activeDeadlineSeconds`, writes
-its own status fields through the status subresource, and deletes a resource whose TTL ran out. It never
-writes a resource's spec, labels or annotations, and it never reads Secrets.
+The operator only ever creates children, merge-patches a Job's `suspend`/`activeDeadlineSeconds`, deletes a
+multi-node run's failed Job (a group restart), writes its own status fields through the status
+subresource, and deletes a resource whose TTL ran out. It never writes a resource's spec, labels or
+annotations, and it never reads Secrets.
 """
 
 from __future__ import annotations
@@ -154,6 +155,19 @@ def patch_job(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any
             _preload_content=False,
         )
     )
+
+
+def delete_job_foreground(namespace: str, name: str, uid: str) -> None:
+    """Delete a Job in the foreground (it stays until all of its pods are gone), only if it is still the
+    same object (uid precondition); gone already, or the name taken by another Job, is no error."""
+    body = kubernetes.client.V1DeleteOptions(
+        propagation_policy="Foreground", preconditions=kubernetes.client.V1Preconditions(uid=uid)
+    )
+    try:
+        _batch().delete_namespaced_job(name, namespace, body=body, _preload_content=False)
+    except ApiException as err:
+        if err.status not in (404, 409):
+            raise
 
 
 def post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:

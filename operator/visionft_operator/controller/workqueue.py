@@ -25,8 +25,8 @@ import kopf
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
-from visionft_operator.kube import NotOurs
-from visionft_operator.metrics import REGISTRY
+from visionft_operator.controller.kube import NotOurs
+from visionft_operator.controller.metrics import REGISTRY
 
 Key = tuple[str, str]
 #: A reconcile of one key; returns seconds after which to reconcile the key again, or None.
@@ -180,8 +180,3 @@ async def run_worker(queue: WorkQueue, reconcile: Reconcile) -> None:
             if again is not None:
                 queue.add_after(key, again)
         queue.done(key)
-
-
-#: The process's queue: the event handlers and the resync add to it, `Config.workers` workers drain it.
-QUEUE = WorkQueue()
-REGISTRY.watch_queue(lambda: len(QUEUE))
