@@ -25,12 +25,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import Field
 from visionft_api import VisionFineTuneSpec
 from visionft_api.recipe import SpecModel
+from visionft_api.scheduling import NodeSelector, Toleration
 
 
 @dataclass
@@ -57,8 +57,8 @@ class Rules(SpecModel):
         None,
         description="allowedStorageEndpoints are URL prefixes; an empty string allows AWS (no endpoint).",
     )
-    node_selector: dict[str, str] | None = Field(None, description="nodeSelector added to training pods.")
-    tolerations: list[dict[str, Any]] | None = Field(None, description="tolerations added to training pods.")
+    node_selector: NodeSelector | None = Field(None, description="nodeSelector added to training pods.")
+    tolerations: list[Toleration] | None = Field(None, description="tolerations added to training pods.")
     priority_class_name: str | None = Field(None, description="priorityClassName when the spec sets none.")
     allow_trust_remote_code: bool | None = Field(None, description="allowTrustRemoteCode; unset allows it.")
 

@@ -106,7 +106,7 @@ class Reconciler:
         return children.PodDefaults(
             image=cfg.trainer_image,
             node_selector=dict(rules.node_selector or {}),
-            tolerations=list(rules.tolerations or []),
+            tolerations=[t.to_dict() for t in rules.tolerations or []],
             priority_class_name=rules.priority_class_name,
             tmp_size=cfg.tmp_size,
             shm_size=cfg.shm_size,
