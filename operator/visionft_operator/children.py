@@ -66,9 +66,10 @@ def owner_reference(owner: Owner) -> dict[str, Any]:
 
 
 def labels(owner: Owner) -> dict[str, str]:
-    """Labels of every child (and of the pods)."""
+    """Labels of every child (and of the pods); the name's label value is shortened to fit
+    (`names.label_value`)."""
     return {
-        c.LABEL_NAME: owner.name,
+        c.LABEL_NAME: names.label_value(owner.name),
         c.LABEL_COMPONENT: "trainer",
         c.LABEL_MANAGED_BY: c.COMPONENT,
         c.LABEL_PART_OF: c.PART_OF,
@@ -247,7 +248,7 @@ def _one_pod_per_node(owner: Owner) -> dict[str, Any]:
         "podAntiAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": [
                 {
-                    "labelSelector": {"matchLabels": {c.LABEL_NAME: owner.name}},
+                    "labelSelector": {"matchLabels": {c.LABEL_NAME: names.label_value(owner.name)}},
                     "topologyKey": "kubernetes.io/hostname",
                 }
             ]
@@ -322,10 +323,9 @@ def pod_template(owner: Owner, spec: VisionFineTuneSpec, defaults: PodDefaults) 
     priority = res.priority_class_name or defaults.priority_class_name
     if priority:
         pod_spec["priorityClassName"] = priority
-    metadata: dict[str, Any] = {"labels": labels(owner)}
-    if defaults.pod_annotations:
-        metadata["annotations"] = dict(defaults.pod_annotations)
-    return {"metadata": metadata, "spec": pod_spec}
+    # The whole name, which the label may not hold: the operator finds a pod's run by it.
+    annotations = {**defaults.pod_annotations, c.ANNOTATION_NAME: owner.name}
+    return {"metadata": {"labels": labels(owner), "annotations": annotations}, "spec": pod_spec}
 
 
 def pod_failure_policy(multi_node: bool = False) -> dict[str, Any]:
@@ -409,7 +409,7 @@ def headless_service(owner: Owner) -> dict[str, Any]:
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": {c.LABEL_NAME: owner.name},
+            "selector": {c.LABEL_NAME: names.label_value(owner.name)},
             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
         },
     }

@@ -13,8 +13,11 @@ FIELD_MANAGER = "visionft-operator"
 # The component name on Events and in app.kubernetes.io/managed-by.
 COMPONENT = "visionft-operator"
 
-# Labels on every child object. `visionft.io/name` selects all children (and pods) of one resource.
+# Labels on every child object. `visionft.io/name` selects all children (and pods) of one resource; its
+# value is the resource's name, shortened to a label value's 63 characters (names.label_value).
 LABEL_NAME = f"{LABEL_PREFIX}name"
+# On every training pod: the resource's whole name (a label value may not hold it).
+ANNOTATION_NAME = f"{LABEL_PREFIX}name"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PART_OF = "app.kubernetes.io/part-of"

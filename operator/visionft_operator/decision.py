@@ -27,7 +27,7 @@ from visionft_api import VisionFineTuneSpec
 from visionft_api import conditions as cond
 from visionft_api.resource import FINAL_PHASES
 
-from visionft_operator import children, deadline, gang, jobs, policy
+from visionft_operator import children, deadline, diagnosis, gang, jobs, policy
 from visionft_operator import status as st
 
 #: The facts `decide` may ask for.
@@ -55,6 +55,8 @@ class View:
     usage: policy.Usage | None = None
     #: The Job's Events; only when asked for.
     job_events: list[dict[str, Any]] | None = None
+    #: The apiserver refused the planned write of a child: (which child, the apiserver's message).
+    rejected: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ class Plan:
     waiting: bool = False
     #: Whether the derived status differs from the resource's (then it is written).
     write_status: bool = False
+    #: Whether to retry with a growing backoff although the reconcile did what it could: a child was
+    #: refused, and the cause may be outside the spec (an admission policy, a quota, a PriorityClass).
+    backoff: bool = False
     #: Seconds until the resource needs another look, or None.
     again: float | None = None
 
@@ -130,16 +135,6 @@ def settled(body: dict[str, Any]) -> bool:
 
 def has_capacity_rule(rules: policy.Rules) -> bool:
     return rules.max_concurrent_jobs is not None or rules.max_gpus_per_namespace is not None
-
-
-def quota_message(events: list[dict[str, Any]]) -> str | None:
-    """The newest FailedCreate Event of a Job that blames a ResourceQuota."""
-    found = None
-    for event in events:
-        message = event.get("message") or ""
-        if event.get("reason") == "FailedCreate" and "exceeded quota" in message:
-            found = message
-    return found
 
 
 def _patched(job: dict[str, Any], patch: dict[str, Any] | None) -> dict[str, Any]:
@@ -231,17 +226,20 @@ def decide(view: View) -> Plan:
         needs, create, job_patch, decision = _job_plan(view, owner, spec, status.get("phase"))
         if needs is not None:
             return needs
+    if view.rejected is not None:
+        create, job_patch = [], None  # the write was refused: the status says so, a retry tries again
     if create:
         job = next(obj for obj in create if obj["kind"] == "Job")
         pods = []  # a Job made now has no pods yet (an earlier Job's may still be going)
     elif job is not None:
         job = _patched(job, job_patch)
-    quota = None
+    failed_create = None
     if job is not None and not create and not pods and not jobs.finished(job) and not jobs.suspended(job):
-        # A Job made a moment ago has no FailedCreate Events yet; one without pods may be blocked.
+        # A Job made a moment ago has no FailedCreate Events yet; one without pods may be blocked (a
+        # ResourceQuota, a missing PriorityClass, Pod Security).
         if view.job_events is None:
             return Plan(needs=frozenset({NEEDS_JOB_EVENTS}))
-        quota = quota_message(view.job_events)
+        failed_create = diagnosis.newest_failed_create(view.job_events)
     wait = jobs.pods_lag(job, pods, now)
     if wait is not None:
         # The Job failed, and its failed pod (whose exit code and message the status reports, and which a
@@ -270,7 +268,8 @@ def decide(view: View) -> Plan:
         policy=decision,
         job=job,
         pods=pods,
-        quota_message=quota,
+        failed_create=failed_create,
+        rejected=view.rejected,
         group=state,
         restarts=group.restarts if group is not None else None,
     )
@@ -280,7 +279,8 @@ def decide(view: View) -> Plan:
         job_patch=job_patch,
         restart=restart,
         derived=derived,
-        write_status=st.changed(status, derived.status),
+        write_status=bool(derived.remove_progress) or st.changed(status, derived.status),
+        backoff=view.rejected is not None,
         waiting=decision.verdict == "wait",
         again=ttl_left(derived.status, raw_spec, now),
     )
@@ -292,3 +292,7 @@ def with_usage(view: View, usage: policy.Usage) -> View:
 
 def with_job_events(view: View, events: list[dict[str, Any]]) -> View:
     return dataclasses.replace(view, job_events=events)
+
+
+def with_rejection(view: View, what: str, message: str) -> View:
+    return dataclasses.replace(view, rejected=(what, message))

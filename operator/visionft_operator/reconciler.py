@@ -38,10 +38,34 @@ from visionft_operator.controller.cache import Cache
 from visionft_operator.controller.clock import Clock, SystemClock
 from visionft_operator.controller.expectations import Expectations, OwnWrites
 from visionft_operator.controller.metrics import REGISTRY
+from visionft_operator.controller.workqueue import RetryLater
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
+
+
+class Refused(Exception):
+    """The apiserver refused to write a child (or its name is another owner's)."""
+
+    def __init__(self, what: str, message: str) -> None:
+        super().__init__(f"{what}: {message}")
+        self.what = what
+        self.message = message
+
+
+@contextlib.contextmanager
+def _refusal(obj: dict[str, Any]) -> Iterator[None]:
+    """Turn the apiserver's refusal to write `obj` into `Refused`; outages pass through (retried)."""
+    what = f"{obj['kind']} {obj['metadata']['namespace']}/{obj['metadata']['name']}"
+    try:
+        yield
+    except kube.NotOurs as err:
+        raise Refused(what, f"{err}: delete it, or rename this VisionFineTune") from err
+    except ApiException as err:
+        if not kube.refused(err):
+            raise
+        raise Refused(what, kube.refusal_message(err)) from err
 
 
 @dataclass
@@ -122,14 +146,40 @@ class Reconciler:
             yield
 
     def _create_children(self, namespace: str, objs: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Create (or adopt) the children in order; returns the Job. Each is first tried as a dry run, so
+        that a child the apiserver refuses leaves none of the others behind."""
+        for obj in objs:
+            with _refusal(obj):
+                kube.dry_run_create(obj)
         job = None
         for obj in objs:
-            made, created = kube.create_or_adopt(obj)
+            with _refusal(obj):
+                made, created = kube.create_or_adopt(obj)
             if created:
                 log.info("created %s %s/%s", obj["kind"], namespace, obj["metadata"]["name"])
             if obj["kind"] == "Job":
                 job = made
         return job
+
+    def _write_children(
+        self, view: decision.View, plan: decision.Plan
+    ) -> tuple[decision.Plan, dict[str, Any] | None]:
+        """Create the planned children or patch the live Job; returns the plan (decided again as what the
+        run is stuck on when the apiserver refused a write) and the Job created, if any."""
+        meta = view.body["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        try:
+            if plan.create:
+                return plan, self._create_children(ns, plan.create)
+            if plan.job_patch:
+                job_name = names.job_name(name)
+                log.info("patching Job %s/%s: %s", ns, job_name, plan.job_patch)
+                with _refusal({"kind": "Job", "metadata": {"namespace": ns, "name": job_name}}):
+                    kube.patch_job(ns, job_name, {"spec": plan.job_patch})
+        except Refused as err:
+            log.warning("%s/%s: the %s was refused: %s", ns, name, err.what, err.message)
+            return decision.decide(decision.with_rejection(view, err.what, err.message)), None
+        return plan, None
 
     def observe(self, body: dict[str, Any]) -> decision.View:
         """What a reconcile of this resource sees: its Job and pods from the cache (a Job this process just
@@ -161,9 +211,11 @@ class Reconciler:
                 view = decision.with_usage(view, usage)
                 plan = decision.decide(view)
             if decision.NEEDS_JOB_EVENTS in plan.needs and view.job is not None:
-                events = kube.job_events(ns, view.job["metadata"]["name"])
-                plan = decision.decide(decision.with_job_events(view, events))
-            created = self._act(ns, name, plan)
+                job_meta = view.job["metadata"]
+                events = kube.job_events(ns, job_meta["name"], job_meta.get("uid", ""))
+                view = decision.with_job_events(view, events)
+                plan = decision.decide(view)
+            plan, created = self._write_children(view, plan)
         if plan.delete:
             log.info("ttlSecondsAfterFinished expired: deleting %s/%s", ns, name)
             kube.delete_resource(ns, name, meta["uid"])
@@ -178,7 +230,13 @@ class Reconciler:
         body = view.body
         if plan.write_status and plan.derived is not None:
             try:
-                body = kube.patch_status(ns, name, plan.derived.status)
+                body = kube.patch_status(
+                    ns,
+                    name,
+                    plan.derived.status,
+                    remove_progress=plan.derived.remove_progress,
+                    resource_version=meta.get("resourceVersion"),
+                )
             except ApiException as err:
                 if err.status != 404:
                     raise
@@ -237,4 +295,7 @@ class Reconciler:
                 await asyncio.to_thread(kube.post_event, outcome.body, kind, reason, message)
             except Exception:  # an Event is for people; a failed post must not fail the reconcile
                 log.exception("could not post the %s Event for %s/%s", reason, *key)
+        if plan.backoff:
+            # The status and an Event say why; retrying the same write soon would get the same answer.
+            raise RetryLater(shown.get("message") or "stuck")
         return plan.again

@@ -12,15 +12,14 @@ follow kstatus, so `kubectl wait --for=condition=Ready`, Flux and Argo CD unders
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from visionft_api import conditions as cond
 from visionft_api.resource import FINAL_PHASES
 
-from visionft_operator import jobs
+from visionft_operator import diagnosis, jobs
 from visionft_operator.constants import ANNOTATION_ATTEMPTS
 from visionft_operator.policy import PolicyDecision
 
@@ -41,7 +40,10 @@ class Observation:
     policy: PolicyDecision = field(default_factory=PolicyDecision)
     job: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
-    quota_message: str | None = None
+    #: The message of the Job's newest FailedCreate Event (its pod could not be created).
+    failed_create: str | None = None
+    #: The apiserver refused a child the operator wrote: (which child, the apiserver's message).
+    rejected: tuple[str, str] | None = None
     # (phase, reason, message) to report instead of what the Job says: a multi-node run's group restart or
     # its end (gang.py), or a run whose deadline ran out before its next Job (deadline.py); and
     # status.restarts.
@@ -51,10 +53,12 @@ class Observation:
 
 @dataclass
 class Derived:
-    """The operator's part of the status, plus the Event to post when the phase changed."""
+    """The operator's part of the status, the Event to post, and what of the trainer's progress no longer
+    holds (`remove_progress`: "all" for an earlier attempt's report, else the names of fields to drop)."""
 
     status: dict[str, Any]
     event: tuple[str, str, str] | None = None  # (type Normal|Warning, reason, message)
+    remove_progress: Literal["all"] | tuple[str, ...] = ()
 
 
 @dataclass
@@ -62,7 +66,10 @@ class _State:
     phase: str
     message: str
     reason: str
+    #: Progress stopped and needs a person (kstatus Failed).
     stalled: bool = False
+    #: Not stalled, but something users must see (an Event on each new reason).
+    warning: bool = False
     admitted: tuple[str, str] | None = None  # (status, reason)
 
 
@@ -144,38 +151,6 @@ def pod_failure_reason(pods: list[dict[str, Any]]) -> str | None:
     return None
 
 
-_SECRET_MISSING = re.compile(r'secret "([^"]+)" not found')
-_KEY_MISSING = re.compile(r"couldn't find key (\S+) in Secret (\S+)")
-
-
-def waiting_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
-    """(reason, message) when the newest live pod is stuck before start: a missing Secret or key
-    (CreateContainerConfigError, as the kubelet reports it), or an image that can't be pulled."""
-    live = [p for p in pods if (p.get("status") or {}).get("phase") in (None, "Pending")]
-    if not live:
-        return None
-    pod = max(live, key=_pod_time)
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        reason, message = waiting.get("reason") or "", waiting.get("message") or ""
-        if reason == "CreateContainerConfigError":
-            key = _KEY_MISSING.search(message)
-            if key:
-                return cond.REASON_MISSING_SECRET_KEY, (
-                    f"the Secret {key.group(2)} has no key {key.group(1)} (spec.storage): {message}"
-                )
-            secret = _SECRET_MISSING.search(message)
-            if secret:
-                return cond.REASON_MISSING_SECRET, (
-                    f"the Secret {secret.group(1)} named in spec.storage.credentialsSecret does not exist "
-                    f"in this namespace: {message}"
-                )
-            return "CreateContainerConfigError", message
-        if reason in {"ErrImagePull", "ImagePullBackOff", "InvalidImageName"}:
-            return reason, f"the trainer image can't be pulled (spec.image): {message}"
-    return None
-
-
 def _running(pods: list[dict[str, Any]]) -> bool:
     return any((p.get("status") or {}).get("phase") == "Running" for p in pods)
 
@@ -213,13 +188,53 @@ def outputs(spec: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+# --- the trainer's progress -------------------------------------------------------------------------------
+
+#: What a report says about the time left; meaningless once the run is over or stopped.
+ETA_FIELDS = ("eta", "etaSeconds")
+
+
+def _attempt_start(job: dict[str, Any], pods: list[dict[str, Any]]) -> str | None:
+    """When the Job's current attempt began: its oldest unfinished pod's creation (all pods of a group
+    start together), else its newest finished one's; None before it has a pod."""
+    own = [p for p in jobs.own_pods(job, pods) if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    unfinished = [p for p in own if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+    if unfinished:
+        return min(_pod_time(p) for p in unfinished)
+    return max((_pod_time(p) for p in own), default=None)
+
+
+def progress_is_stale(
+    progress: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]]
+) -> bool:
+    """Whether a report belongs to an earlier attempt than the live Job's: its pod is gone and the Job has
+    none yet (a resumed or re-created Job), or its time is before the current attempt's pod (a retry)."""
+    if not progress or job is None or jobs.finished(job) or jobs.suspended(job):
+        return False
+    start = _attempt_start(job, pods)
+    if start is None:
+        return True
+    reported = progress.get("updateTime")
+    return bool(reported) and str(reported) < start
+
+
 # --- the phase --------------------------------------------------------------------------------------------
 
 
-def _state(obs: Observation) -> _State:
-    """Which phase the run is in, and why."""
+def _stuck(problem: diagnosis.Problem, admitted: tuple[str, str] | None = None) -> _State:
+    return _State(
+        "Pending",
+        problem.message,
+        problem.reason,
+        stalled=problem.stalled,
+        warning=not problem.stalled,
+        admitted=admitted,
+    )
+
+
+def _state(obs: Observation, progress: dict[str, Any]) -> _State:
+    """Which phase the run is in, and why; `progress` is the current attempt's report."""
     previous = (obs.status or {}).get("phase")
-    progress = (obs.status or {}).get("progress") or {}
     if obs.spec_error:
         return _State("Failed", f"invalid spec: {obs.spec_error}", cond.REASON_INVALID_SPEC, stalled=True)
     if obs.group:
@@ -256,6 +271,8 @@ def _state(obs: Observation) -> _State:
         return _State(str(previous), str((obs.status or {}).get("message") or ""), str(previous))
     if obs.policy.verdict == "deny":
         return _State("Failed", obs.policy.message, cond.REASON_POLICY_VIOLATION, stalled=True)
+    if obs.rejected:
+        return _stuck(diagnosis.child_rejected(*obs.rejected))
     if obs.spec.get("suspend"):
         return _State(
             "Suspended",
@@ -272,7 +289,7 @@ def _state(obs: Observation) -> _State:
                 admitted=("False", cond.REASON_POLICY_LIMIT),
             )
         return _State("Pending", "creating the trainer's Job", cond.REASON_CREATING)
-    if (job.get("spec") or {}).get("suspend"):
+    if jobs.suspended(job):
         queue = (obs.spec.get("queueName")) or ""
         return _State(
             "Queued",
@@ -280,19 +297,15 @@ def _state(obs: Observation) -> _State:
             cond.REASON_QUEUED_BY_KUEUE,
             admitted=("False", cond.REASON_QUEUED_BY_KUEUE),
         )
-    if obs.quota_message and not obs.pods:
-        return _State(
-            "Pending",
-            f"a ResourceQuota blocks the training pod: {obs.quota_message}",
-            cond.REASON_QUOTA_EXCEEDED,
-            admitted=("False", cond.REASON_QUOTA_EXCEEDED),
-        )
-    problem = waiting_problem(obs.pods)
-    if problem:
-        return _State(
-            "Pending", problem[1], problem[0], stalled=True, admitted=("True", cond.REASON_ADMITTED)
-        )
     admitted = ("True", cond.REASON_ADMITTED)
+    if obs.failed_create and not obs.pods:
+        creation = diagnosis.failed_create(obs.failed_create)
+        if creation.reason == cond.REASON_QUOTA_EXCEEDED:
+            return _stuck(creation, admitted=("False", cond.REASON_QUOTA_EXCEEDED))
+        return _stuck(creation, admitted=admitted)
+    problem = diagnosis.pod_problem(obs.pods)
+    if problem:
+        return _stuck(problem, admitted=admitted)
     if _running(obs.pods):
         stage = (progress.get("stage") or "").lower()
         if stage in {"uploading", "saving", "done"}:
@@ -320,7 +333,9 @@ def derive(obs: Observation, now: str) -> Derived:
     """The operator-owned status fields for one observation, `now` (a metav1.Time) for the new condition
     transitions and completionTime."""
     old = obs.status or {}
-    st = _state(obs)
+    progress = old.get("progress") or {}
+    stale = progress_is_stale(progress, obs.job, obs.pods)
+    st = _state(obs, {} if stale else progress)
     gen = obs.generation
     conds: list[dict[str, Any]] = list(old.get("conditions") or [])
 
@@ -342,9 +357,8 @@ def derive(obs: Observation, now: str) -> Derived:
         put(cond.COMPLETE, "False", st.reason, "")
         put(cond.FAILED, "True", st.reason, st.message)
     else:
-        put(
-            cond.READY, "False", cond.REASON_IN_PROGRESS if st.phase != "Suspended" else st.reason, st.message
-        )
+        # Ready's reason is the state's, so that `kubectl get vft` (its Reason column) says why.
+        put(cond.READY, "False", st.reason, st.message)
         put(
             cond.RECONCILING,
             "False" if st.phase == "Suspended" or st.stalled else "True",
@@ -382,16 +396,20 @@ def derive(obs: Observation, now: str) -> Derived:
     if obs.restarts:
         status["restarts"] = obs.restarts
 
+    remove: Literal["all"] | tuple[str, ...] = ()
+    if stale:
+        remove = "all"  # a new attempt starts with no progress until its pod reports
+    elif final or st.phase in {"Suspended", "Queued"}:
+        remove = tuple(f for f in ETA_FIELDS if f in progress)  # nothing is left to wait for
+
+    old_reason = (get_condition(old.get("conditions") or [], cond.READY) or {}).get("reason")
     event = None
-    if st.phase != old.get("phase") or (
-        st.stalled
-        and (get_condition(old.get("conditions") or [], cond.STALLED) or {}).get("reason") != st.reason
-    ):
-        kind = "Warning" if st.phase == "Failed" or st.stalled else "Normal"
-        event = (kind, st.reason if st.stalled or st.phase == "Failed" else st.phase, st.message)
+    if st.phase != old.get("phase") or ((st.stalled or st.warning) and old_reason != st.reason):
+        kind = "Warning" if st.phase == "Failed" or st.stalled or st.warning else "Normal"
+        event = (kind, st.reason if kind == "Warning" else st.phase, st.message)
     if obs.group and status["message"] != old.get("message"):
         event = ("Warning", st.reason, st.message)  # each group restart, also one within the same phase
-    return Derived(status=status, event=event)
+    return Derived(status=status, event=event, remove_progress=remove)
 
 
 def changed(old: dict[str, Any], new: dict[str, Any]) -> bool:

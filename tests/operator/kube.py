@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from visionft_operator.names import label_value
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "visionft.io_visionfinetunes.yaml"
@@ -120,12 +121,14 @@ class Kube:
     def report_progress(
         self, name: str, namespace: str, progress: dict[str, Any], service_account: str
     ) -> None:
-        """What the trainer does: server-side apply of status.progress as the trainer's ServiceAccount."""
+        """What the trainer does: server-side apply of status.progress as the trainer's ServiceAccount,
+        stamped with the time of the report unless it has one."""
+        stamped = {"updateTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **progress}
         body = {
             "apiVersion": "visionft.io/v1alpha1",
             "kind": "VisionFineTune",
             "metadata": {"name": name, "namespace": namespace},
-            "status": {"progress": progress},
+            "status": {"progress": stamped},
         }
         self.run(
             "apply",
@@ -154,7 +157,7 @@ class Kube:
     # --- pods ------------------------------------------------------------------------------------------
 
     def pods(self, name: str, namespace: str) -> list[dict[str, Any]]:
-        return self.list("pods", namespace, f"visionft.io/name={name}")
+        return self.list("pods", namespace, f"visionft.io/name={label_value(name)}")
 
     def wait_pod(
         self,

@@ -39,7 +39,6 @@ def _progress(step: int, total: int, loss: float, stage: str = "Training") -> di
         "etaSeconds": (total - step) * 3,
         "eta": f"{(total - step) * 3}s",
         "stage": stage,
-        "updateTime": "2026-11-26T22:00:00Z",
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from visionft_api import conditions as cond
 from visionft_operator import status as st
 from visionft_operator.policy import PolicyDecision
@@ -17,14 +18,15 @@ def _job(
     suspend: bool = False, conditions: list[dict[str, Any]] | None = None, **status: Any
 ) -> dict[str, Any]:
     return {
-        "metadata": {"name": "r-trainer"},
+        "metadata": {"name": "r-trainer", "uid": "job-uid"},
         "spec": {"suspend": suspend},
         "status": {"conditions": conditions or [], **status},
     }
 
 
 def _pod(phase: str, name: str = "r-trainer-abc", **status: Any) -> dict[str, Any]:
-    return {"metadata": {"name": name, "creationTimestamp": T0}, "status": {"phase": phase, **status}}
+    meta = {"name": name, "creationTimestamp": T0, "ownerReferences": [{"kind": "Job", "uid": "job-uid"}]}
+    return {"metadata": meta, "status": {"phase": phase, **status}}
 
 
 def _derive(status: dict[str, Any] | None = None, **kw: Any) -> st.Derived:
@@ -183,7 +185,7 @@ def test_missing_secret_and_key_are_named() -> None:
 def test_quota_blocking_pod_creation() -> None:
     d = _derive(
         job=_job(),
-        quota_message='pods "x" is forbidden: exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1',
+        failed_create='pods "x" is forbidden: exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1',
     )
     assert d.status["phase"] == "Pending"
     assert _cond(d, cond.ADMITTED)["reason"] == cond.REASON_QUOTA_EXCEEDED
@@ -220,3 +222,116 @@ def test_succeeded_without_output_publishes_nothing() -> None:
     assert "outputs" not in d.status
     assert "scratch" in d.status["message"]
     assert _cond(d, cond.READY)["status"] == "True"
+
+
+# --- runs that can't start: the reason, the field to change, an Event ------------------------------------
+
+
+def _waiting(reason: str, message: str = "") -> dict[str, Any]:
+    waiting = {"reason": reason, "message": message}
+    return _pod("Pending", containerStatuses=[{"name": "trainer", "state": {"waiting": waiting}}])
+
+
+UNSCHEDULABLE = {
+    "type": "PodScheduled",
+    "status": "False",
+    "reason": "Unschedulable",
+    "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+}
+
+
+@pytest.mark.parametrize(
+    ("pods", "failed_create", "reason", "field", "stalled"),
+    [
+        (
+            [_pod("Pending", conditions=[UNSCHEDULABLE])],
+            None,
+            "Unschedulable",
+            "spec.resources.gpusPerNode",
+            False,
+        ),
+        (
+            [],
+            'Error creating: pods "r-trainer-x" is forbidden: no PriorityClass with name does-not-exist was found',
+            "FailedCreate",
+            "spec.resources.priorityClassName",
+            True,
+        ),
+        (
+            [_waiting("ImagePullBackOff", "Back-off pulling image")],
+            None,
+            "ImagePullBackOff",
+            "spec.image",
+            True,
+        ),
+        ([_waiting("ErrImagePull", "not found")], None, "ErrImagePull", "spec.image", True),
+        (
+            [_waiting("CreateContainerConfigError", 'configmap "ca" not found')],
+            None,
+            "CreateContainerConfigError",
+            "spec.storage.caBundleConfigMap",
+            True,
+        ),
+    ],
+    ids=["unschedulable", "failed-create", "image-pull-backoff", "err-image-pull", "container-config"],
+)
+def test_a_pod_that_cannot_start_says_why_and_what_to_change(
+    pods: list, failed_create: str | None, reason: str, field: str, stalled: bool
+) -> None:
+    d = _derive({"phase": "Initializing"}, job=_job(active=1), pods=pods, failed_create=failed_create)
+    assert d.status["phase"] == "Pending"
+    assert field in d.status["message"], d.status["message"]
+    ready = _cond(d, cond.READY)
+    assert (ready["status"], ready["reason"]) == ("False", reason)  # the Reason column
+    assert _cond(d, cond.STALLED)["status"] == ("True" if stalled else "False")
+    assert _cond(d, cond.RECONCILING)["status"] == ("False" if stalled else "True")
+    assert d.event is not None and d.event[:2] == ("Warning", reason)
+    # Once reported, the same state posts no second Event.
+    again = _derive(
+        {"phase": "Pending", **d.status}, job=_job(active=1), pods=pods, failed_create=failed_create
+    )
+    assert again.event is None
+
+
+def test_a_refused_child_is_stalled_with_the_apiservers_words() -> None:
+    message = 'jobs.batch "r-trainer" is forbidden: ValidatingAdmissionPolicy denied request: cpu above 4'
+    d = _derive(rejected=("Job team-a/r-trainer", message))
+    assert d.status["phase"] == "Pending"
+    assert "Job team-a/r-trainer" in d.status["message"] and "cpu above 4" in d.status["message"]
+    assert "spec.resources.cpu" in d.status["message"]
+    stalled = _cond(d, cond.STALLED)
+    assert (stalled["status"], stalled["reason"]) == ("True", cond.REASON_CHILD_REJECTED)
+    assert d.event is not None and d.event[:2] == ("Warning", cond.REASON_CHILD_REJECTED)
+
+
+def test_an_earlier_attempts_progress_is_dropped_until_the_new_pod_reports() -> None:
+    old = {"step": 12, "totalSteps": 30, "eta": "54s", "etaSeconds": 54, "updateTime": "2026-11-26T09:59:00Z"}
+    # A resumed (or re-created) Job without a pod yet: the report is the last attempt's.
+    d = _derive({"phase": "Training", "progress": old}, job=_job(active=0))
+    assert d.remove_progress == "all" and d.status["phase"] == "Initializing"
+    # A new pod, created after the last report: Initializing, not Training, until it reports.
+    d = _derive({"phase": "Training", "progress": old}, job=_job(active=1), pods=[_pod("Running")])
+    assert d.remove_progress == "all" and d.status["phase"] == "Initializing"
+    # Its own report (after its creation) counts.
+    fresh = {**old, "updateTime": "2026-11-26T10:00:05Z"}
+    d = _derive({"phase": "Initializing", "progress": fresh}, job=_job(active=1), pods=[_pod("Running")])
+    assert d.remove_progress == () and d.status["phase"] == "Training"
+
+
+def test_a_run_that_is_over_keeps_its_progress_but_no_eta() -> None:
+    report = {
+        "step": 12,
+        "totalSteps": 30,
+        "eta": "54s",
+        "etaSeconds": 54,
+        "updateTime": "2026-11-26T10:00:05Z",
+    }
+    failed = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]
+    d = _derive({"phase": "Training", "progress": report}, job=_job(conditions=failed), pods=[_pod("Failed")])
+    assert d.status["phase"] == "Failed" and d.remove_progress == ("eta", "etaSeconds")
+    d = _derive({"phase": "Training", "progress": report}, spec=spec(suspend=True), job=_job(suspend=True))
+    assert d.status["phase"] == "Suspended" and d.remove_progress == ("eta", "etaSeconds")
+    d = _derive(
+        {"phase": "Failed", "progress": {"step": 12}}, job=_job(conditions=failed), pods=[_pod("Failed")]
+    )
+    assert d.remove_progress == ()  # nothing left to drop

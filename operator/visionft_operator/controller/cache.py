@@ -93,9 +93,12 @@ def job_owner(body: Mapping[str, Any]) -> Key | None:
 
 
 def pod_owner(body: Mapping[str, Any]) -> Key | None:
-    """(namespace, name) of the VisionFineTune whose run a pod belongs to, from its label."""
+    """(namespace, name) of the VisionFineTune whose run a pod belongs to: the whole name from its
+    annotation, else from its label (which holds names of up to 63 characters whole)."""
     meta = body.get("metadata") or {}
-    name = (meta.get("labels") or {}).get(c.LABEL_NAME)
+    name = (meta.get("annotations") or {}).get(c.ANNOTATION_NAME) or (meta.get("labels") or {}).get(
+        c.LABEL_NAME
+    )
     return (meta.get("namespace", ""), name) if name else None
 
 

@@ -13,7 +13,7 @@ import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
@@ -87,26 +87,25 @@ def _custom() -> kubernetes.client.CustomObjectsApi:
     return kubernetes.client.CustomObjectsApi(api_client())
 
 
-_CREATE = {
-    "ServiceAccount": lambda ns, body: _core().create_namespaced_service_account(
-        ns, body, field_manager=c.FIELD_MANAGER, _preload_content=False
-    ),
-    "ConfigMap": lambda ns, body: _core().create_namespaced_config_map(
-        ns, body, field_manager=c.FIELD_MANAGER, _preload_content=False
-    ),
-    "Role": lambda ns, body: _rbac().create_namespaced_role(
-        ns, body, field_manager=c.FIELD_MANAGER, _preload_content=False
-    ),
-    "RoleBinding": lambda ns, body: _rbac().create_namespaced_role_binding(
-        ns, body, field_manager=c.FIELD_MANAGER, _preload_content=False
-    ),
-    "Service": lambda ns, body: _core().create_namespaced_service(
-        ns, body, field_manager=c.FIELD_MANAGER, _preload_content=False
-    ),
-    "Job": lambda ns, body: _batch().create_namespaced_job(
-        ns, body, field_manager=c.FIELD_MANAGER, _preload_content=False
-    ),
-}
+def _create(kind: str, namespace: str, body: dict[str, Any], dry_run: bool) -> Any:
+    options: dict[str, Any] = {"field_manager": c.FIELD_MANAGER, "_preload_content": False}
+    if dry_run:
+        options["dry_run"] = "All"
+    if kind == "ServiceAccount":
+        return _core().create_namespaced_service_account(namespace, body, **options)
+    if kind == "ConfigMap":
+        return _core().create_namespaced_config_map(namespace, body, **options)
+    if kind == "Role":
+        return _rbac().create_namespaced_role(namespace, body, **options)
+    if kind == "RoleBinding":
+        return _rbac().create_namespaced_role_binding(namespace, body, **options)
+    if kind == "Service":
+        return _core().create_namespaced_service(namespace, body, **options)
+    if kind == "Job":
+        return _batch().create_namespaced_job(namespace, body, **options)
+    raise ValueError(kind)
+
+
 _READ = {
     "ServiceAccount": lambda ns, name: _core().read_namespaced_service_account(
         name, ns, _preload_content=False
@@ -123,12 +122,41 @@ class NotOurs(Exception):
     """A child's name is taken by an object that another owner controls."""
 
 
+#: The answers of an apiserver that refused a write for what was written (its validation, an admission
+#: plugin or policy, a quota, RBAC): a retry of the same write gets the same answer.
+REFUSED = frozenset({400, 403, 404, 422})
+
+
+def refused(err: BaseException) -> bool:
+    return isinstance(err, ApiException) and err.status in REFUSED
+
+
+def refusal_message(err: ApiException) -> str:
+    """The apiserver's own words (its Status message), else the HTTP reason."""
+    try:
+        body = json.loads(err.body or "{}")
+    except (TypeError, ValueError):
+        body = {}
+    message = body.get("message") if isinstance(body, dict) else None
+    return str(message or err.reason or f"HTTP {err.status}")
+
+
+def dry_run_create(obj: dict[str, Any]) -> None:
+    """Ask the apiserver whether it would create the object (validation, admission, quota, RBAC), without
+    creating it. An object that exists already (409) passes: it is adopted later."""
+    try:
+        _create(obj["kind"], obj["metadata"]["namespace"], obj, dry_run=True)
+    except ApiException as err:
+        if err.status != 409:
+            raise
+
+
 def create_or_adopt(obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """Create the object; when it exists (409: a restarted operator, a second replica), return the
     existing one if it is ours. Returns (object, created)."""
     kind, ns = obj["kind"], obj["metadata"]["namespace"]
     try:
-        return _json(_CREATE[kind](ns, obj)), True
+        return _json(_create(kind, ns, obj, dry_run=False)), True
     except ApiException as err:
         if err.status != 409:
             raise
@@ -247,12 +275,10 @@ def list_pages(kind: str, namespace: str | None) -> Iterator[list[dict[str, Any]
             return
 
 
-def job_events(namespace: str, job_name: str) -> list[dict[str, Any]]:
-    response = _core().list_namespaced_event(
-        namespace,
-        field_selector=f"involvedObject.kind=Job,involvedObject.name={job_name}",
-        _preload_content=False,
-    )
+def job_events(namespace: str, job_name: str, uid: str) -> list[dict[str, Any]]:
+    """The Events of one Job (this very object: an earlier Job of the same name has another uid)."""
+    selector = f"involvedObject.kind=Job,involvedObject.name={job_name},involvedObject.uid={uid}"
+    response = _core().list_namespaced_event(namespace, field_selector=selector, _preload_content=False)
     return _json(response).get("items") or []
 
 
@@ -269,10 +295,24 @@ def read_resource(namespace: str, name: str) -> dict[str, Any] | None:
         raise
 
 
-def patch_status(namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
-    """A JSON merge patch of the status subresource with only the operator's fields: `progress` (the
-    trainer's, server-side applied) is never part of it, so it is never clobbered."""
+def patch_status(
+    namespace: str,
+    name: str,
+    status: dict[str, Any],
+    remove_progress: Literal["all"] | tuple[str, ...] = (),
+    resource_version: str | None = None,
+) -> dict[str, Any]:
+    """A JSON merge patch of the status subresource with the operator's fields. `progress` belongs to the
+    trainer (server-side applied): the patch never sets it. It only removes what no longer holds:
+    `remove_progress` is "all" (a past attempt's report) or the names of fields to drop (the ETA of a run
+    that is over), and then only at the `resource_version` it was read at, so that a report that came
+    meanwhile is never lost (the conflict, 409, is retried)."""
     assert "progress" not in status, "status.progress belongs to the trainer"
+    patch: dict[str, Any] = {"status": dict(status)}
+    if remove_progress:
+        patch["status"]["progress"] = None if remove_progress == "all" else dict.fromkeys(remove_progress)
+        if resource_version:
+            patch["metadata"] = {"resourceVersion": resource_version}
     return _json(
         _custom().patch_namespaced_custom_object_status(
             GROUP,
@@ -280,7 +320,7 @@ def patch_status(namespace: str, name: str, status: dict[str, Any]) -> dict[str,
             namespace,
             PLURAL,
             name,
-            {"status": status},
+            patch,
             field_manager=c.FIELD_MANAGER,
             _content_type=MERGE_PATCH,
             _preload_content=False,

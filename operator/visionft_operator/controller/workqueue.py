@@ -33,6 +33,13 @@ Key = tuple[str, str]
 Reconcile = Callable[[Key], Awaitable[float | None]]
 log = logging.getLogger(__name__)
 
+
+class RetryLater(Exception):
+    """Raised by a reconcile that did what it could and reported why the resource is stuck (a child the
+    apiserver refused): the key is retried with its growing backoff, and the resync does not shorten it.
+    Logged in one line at INFO: the resource's status and Events carry the news."""
+
+
 # Failures that an outage (apiserver or etcd restart, a dropped connection) or the cluster's state explains:
 # logged in one line. Anything else is a bug, logged with its traceback.
 _EXPLAINED = (ApiException, urllib3.exceptions.HTTPError, OSError, kopf.TemporaryError, NotOurs)
@@ -97,6 +104,10 @@ class WorkQueue:
     def failures(self, key: Key) -> int:
         return self._failures.get(key, 0)
 
+    def backing_off(self, key: Key) -> bool:
+        """Whether the key waits out a backoff after a failure (then a resync leaves it be)."""
+        return self._failures.get(key, 0) > 0 and key in self._timers
+
     def forget(self, key: Key) -> None:
         """The key's reconcile succeeded: its next failure starts the backoff from the beginning."""
         self._failures.pop(key, None)
@@ -160,6 +171,10 @@ async def run_worker(queue: WorkQueue, reconcile: Reconcile) -> None:
         except asyncio.CancelledError:
             queue.done(key)
             raise
+        except RetryLater as err:
+            backoff = queue.add_rate_limited(key)
+            REGISTRY.retry()
+            log.info("%s/%s is stuck (%s); looking again in %.1f s", *key, err, backoff)
         except Exception as err:
             delay = getattr(err, "delay", None) if isinstance(err, kopf.TemporaryError) else None
             if delay:

@@ -3,7 +3,8 @@
 It drives what no watch event announces: a ResourceQuota that blocks the pods (seen in the Job's Events,
 which the operator does not watch), a policy change, a run waiting for capacity whose wake-up was missed.
 It costs little: the reconciles read the cache, and finished resources are skipped (their TTL is queued
-by the reconcile that saw them finish). Failed reconciles don't wait for it: the work queue retries them.
+by the reconcile that saw them finish). Failed reconciles don't wait for it: the work queue retries them,
+and a resource that waits out its backoff (a refused child) is left to it.
 A background task rather than a Kopf timer, because Kopf timers put a finalizer on every resource.
 """
 
@@ -59,7 +60,7 @@ async def resync_forever(
         leadership: dict[str, bool] = {}
         for key in cache.resource_keys():
             body = cache.resource(*key)
-            if body is None or decision.settled(body):
+            if body is None or decision.settled(body) or queue.backing_off(key):
                 continue
             if await _may_act(cfg, peer, key[0], leadership):
                 queue.add(key)
