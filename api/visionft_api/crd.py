@@ -176,6 +176,8 @@ def build_crd() -> dict[str, Any]:
     }
     columns = [
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        # Why the run is in its phase (Ready's reason): Training, Unschedulable, ChildRejected, ...
+        {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason'},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
         {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
