@@ -314,7 +314,10 @@ def _state(obs: Observation, progress: dict[str, Any]) -> _State:
             return _State("Training", "training", cond.REASON_TRAINING, admitted=admitted)
         what = f" ({progress['stage']})" if progress.get("stage") else ""
         return _State(
-            "Initializing", f"the trainer is starting{what}", cond.REASON_WAITING_FOR_POD, admitted=admitted
+            "Initializing",
+            f"the trainer is starting{what}{_retry_note(job, obs.pods)}",
+            cond.REASON_WAITING_FOR_POD,
+            admitted=admitted,
         )
     if any((p.get("status") or {}).get("phase") == "Succeeded" for p in obs.pods):
         # The trainer exited 0; the Job controller has yet to mark the Job complete.
@@ -323,10 +326,20 @@ def _state(obs: Observation, progress: dict[str, Any]) -> _State:
         )
     return _State(
         "Initializing",
-        "waiting for the training pod to start",
+        f"waiting for the training pod to start{_retry_note(job, obs.pods)}",
         cond.REASON_WAITING_FOR_POD,
         admitted=admitted,
     )
+
+
+def _retry_note(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
+    """For a Job's retried pod: which retry, and why the pod before it failed."""
+    failed = [p for p in jobs.own_pods(job, pods) if (p.get("status") or {}).get("phase") == "Failed"]
+    if not failed:
+        return ""
+    limit = (job.get("spec") or {}).get("backoffLimit")
+    of = f" of {limit}" if limit is not None else ""
+    return f" (retry {len(failed)}{of}: {pod_failure(failed)})"
 
 
 def derive(obs: Observation, now: str) -> Derived:

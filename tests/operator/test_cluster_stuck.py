@@ -365,10 +365,12 @@ def test_a_failed_run_shows_no_eta(kube: Kube, namespace: str, operator: Operato
     assert cells.get("ETA", "<none>") in ("<none>", ""), (header, row)
 
 
-def test_one_initializing_event_per_start(kube: Kube, namespace: str, operator: OperatorProcess) -> None:
+def test_one_event_per_transition_and_a_retry_says_why(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
     name = "one-event"
-    kube.apply(resource(name, namespace))
-    kube.wait_pod(name, namespace)
+    kube.apply(resource(name, namespace, spec(**{"runPolicy.backoffLimit": 2})))
+    first = kube.wait_pod(name, namespace)
     kube.wait_phase(name, namespace, "Initializing")
     kube.report_progress(name, namespace, {"stage": "Downloading"}, names.service_account_name(name))
     _report(kube, name, namespace, 1)
@@ -376,3 +378,12 @@ def test_one_initializing_event_per_start(kube: Kube, namespace: str, operator: 
     time.sleep(3)  # several resyncs and the pod's events
     reasons = [e["reason"] for e in kube.events(namespace, name)]
     assert reasons.count("Initializing") == 1 and reasons.count("Training") == 1, reasons
+    # The pod fails and the Job retries it: Initializing again, saying which retry and why, and no
+    # Training until the new pod reports (the failed pod's progress is not the new one's).
+    kube.terminate_pod(first, exit_code=1, reason="Error", message="NCCL timeout")
+    kube.wait_pod(name, namespace, exclude={first["metadata"]["name"]}, timeout=60)
+    _initializing_without_progress(kube, name, namespace)
+    events = sorted(kube.events(namespace, name), key=lambda e: e["metadata"]["creationTimestamp"])
+    retried = [e["message"] for e in events if e["reason"] == "Initializing"][1:]
+    assert len(retried) == 1 and "retry 1 of 2" in retried[0] and "NCCL timeout" in retried[0], retried
+    assert [e["reason"] for e in events].count("Training") == 1, [e["reason"] for e in events]
