@@ -25,7 +25,7 @@ import kopf
 from pydantic import ValidationError
 from visionft_api import VisionFineTuneSpec
 from visionft_api import conditions as cond
-from visionft_api.resource import FINAL_PHASES
+from visionft_api.resource import FINAL_PHASES, KUEUE_QUEUE_LABEL
 
 from visionft_operator import children, deadline, diagnosis, gang, jobs, policy
 from visionft_operator import status as st
@@ -80,6 +80,8 @@ class Plan:
     create: list[dict[str, Any]] = field(default_factory=list)
     #: A merge patch of the live Job's spec.
     job_patch: dict[str, Any] | None = None
+    #: A merge patch of the live Job's labels (Kueue's queue, while Kueue has not admitted the Job).
+    job_labels: dict[str, str | None] | None = None
     #: A group restart.
     restart: Restart | None = None
     #: The derived status and its Event; None where nothing is to be written (the resource finished and
@@ -135,6 +137,18 @@ def settled(body: dict[str, Any]) -> bool:
 
 def has_capacity_rule(rules: policy.Rules) -> bool:
     return rules.max_concurrent_jobs is not None or rules.max_gpus_per_namespace is not None
+
+
+def _queue_labels(spec: VisionFineTuneSpec, job: dict[str, Any] | None) -> dict[str, str | None] | None:
+    """Kueue's queue label for a Job Kueue holds (suspended, not finished) whose label no longer names
+    spec.queueName: an edit before the start moves the Job to the new queue (or out of Kueue). Once the
+    run has started, the CRD refuses the edit."""
+    if job is None or jobs.finished(job) or not jobs.suspended(job):
+        return None
+    live = ((job.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+    if live == spec.queue_name:
+        return None
+    return {KUEUE_QUEUE_LABEL: spec.queue_name}
 
 
 def _patched(job: dict[str, Any], patch: dict[str, Any] | None) -> dict[str, Any]:
@@ -222,12 +236,15 @@ def decide(view: View) -> Plan:
         and status.get("phase") not in FINAL_PHASES
         and deadline.run_out(spec, elapsed)
     )
+    job_labels = None
     if spec is not None and not out_of_time:
         needs, create, job_patch, decision = _job_plan(view, owner, spec, status.get("phase"))
         if needs is not None:
             return needs
+        job_labels = _queue_labels(spec, job) if not create else None
     if view.rejected is not None:
-        create, job_patch = [], None  # the write was refused: the status says so, a retry tries again
+        # The write was refused: the status says so, a retry tries again.
+        create, job_patch, job_labels = [], None, None
     if create:
         job = next(obj for obj in create if obj["kind"] == "Job")
         pods = []  # a Job made now has no pods yet (an earlier Job's may still be going)
@@ -245,7 +262,7 @@ def decide(view: View) -> Plan:
         # The Job failed, and its failed pod (whose exit code and message the status reports, and which a
         # gang restart counts) is not in the cache yet: the two come on separate watches. Write nothing;
         # the pod's event queues this resource again, and so does the retry.
-        return Plan(job_patch=job_patch, again=wait)
+        return Plan(job_patch=job_patch, job_labels=job_labels, again=wait)
     # A multi-node run whose pod failed restarts as a group (gang.py): its Job goes, a later reconcile
     # makes the next attempt's.
     group = gang.decide(spec, job, pods, owner.restarts, elapsed) if spec is not None else None
@@ -277,6 +294,7 @@ def decide(view: View) -> Plan:
     return Plan(
         create=create,
         job_patch=job_patch,
+        job_labels=job_labels,
         restart=restart,
         derived=derived,
         write_status=bool(derived.remove_progress) or st.changed(status, derived.status),

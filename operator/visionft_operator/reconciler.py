@@ -171,11 +171,14 @@ class Reconciler:
         try:
             if plan.create:
                 return plan, self._create_children(ns, plan.create)
-            if plan.job_patch:
+            if plan.job_patch or plan.job_labels:
                 job_name = names.job_name(name)
-                log.info("patching Job %s/%s: %s", ns, job_name, plan.job_patch)
+                patch: dict[str, Any] = {"spec": plan.job_patch} if plan.job_patch else {}
+                if plan.job_labels:
+                    patch["metadata"] = {"labels": plan.job_labels}
+                log.info("patching Job %s/%s: %s", ns, job_name, patch)
                 with _refusal({"kind": "Job", "metadata": {"namespace": ns, "name": job_name}}):
-                    kube.patch_job(ns, job_name, {"spec": plan.job_patch})
+                    kube.patch_job(ns, job_name, patch)
         except Refused as err:
             log.warning("%s/%s: the %s was refused: %s", ns, name, err.what, err.message)
             return decision.decide(decision.with_rejection(view, err.what, err.message)), None
@@ -242,16 +245,6 @@ class Reconciler:
                     raise
                 return Outcome(plan=plan, body=None)  # deleted, and the cache missed it
         return Outcome(plan=plan, body=body, created_job=created)
-
-    def _act(self, namespace: str, name: str, plan: decision.Plan) -> dict[str, Any] | None:
-        """Create the planned children or patch the live Job; returns the Job created, if any."""
-        if plan.create:
-            return self._create_children(namespace, plan.create)
-        if plan.job_patch:
-            job_name = names.job_name(name)
-            log.info("patching Job %s/%s: %s", namespace, job_name, plan.job_patch)
-            kube.patch_job(namespace, job_name, {"spec": plan.job_patch})
-        return None
 
     # --- the event-loop side ------------------------------------------------------------------------------
 

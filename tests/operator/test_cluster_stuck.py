@@ -387,3 +387,29 @@ def test_one_event_per_transition_and_a_retry_says_why(
     retried = [e["message"] for e in events if e["reason"] == "Initializing"][1:]
     assert len(retried) == 1 and "retry 1 of 2" in retried[0] and "NCCL timeout" in retried[0], retried
     assert [e["reason"] for e in events].count("Training") == 1, [e["reason"] for e in events]
+
+
+def test_a_queue_edit_is_applied_before_the_start(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    # (Once the run has started, the CRD refuses the edit: test_cluster_validation.)
+    name = "requeued"
+    kube.apply(resource(name, namespace, spec(queueName="team-a-small")))
+    kube.wait_phase(name, namespace, "Queued")
+    kube.patch("vft", name, namespace, {"spec": {"queueName": "team-a-large"}})
+    wait_for(
+        lambda: (
+            (kube.get("job", names.job_name(name), namespace) or {})["metadata"]["labels"].get(
+                "kueue.x-k8s.io/queue-name"
+            )
+            == "team-a-large"
+        ),
+        timeout=30,
+        what="the Job in the new queue",
+    )
+    obj = wait_for(
+        lambda: (o := kube.vft(name, namespace)) and "team-a-large" in o["status"]["message"] and o,
+        timeout=30,
+        what="the status naming the new queue",
+    )
+    assert obj["status"]["phase"] == "Queued" and kstatus_of(obj) == "InProgress"

@@ -224,3 +224,15 @@ def test_pods_lag_only_for_a_failed_job_without_its_failed_pod() -> None:
     assert jobs.pods_lag(job, [_pod("Failed")], clock.now()) is None
     assert jobs.pods_lag(_job(), [], clock.now()) is None  # not failed
     assert jobs.pods_lag(None, [], clock.now()) is None
+
+
+def test_a_queue_edit_before_the_start_moves_the_queued_job() -> None:
+    job = _job(suspend=True)
+    job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] = "team-a"
+    queued = _resource(spec(queueName="team-a"), phase="Queued")
+    assert decision.decide(_observe(queued, job)).job_labels is None
+    moved = decision.decide(_observe(_resource(spec(queueName="team-b"), phase="Queued"), job))
+    assert moved.job_labels == {"kueue.x-k8s.io/queue-name": "team-b"}
+    # Out of Kueue: the label goes, and the operator resumes the Job itself.
+    left = decision.decide(decision.with_job_events(_observe(_resource(phase="Queued"), job), []))
+    assert left.job_labels == {"kueue.x-k8s.io/queue-name": None} and left.job_patch == {"suspend": False}
