@@ -16,8 +16,9 @@ def test_crd_has_printer_columns_status_and_short_name() -> None:
     doc = crd.build_crd()
     version = doc["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]][:5] == [
+    assert [c["name"] for c in version["additionalPrinterColumns"]][:6] == [
         "Phase",
+        "Reason",
         "Progress",
         "Loss",
         "ETA",
