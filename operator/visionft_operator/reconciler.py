@@ -43,6 +43,8 @@ from visionft_operator.controller.workqueue import RetryLater
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
+#: Children that refer to another child of the same creation, and so can't be tried on their own first.
+NOT_DRY_RUN = frozenset({"RoleBinding"})
 
 
 class Refused(Exception):
@@ -146,11 +148,14 @@ class Reconciler:
             yield
 
     def _create_children(self, namespace: str, objs: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """Create (or adopt) the children in order; returns the Job. Each is first tried as a dry run, so
-        that a child the apiserver refuses leaves none of the others behind."""
+        """Create (or adopt) the children in order; returns the Job. They are first tried as dry runs, so
+        that a child the apiserver refuses leaves none of the others behind. (A RoleBinding can't be
+        tried before its Role exists: the apiserver checks that whoever binds a Role holds what it
+        grants.)"""
         for obj in objs:
-            with _refusal(obj):
-                kube.dry_run_create(obj)
+            if obj["kind"] not in NOT_DRY_RUN:
+                with _refusal(obj):
+                    kube.dry_run_create(obj)
         job = None
         for obj in objs:
             with _refusal(obj):
