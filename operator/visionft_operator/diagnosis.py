@@ -34,7 +34,7 @@ class Problem:
     stalled: bool = True
 
 
-# What the cluster's messages name -> the field or object to change. First match wins.
+# What the cluster's messages name -> the field or object to change.
 _HINTS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern, re.IGNORECASE), hint)
     for pattern, hint in (
@@ -60,11 +60,12 @@ _HINTS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 
 
 def what_to_change(message: str) -> str:
-    """The field or object that a cluster message points to."""
-    for pattern, hint in _HINTS:
-        if pattern.search(message):
-            return hint
-    return "the spec, or the cluster rule that the message names"
+    """The fields or objects that a cluster message points to (a scheduler's message can name several
+    reasons, one per kind of node)."""
+    hints = list(dict.fromkeys(hint for pattern, hint in _HINTS if pattern.search(message)))
+    if not hints:
+        return "the spec, or the cluster rule that the message names"
+    return " or ".join(hints)
 
 
 def child_rejected(what: str, message: str) -> Problem:

@@ -229,11 +229,22 @@ def test_a_253_character_name_runs_to_the_end(kube: Kube, namespace: str, operat
 # --- pods that can't start ------------------------------------------------------------------------------
 
 
+POOL = {"visionft.io/test-pool": "stuck"}
+
+
+@pytest.fixture(scope="module")
+def eight_gpu_pool(control_plane: object) -> dict[str, str]:
+    """A fake node of this module's own with 8 GPUs (the shared cluster may hold bigger ones)."""
+    control_plane.add_gpu_node("stuck-0", gpus=8, labels=POOL)  # type: ignore[attr-defined]
+    return POOL
+
+
 def test_an_unschedulable_pod_says_so_and_waits(
-    kube: Kube, namespace: str, operator: OperatorProcess
+    kube: Kube, namespace: str, operator: OperatorProcess, eight_gpu_pool: dict[str, str]
 ) -> None:
     name = "too-big"
-    kube.apply(resource(name, namespace, spec(**{"resources.gpusPerNode": 16})))  # the nodes have 8
+    body = spec(**{"resources.gpusPerNode": 16, "resources.nodeSelector": eight_gpu_pool})
+    kube.apply(resource(name, namespace, body))
     obj = _assert_reported(
         kube,
         name,
