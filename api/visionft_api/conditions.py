@@ -39,6 +39,8 @@ REASON_QUOTA_EXCEEDED = "ResourceQuotaExceeded"
 REASON_SUSPENDED = "Suspended"
 # No node can run the training pod yet (the scheduler's word): the run waits, and says what to change.
 REASON_UNSCHEDULABLE = "Unschedulable"
+# The run's Job name is held by another owner's Job (an earlier resource's, being deleted): the run waits.
+REASON_NAME_TAKEN = "NameTaken"
 # Reasons for Stalled / Failed.
 REASON_INVALID_SPEC = "InvalidSpec"
 # The apiserver refused a child that the operator creates or updates (validation, admission, quota, RBAC).

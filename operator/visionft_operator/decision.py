@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import kopf
 from pydantic import ValidationError
 from visionft_api import VisionFineTuneSpec
 from visionft_api import conditions as cond
@@ -197,6 +196,19 @@ def _job_plan(
     return None, [], patch or None, policy.PolicyDecision() if decision.verdict == "deny" else decision
 
 
+def _name_taken(view: View, what: str, owner: str) -> Plan:
+    """The plan for a run whose Job's name is held by another owner's Job."""
+    meta, status = view.body["metadata"], view.body.get("status") or {}
+    obs = st.Observation(
+        generation=int(meta.get("generation") or 1),
+        spec=view.body.get("spec") or {},
+        status=status,
+        name_taken=(what, owner),
+    )
+    derived = st.derive(obs, now=st.iso(view.now))
+    return Plan(derived=derived, write_status=st.changed(status, derived.status), backoff=True)
+
+
 def decide(view: View) -> Plan:
     """What to do about one resource; see the module's docstring."""
     body = view.body
@@ -222,7 +234,10 @@ def decide(view: View) -> Plan:
     spec, error = validate(raw_spec)
     job, pods = view.job, view.pods
     if job is not None and not jobs.owned_by(job, owner.uid):
-        raise kopf.TemporaryError(f"Job {ns}/{job['metadata']['name']} belongs to another owner", delay=5)
+        # The name is another object's: an earlier resource of the same name whose Job the garbage
+        # collector has yet to delete, or someone else's. Touch nothing, say so, look again later.
+        taken = f"Job {ns}/{job['metadata']['name']}"
+        return _name_taken(view, taken, jobs.controller(job))
     decision = policy.PolicyDecision()
     create: list[dict[str, Any]] = []
     job_patch = None

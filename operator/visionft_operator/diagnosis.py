@@ -5,6 +5,8 @@ knows. Each is read from where Kubernetes reports it and becomes one `Problem`:
 
 - the apiserver refused a child the operator writes (its validation, an admission policy, a quota, RBAC,
   a name taken by another owner): `ChildRejected`, from the write's answer;
+- the run's Job name is held by another owner's Job (most often an earlier resource of the same name,
+  whose Job is being deleted): `NameTaken`, from the cache;
 - the Job can't create its pod (a missing PriorityClass, Pod Security, a quota): `FailedCreate`, from the
   Job's Events (a ResourceQuota is reported apart, as capacity the run waits for);
 - the scheduler finds no node for the pod: `Unschedulable`, from the pod's PodScheduled condition;
@@ -12,8 +14,9 @@ knows. Each is read from where Kubernetes reports it and becomes one `Problem`:
   an image that can't be pulled, from the container's waiting state.
 
 Each message says what happened in the cluster's own words and which spec field (or which cluster object)
-to change. All of them but Unschedulable need a person (Stalled); a pod that waits for a node may get one
-when other runs end or the cluster grows, so it stays in progress.
+to change. All of them but Unschedulable and NameTaken need a person (Stalled); a pod that waits for a node
+may get one when other runs end or the cluster grows, and a Job being deleted goes by itself, so those stay
+in progress.
 """
 
 from __future__ import annotations
@@ -74,6 +77,16 @@ def child_rejected(what: str, message: str) -> Problem:
         cond.REASON_CHILD_REJECTED,
         f"the apiserver refused the {what}: {message}; change {what_to_change(message)}. The operator "
         "retries with a backoff and picks up a changed spec at once",
+    )
+
+
+def name_taken(what: str, owner: str) -> Problem:
+    """A child's name is held by another owner's object (`owner`: "VisionFineTune x (uid ...)")."""
+    return Problem(
+        cond.REASON_NAME_TAKEN,
+        f"the {what} belongs to {owner}, not to this resource: it goes with its owner (an earlier "
+        "VisionFineTune of the same name being deleted); otherwise delete it, or rename this VisionFineTune",
+        stalled=False,
     )
 
 

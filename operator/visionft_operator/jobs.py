@@ -59,6 +59,14 @@ def owned_by(obj: dict[str, Any], uid: str | None) -> bool:
     return any(o.get("uid") == uid for o in (obj.get("metadata") or {}).get("ownerReferences") or [])
 
 
+def controller(obj: dict[str, Any]) -> str:
+    """Who controls an object, as "Kind name (uid ...)", or "nobody"."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return f"{ref.get('kind')} {ref.get('name')} (uid {ref.get('uid')})"
+    return "nobody"
+
+
 def own_pods(job: dict[str, Any], pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The pods of `pods` that this Job made (not an earlier attempt's)."""
     uid = job["metadata"].get("uid")

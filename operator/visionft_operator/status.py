@@ -44,6 +44,8 @@ class Observation:
     failed_create: str | None = None
     #: The apiserver refused a child the operator wrote: (which child, the apiserver's message).
     rejected: tuple[str, str] | None = None
+    #: A child's name is held by another owner's object: (which child, its owner).
+    name_taken: tuple[str, str] | None = None
     # (phase, reason, message) to report instead of what the Job says: a multi-node run's group restart or
     # its end (gang.py), or a run whose deadline ran out before its next Job (deadline.py); and
     # status.restarts.
@@ -273,6 +275,8 @@ def _state(obs: Observation, progress: dict[str, Any]) -> _State:
         return _State("Failed", obs.policy.message, cond.REASON_POLICY_VIOLATION, stalled=True)
     if obs.rejected:
         return _stuck(diagnosis.child_rejected(*obs.rejected))
+    if obs.name_taken:
+        return _stuck(diagnosis.name_taken(*obs.name_taken))
     if obs.spec.get("suspend"):
         return _State(
             "Suspended",

@@ -141,6 +141,13 @@ STATES: list[tuple[str, dict[str, Any], str, str, str]] = [
     ),
     # The runs that can't start.
     ("child-rejected", _inputs(rejected=_REFUSED), "Pending", "Failed", "Degraded"),
+    (
+        "name-taken",
+        _inputs(name_taken=("Job team-a/r-trainer", "VisionFineTune r (uid old)")),
+        "Pending",
+        "InProgress",
+        "Progressing",
+    ),
     ("failed-create", _inputs(job=job(active=0), failed_create=_PRIORITY), "Pending", "Failed", "Degraded"),
     ("quota", _inputs(job=job(active=0), failed_create=_QUOTA), "Pending", "InProgress", "Progressing"),
     (

@@ -424,3 +424,59 @@ def test_a_queue_edit_is_applied_before_the_start(
         what="the status naming the new queue",
     )
     assert obj["status"]["phase"] == "Queued" and kstatus_of(obj) == "InProgress"
+
+
+def test_a_name_another_owner_holds_is_reported_and_left_alone(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    name = "taken"
+    holder = kube.apply(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "holder", "namespace": namespace}}
+    )
+    assert holder.returncode == 0
+    owner = kube.get("configmap", "holder", namespace)
+    assert owner is not None
+    foreign = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": names.job_name(name),
+            "namespace": namespace,
+            "ownerReferences": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "name": "holder",
+                    "uid": owner["metadata"]["uid"],
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": {
+            "suspend": True,
+            "template": {
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}
+            },
+        },
+    }
+    kube.apply(foreign)
+    kube.apply(resource(name, namespace))
+    _assert_reported(
+        kube,
+        name,
+        namespace,
+        cond.REASON_CHILD_REJECTED,
+        (
+            f"Job {namespace}/{names.job_name(name)}",
+            "controlled by ConfigMap holder",
+            "rename this VisionFineTune",
+        ),
+        kstatus="Failed",
+    )
+    # Nothing of the run was made beside the foreign Job, and the foreign Job is untouched.
+    assert _children(kube, name, namespace) == [f"job/{names.job_name(name)}"]
+    job = kube.get("job", names.job_name(name), namespace) or {}
+    assert job["metadata"]["ownerReferences"][0]["name"] == "holder" and job["spec"]["suspend"] is True
+    # Once the name is free, the run starts (its retries back off, within a minute).
+    kube.run("delete", "job", names.job_name(name), "-n", namespace, "--wait=true", timeout=60)
+    kube.wait_phase(name, namespace, "Initializing", "Training", timeout=90)

@@ -7,8 +7,6 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
-import kopf
-import pytest
 from visionft_api import conditions as cond
 from visionft_operator import decision, jobs
 from visionft_operator.config import Config
@@ -208,11 +206,18 @@ def test_a_finished_run_waits_for_its_ttl_then_is_deleted() -> None:
     assert not decision.settled(body)  # its TTL still needs a look
 
 
-def test_a_job_of_another_owner_is_never_taken() -> None:
+def test_a_job_of_another_owner_is_never_taken_and_the_run_says_so() -> None:
     job = _job()
-    job["metadata"]["ownerReferences"] = [{"kind": "VisionFineTune", "name": NAME, "uid": "other"}]
-    with pytest.raises(kopf.TemporaryError, match="belongs to another owner"):
-        decision.decide(_observe(_resource(), job))
+    job["metadata"]["ownerReferences"] = [
+        {"kind": "VisionFineTune", "name": NAME, "uid": "other", "controller": True}
+    ]
+    plan = decision.decide(_observe(_resource(), job))
+    assert not plan.create and plan.job_patch is None and plan.restart is None
+    assert plan.backoff and plan.write_status and plan.derived is not None
+    assert plan.derived.status["phase"] == "Pending"
+    ready = _condition(plan, cond.READY)
+    assert ready["reason"] == cond.REASON_NAME_TAKEN and "uid other" in ready["message"]
+    assert _condition(plan, cond.STALLED)["status"] == "False"  # an earlier resource's Job goes by itself
 
 
 def test_pods_lag_only_for_a_failed_job_without_its_failed_pod() -> None:

@@ -22,6 +22,8 @@ from visionft_api.resource import GROUP, PLURAL, VERSION
 from visionft_operator import constants as c
 
 MERGE_PATCH = "application/merge-patch+json"
+# Every merge patch the operator sends: under its field manager, the answer left as raw JSON.
+_MERGE = {"field_manager": c.FIELD_MANAGER, "_content_type": MERGE_PATCH, "_preload_content": False}
 
 _lock = threading.Lock()
 _api: kubernetes.client.ApiClient | None = None
@@ -143,12 +145,14 @@ def refusal_message(err: ApiException) -> str:
 
 def dry_run_create(obj: dict[str, Any]) -> None:
     """Ask the apiserver whether it would create the object (validation, admission, quota, RBAC), without
-    creating it. An object that exists already (409) passes: it is adopted later."""
+    creating it. An object of that name that is ours passes (it is adopted); one of another owner raises
+    NotOurs."""
     try:
         _create(obj["kind"], obj["metadata"]["namespace"], obj, dry_run=True)
     except ApiException as err:
         if err.status != 409:
             raise
+        _adoptable(obj)
 
 
 def create_or_adopt(obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -160,6 +164,12 @@ def create_or_adopt(obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     except ApiException as err:
         if err.status != 409:
             raise
+    return _adoptable(obj), False
+
+
+def _adoptable(obj: dict[str, Any]) -> dict[str, Any]:
+    """The existing object of `obj`'s name, when `obj`'s owner owns it; else NotOurs."""
+    kind, ns = obj["kind"], obj["metadata"]["namespace"]
     existing = _json(_READ[kind](ns, obj["metadata"]["name"]))
     want_uid = obj["metadata"]["ownerReferences"][0]["uid"]
     owners = existing["metadata"].get("ownerReferences") or []
@@ -169,20 +179,11 @@ def create_or_adopt(obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
             f"{controller['kind']} {controller['name']} (uid {controller['uid']})" if controller else "nobody"
         )
         raise NotOurs(f"{kind} {ns}/{obj['metadata']['name']} exists and is controlled by {who}")
-    return existing, False
+    return existing
 
 
 def patch_job(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-    return _json(
-        _batch().patch_namespaced_job(
-            name,
-            namespace,
-            patch,
-            field_manager=c.FIELD_MANAGER,
-            _content_type=MERGE_PATCH,
-            _preload_content=False,
-        )
-    )
+    return _json(_batch().patch_namespaced_job(name, namespace, patch, **_MERGE))
 
 
 def delete_job_foreground(namespace: str, name: str, uid: str) -> None:
@@ -315,15 +316,7 @@ def patch_status(
             patch["metadata"] = {"resourceVersion": resource_version}
     return _json(
         _custom().patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            name,
-            patch,
-            field_manager=c.FIELD_MANAGER,
-            _content_type=MERGE_PATCH,
-            _preload_content=False,
+            GROUP, VERSION, namespace, PLURAL, name, patch, **_MERGE
         )
     )
 
