@@ -1,7 +1,7 @@
 """Where the training pods may run: tolerations and a node selector, with the core API's own rules.
 
 The operator copies these into the pod template of the run's Job, so whatever the core API would refuse
-there must be refused here, at `kubectl apply`, naming the field: otherwise the resource is accepted and
+there must be refused here, at ``kubectl apply``, naming the field: otherwise the resource is accepted and
 its Job never is. Each rule is declared twice, as CEL for the apiserver and as a pydantic check for the
 operator and trainer (tests/api/malformed.py holds one table of cases for both, and checks it against the
 core API's own answer on a Pod).
@@ -60,7 +60,7 @@ def is_label_value(value: str) -> bool:
 
 
 def _label_key_rule(var: str) -> str:
-    """CEL: `var` is a label key."""
+    """CEL: ``var`` is a label key."""
     return (
         f"{var}.matches(r'{LABEL_KEY_PATTERN}') && "
         f"(!{var}.contains('/') || {var}.indexOf('/') <= {MAX_PREFIX})"

@@ -13,7 +13,7 @@ FIELD_MANAGER = "visionft-operator"
 # The component name on Events and in app.kubernetes.io/managed-by.
 COMPONENT = "visionft-operator"
 
-# Labels on every child object. `visionft.io/name` selects all children (and pods) of one resource; its
+# Labels on every child object. ``visionft.io/name`` selects all children (and pods) of one resource; its
 # value is the resource's name, shortened to a label value's 63 characters (names.label_value).
 LABEL_NAME = f"{LABEL_PREFIX}name"
 # On every training pod: the resource's whole name (a label value may not hold it).
@@ -40,7 +40,7 @@ ANNOTATION_ATTEMPTS = f"{LABEL_PREFIX}attempts"
 # ... and how many seconds of spec.runPolicy.activeDeadlineSeconds had passed by then (deadline.py).
 ANNOTATION_ELAPSED = f"{LABEL_PREFIX}elapsed-seconds"
 
-# Exit codes of `visionft-train` that no retry can fix: the Job fails at once (podFailurePolicy FailJob).
+# Exit codes of ``visionft-train`` that no retry can fix: the Job fails at once (podFailurePolicy FailJob).
 # The CLI exits 2 on a config or data error (visionft.job.cli: EXIT_CONFIG); 1 (a crash, an
 # infrastructure failure) and signals (OOM) are retried up to backoffLimit.
 NON_RETRYABLE_EXIT_CODES = (2,)

@@ -1,13 +1,13 @@
 """The decision function: from what one reconcile observed to what it does. Pure: no API calls, no clock.
 
-`decide(view)` reads a resource, its Job and its pods (as the cache shows them), the namespace's policy
-and the time, and returns a `Plan`: the children to create, the patch of the live Job, a group restart,
-the status to write, the Event to post, a TTL's deletion, when to look again. `reconciler.py` gathers the
+``decide(view)`` reads a resource, its Job and its pods (as the cache shows them), the namespace's policy
+and the time, and returns a ``Plan``: the children to create, the patch of the live Job, a group restart,
+the status to write, the Event to post, a TTL's deletion, when to look again. ``reconciler.py`` gathers the
 view and carries the plan out.
 
 Some facts cost an API call and matter only in some states: the namespace's running Jobs (a capacity
 rule and a run about to take capacity) and the Job's Events (a Job without pods: a ResourceQuota that
-blocks them). `decide` then returns a plan that only names what it `needs`; the reconciler fetches it
+blocks them). ``decide`` then returns a plan that only names what it ``needs``; the reconciler fetches it
 and asks again.
 
 The status always describes the state the plan leads to: a Job about to be created, a Job after its
@@ -29,7 +29,7 @@ from visionft_api.resource import FINAL_PHASES, KUEUE_QUEUE_LABEL
 from visionft_operator import children, deadline, diagnosis, gang, jobs, policy
 from visionft_operator import status as st
 
-#: The facts `decide` may ask for.
+#: The facts ``decide`` may ask for.
 NEEDS_USAGE = "usage"
 NEEDS_JOB_EVENTS = "job_events"
 
@@ -63,7 +63,7 @@ class Restart:
     """A multi-node group restart: record what the failed Job used, then delete it."""
 
     job: dict[str, Any]
-    #: status.restarts and status.attempts where they grew (`gang.record`).
+    #: status.restarts and status.attempts where they grew (``gang.record``).
     record: dict[str, int]
 
 
@@ -98,7 +98,7 @@ class Plan:
 
 
 def format_validation_error(err: ValidationError) -> str:
-    """One line per problem, each naming the field as `spec.a.b`."""
+    """One line per problem, each naming the field as ``spec.a.b``."""
     lines = []
     for problem in err.errors():
         path = ".".join(str(p) for p in ("spec", *problem["loc"]))

@@ -1,16 +1,16 @@
 """Why a run can't start, in the user's terms: which reason to report and which field to change. Pure.
 
 A run that passed validation can still be stuck before its trainer starts, for reasons only the cluster
-knows. Each is read from where Kubernetes reports it and becomes one `Problem`:
+knows. Each is read from where Kubernetes reports it and becomes one ``Problem``:
 
 - the apiserver refused a child the operator writes (its validation, an admission policy, a quota, RBAC,
-  a name taken by another owner): `ChildRejected`, from the write's answer;
+  a name taken by another owner): ``ChildRejected``, from the write's answer;
 - the run's Job name is held by another owner's Job (most often an earlier resource of the same name,
-  whose Job is being deleted): `NameTaken`, from the cache;
-- the Job can't create its pod (a missing PriorityClass, Pod Security, a quota): `FailedCreate`, from the
+  whose Job is being deleted): ``NameTaken``, from the cache;
+- the Job can't create its pod (a missing PriorityClass, Pod Security, a quota): ``FailedCreate``, from the
   Job's Events (a ResourceQuota is reported apart, as capacity the run waits for);
-- the scheduler finds no node for the pod: `Unschedulable`, from the pod's PodScheduled condition;
-- the kubelet can't start the container: a missing Secret or key, another `CreateContainerConfigError`,
+- the scheduler finds no node for the pod: ``Unschedulable``, from the pod's PodScheduled condition;
+- the kubelet can't start the container: a missing Secret or key, another ``CreateContainerConfigError``,
   an image that can't be pulled, from the container's waiting state.
 
 Each message says what happened in the cluster's own words and which spec field (or which cluster object)
@@ -72,7 +72,7 @@ def what_to_change(message: str) -> str:
 
 
 def child_rejected(what: str, message: str) -> Problem:
-    """The apiserver refused to create or update a child (`what`: "Job team-a/x-trainer")."""
+    """The apiserver refused to create or update a child (``what``: "Job team-a/x-trainer")."""
     return Problem(
         cond.REASON_CHILD_REJECTED,
         f"the apiserver refused the {what}: {message}; change {what_to_change(message)}. The operator "
@@ -81,7 +81,7 @@ def child_rejected(what: str, message: str) -> Problem:
 
 
 def name_taken(what: str, owner: str) -> Problem:
-    """A child's name is held by another owner's object (`owner`: "VisionFineTune x (uid ...)")."""
+    """A child's name is held by another owner's object (``owner``: "VisionFineTune x (uid ...)")."""
     return Problem(
         cond.REASON_NAME_TAKEN,
         f"the {what} belongs to {owner}, not to this resource: it goes with its owner (an earlier "

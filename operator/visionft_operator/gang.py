@@ -3,17 +3,17 @@
 torchrun's static rendezvous can't take in one replaced pod: its peers keep waiting on the dead rank (or
 hang in a collective until NCCL times out). So a run over several nodes restarts as a group:
 
-- Its Job fails as a whole on the first pod failure (`children.pod_failure_policy(multi_node=True)`:
+- Its Job fails as a whole on the first pod failure (``children.pod_failure_policy(multi_node=True)``:
   FailJob rules and backoffLimit 0), and the Job controller stops the peers at once.
-- `decide` (pure) reads the failed Job and its pods: a disruption (DisruptionTarget, as preemption or a
+- ``decide`` (pure) reads the failed Job and its pods: a disruption (DisruptionTarget, as preemption or a
   node drain set it) restarts the group without counting; an exit code in NON_RETRYABLE_EXIT_CODES ends
   the run at once; any other failure restarts the group and counts one restart against
   spec.runPolicy.backoffLimit, until the restarts are used up. A restart due once
-  spec.runPolicy.activeDeadlineSeconds has run out (counted from the run's first start, `deadline.py`)
+  spec.runPolicy.activeDeadlineSeconds has run out (counted from the run's first start, ``deadline.py``)
   ends the run with reason DeadlineExceeded instead. A suspended Job (spec.suspend, Kueue) normally
   doesn't fail, since the Job controller lets go of the pods it stops; should one of them still match a
   FailJob rule, the Job is replaced without counting.
-- A restart (`reconciler.py`, from `record`) writes the new count to status.restarts and the pods
+- A restart (``reconciler.py``, from ``record``) writes the new count to status.restarts and the pods
   started so far to status.attempts, then deletes the failed Job in the foreground: the Job stays until all of its pods are gone, so the
   next attempt's pods never meet the old ones (GPUs, the anti-affinity, the pods' DNS names). Once it is
   gone, the reconcile creates the Job again as for a new run, with the same name, ConfigMap and headless
@@ -21,9 +21,9 @@ hang in a collective until NCCL times out). So a run over several nodes restarts
   does that on every start). The new Job gets only what is left of the deadline.
 
 Counting survives an operator restart and a reconcile that runs twice: each Job carries the restart count
-it was created with (annotation `visionft.io/restarts`), and a failed Job's restart is always that count
+it was created with (annotation ``visionft.io/restarts``), and a failed Job's restart is always that count
 plus one, so the same failure is never counted twice. Likewise for status.attempts: each new Job carries
-the pods that its run's earlier Jobs started (annotation `visionft.io/attempts`), and adds its own.
+the pods that its run's earlier Jobs started (annotation ``visionft.io/attempts``), and adds its own.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Verdict:
 
 
 def job_restarts(job: dict[str, Any], default: int) -> int:
-    """The restart count a Job was created with (its annotation), else `default`."""
+    """The restart count a Job was created with (its annotation), else ``default``."""
     value = ((job.get("metadata") or {}).get("annotations") or {}).get(c.ANNOTATION_RESTARTS)
     try:
         return int(value) if value is not None else default
@@ -137,7 +137,7 @@ def decide(
         job (dict | None): the run's Job (wire form).
         pods (list[dict]): the run's pods; only those of this Job are looked at.
         restarts (int): status.restarts, for a Job made before it carried its own count.
-        elapsed (int): seconds since the run first started (`deadline.elapsed`), for the run's deadline.
+        elapsed (int): seconds since the run first started (``deadline.elapsed``), for the run's deadline.
             Default: 0.
     """
     if spec.resources.nodes <= 1 or job is None:

@@ -48,7 +48,7 @@ def gpus(job: dict[str, Any]) -> int:
 
 
 def usage(jobs: list[dict[str, Any]], exclude: str) -> Usage:
-    """What the Jobs of a namespace (but `exclude`) run now: those neither finished nor suspended."""
+    """What the Jobs of a namespace (but ``exclude``) run now: those neither finished nor suspended."""
     running = [
         job for job in jobs if job["metadata"]["name"] != exclude and not finished(job) and not suspended(job)
     ]
@@ -68,7 +68,7 @@ def controller(obj: dict[str, Any]) -> str:
 
 
 def own_pods(job: dict[str, Any], pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The pods of `pods` that this Job made (not an earlier attempt's)."""
+    """The pods of ``pods`` that this Job made (not an earlier attempt's)."""
     uid = job["metadata"].get("uid")
     return [p for p in pods if owned_by(p, uid)]
 

@@ -1,15 +1,15 @@
 """The operator's entry point: registers the handlers with Kopf and runs it.
 
-`visionft-operator [--namespace NS ...] [--peering] [--liveness URL]` runs Kopf with the settings from
-`config.Config` (environment variables), overridden by the command line. Handlers live in `handlers/`; this
-module only wires them to one `Operator`, which holds the process's cache, work queue and reconciler.
+``visionft-operator [--namespace NS ...] [--peering] [--liveness URL]`` runs Kopf with the settings from
+``config.Config`` (environment variables), overridden by the command line. Handlers live in ``handlers/``; this
+module only wires them to one ``Operator``, which holds the process's cache, work queue and reconciler.
 
 How it is built, in the manner of controller-runtime: Kopf watches VisionFineTunes and the Jobs and pods the
 operator made (labelled app.kubernetes.io/managed-by=visionft-operator, selected on the server). The event
-handlers put a slim copy of the object into the operator's cache (`controller/cache.py`, which also lists
+handlers put a slim copy of the object into the operator's cache (``controller/cache.py``, which also lists
 everything once before the workers start) and the VisionFineTune's key into a de-duplicating work queue
-(`controller/workqueue.py`); `Config.workers` workers reconcile the keys from the cache (`reconciler.py`,
-which asks `decision.py` what to do), retrying failures with a backoff, and a periodic resync queues the
+(``controller/workqueue.py``); ``Config.workers`` workers reconcile the keys from the cache (``reconciler.py``,
+which asks ``decision.py`` what to do), retrying failures with a backoff, and a periodic resync queues the
 unfinished resources again. It keeps no state in the resources (no annotations, no finalizers): every
 reconcile is level-triggered and idempotent.
 """
@@ -37,7 +37,7 @@ from visionft_operator.handlers.handle_resource_event import handle_resource_eve
 from visionft_operator.handlers.resync import Peer, resync_forever
 from visionft_operator.reconciler import Reconciler
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 MANAGED = f"{c.LABEL_MANAGED_BY}={c.COMPONENT}"
 #: Objects per page of the initial listings (and of the re-listings after a watch expires): bounds the
 #: memory that a listing of thousands of pods takes at once.
@@ -92,7 +92,7 @@ class Operator:
         bg["resync"] = asyncio.create_task(resync_forever(stopped, self.queue, self.cache, cfg, self.peer))
         if cfg.metrics_port:
             bg["metrics"] = await metrics.serve(cfg.metrics_port, cfg.metrics_bind_address)
-        log.info(
+        logger.info(
             "visionft-operator started",
             extra={"namespaces": cfg.namespaces or "all", "peering": cfg.peering, "workers": cfg.workers},
         )

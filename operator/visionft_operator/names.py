@@ -5,12 +5,12 @@ the objects it made instead of making new ones. A resource's name may be any DNS
 characters, which fits neither every child's name nor a label value:
 
 - child names are DNS-1035 labels (at most 63 lowercase letters, digits and "-", starting with a letter),
-  which every kind takes: a Service, the pods' host names of a multi-node Job (`<job>-<index>`);
-- the `visionft.io/name` label value is at most 63 characters.
+  which every kind takes: a Service, the pods' host names of a multi-node Job (``<job>-<index>``);
+- the ``visionft.io/name`` label value is at most 63 characters.
 
 A name that fits is kept as it is; one that does not is shortened (and made a DNS-1035 label) with a hash
 of the whole name, so two resources never share a child or a label value. The pods also carry the whole
-name in the `visionft.io/name` annotation, which the operator reads back.
+name in the ``visionft.io/name`` annotation, which the operator reads back.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _digest(resource_name: str) -> str:
 
 
 def child_name(resource_name: str, suffix: str = "trainer") -> str:
-    """`<name>-<suffix>` when that is a DNS-1035 label of at most 63 characters; otherwise a DNS-1035 label
+    """``<name>-<suffix>`` when that is a DNS-1035 label of at most 63 characters; otherwise a DNS-1035 label
     from the name's head, a hash of the whole name and the suffix."""
     full = f"{resource_name}-{suffix}"
     if len(full) <= MAX_NAME and _DNS_1035_LABEL.match(full):
@@ -41,7 +41,7 @@ def child_name(resource_name: str, suffix: str = "trainer") -> str:
 
 
 def label_value(resource_name: str) -> str:
-    """The `visionft.io/name` label value of a resource's children and pods: the name itself when it fits
+    """The ``visionft.io/name`` label value of a resource's children and pods: the name itself when it fits
     in a label value (63 characters), else its head and a hash of the whole name."""
     if len(resource_name) <= MAX_NAME:
         return resource_name

@@ -1,6 +1,6 @@
 """Per-namespace policy: limits and defaults that a cluster admin sets for tenants.
 
-The policy is operator configuration (`VISIONFT_POLICY` as YAML/JSON, or `VISIONFT_POLICY_FILE`, e.g. a
+The policy is operator configuration (``VISIONFT_POLICY`` as YAML/JSON, or ``VISIONFT_POLICY_FILE``, e.g. a
 mounted ConfigMap), not a resource that tenants can edit:
 
 ```yaml

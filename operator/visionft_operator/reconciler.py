@@ -1,10 +1,10 @@
 """Level-triggered reconciliation of one VisionFineTune: observe, decide, act, remember.
 
 Every trigger (the resource's own events, its Job's and pods' events, the periodic resync, a retry) only
-puts the resource's key into the work queue (`controller/workqueue.py`); `Config.workers` workers call
-`Reconciler.reconcile`, and the queue guarantees that one resource is never reconciled twice at once.
-A reconcile reads the resource, its Job and its pods from the cache (`controller/cache.py`), asks the
-decision function (`decision.py`) what to do, and does it. It is idempotent: children have deterministic
+puts the resource's key into the work queue (``controller/workqueue.py``); ``Config.workers`` workers call
+``Reconciler.reconcile``, and the queue guarantees that one resource is never reconciled twice at once.
+A reconcile reads the resource, its Job and its pods from the cache (``controller/cache.py``), asks the
+decision function (``decision.py``) what to do, and does it. It is idempotent: children have deterministic
 names and are created or adopted, so a restarted operator or a second trigger never makes a second Job.
 
 Admission (the namespace's usage, then the Job's creation or resumption) is the one step that must not
@@ -40,7 +40,7 @@ from visionft_operator.controller.expectations import Expectations, OwnWrites
 from visionft_operator.controller.metrics import REGISTRY
 from visionft_operator.controller.workqueue import RetryLater
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 #: Children that refer to another child of the same creation, and so can't be tried on their own first.
@@ -58,7 +58,7 @@ class Refused(Exception):
 
 @contextlib.contextmanager
 def _refusal(obj: dict[str, Any]) -> Iterator[None]:
-    """Turn the apiserver's refusal to write `obj` into `Refused`; outages pass through (retried)."""
+    """Turn the apiserver's refusal to write ``obj`` into ``Refused``; outages pass through (retried)."""
     what = f"{obj['kind']} {obj['metadata']['namespace']}/{obj['metadata']['name']}"
     try:
         yield
@@ -161,7 +161,7 @@ class Reconciler:
             with _refusal(obj):
                 made, created = kube.create_or_adopt(obj)
             if created:
-                log.info("created %s %s/%s", obj["kind"], namespace, obj["metadata"]["name"])
+                logger.info("created %s %s/%s", obj["kind"], namespace, obj["metadata"]["name"])
             if obj["kind"] == "Job":
                 job = made
         return job
@@ -181,11 +181,11 @@ class Reconciler:
                 patch: dict[str, Any] = {"spec": plan.job_patch} if plan.job_patch else {}
                 if plan.job_labels:
                     patch["metadata"] = {"labels": plan.job_labels}
-                log.info("patching Job %s/%s: %s", ns, job_name, patch)
+                logger.info("patching Job %s/%s: %s", ns, job_name, patch)
                 with _refusal({"kind": "Job", "metadata": {"namespace": ns, "name": job_name}}):
                     kube.patch_job(ns, job_name, patch)
         except Refused as err:
-            log.warning("%s/%s: the %s was refused: %s", ns, name, err.what, err.message)
+            logger.warning("%s/%s: the %s was refused: %s", ns, name, err.what, err.message)
             return decision.decide(decision.with_rejection(view, err.what, err.message)), None
         return plan, None
 
@@ -225,7 +225,7 @@ class Reconciler:
                 plan = decision.decide(view)
             plan, created = self._write_children(view, plan)
         if plan.delete:
-            log.info("ttlSecondsAfterFinished expired: deleting %s/%s", ns, name)
+            logger.info("ttlSecondsAfterFinished expired: deleting %s/%s", ns, name)
             kube.delete_resource(ns, name, meta["uid"])
             return Outcome(plan=plan, body=None)
         if plan.restart is not None:
@@ -233,7 +233,7 @@ class Reconciler:
             if plan.restart.record:
                 kube.patch_status(ns, name, plan.restart.record)
             if not failed.get("deletionTimestamp"):
-                log.info("restarting the group of %s/%s: deleting Job %s", ns, name, failed["name"])
+                logger.info("restarting the group of %s/%s: deleting Job %s", ns, name, failed["name"])
                 kube.delete_job_foreground(ns, failed["name"], failed["uid"])
         body = view.body
         if plan.write_status and plan.derived is not None:
@@ -292,7 +292,7 @@ class Reconciler:
             try:
                 await asyncio.to_thread(kube.post_event, outcome.body, kind, reason, message)
             except Exception:  # an Event is for people; a failed post must not fail the reconcile
-                log.exception("could not post the %s Event for %s/%s", reason, *key)
+                logger.exception("could not post the %s Event for %s/%s", reason, *key)
         if plan.backoff:
             # The status and an Event say why; retrying the same write soon would get the same answer.
             raise RetryLater(shown.get("message") or "stuck")

@@ -1,13 +1,13 @@
 """Status derivation: from what the operator observes (the Job, its pods, quota events, the trainer's
 progress, the spec's validity and the policy decision) to the status fields the operator owns.
 
-Pure functions, unit-tested without a cluster. The result never contains `progress`: that field belongs to
+Pure functions, unit-tested without a cluster. The result never contains ``progress``: that field belongs to
 the trainer (server-side apply, field manager visionft-trainer), and the operator's merge patch leaves it
 alone.
 
-Conditions follow metav1.Condition: `lastTransitionTime` changes only when a condition's status changes,
-and `observedGeneration` is the spec generation they were computed for. Ready, Reconciling and Stalled
-follow kstatus, so `kubectl wait --for=condition=Ready`, Flux and Argo CD understand the resource.
+Conditions follow metav1.Condition: ``lastTransitionTime`` changes only when a condition's status changes,
+and ``observedGeneration`` is the spec generation they were computed for. Ready, Reconciling and Stalled
+follow kstatus, so ``kubectl wait --for=condition=Ready``, Flux and Argo CD understand the resource.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def iso(moment: datetime) -> str:
 
 @dataclass
 class Observation:
-    """Everything the derivation looks at, gathered by `decision.py`."""
+    """Everything the derivation looks at, gathered by ``decision.py``."""
 
     generation: int
     spec: dict[str, Any]
@@ -56,7 +56,7 @@ class Observation:
 @dataclass
 class Derived:
     """The operator's part of the status, the Event to post, and what of the trainer's progress no longer
-    holds (`remove_progress`: "all" for an earlier attempt's report, else the names of fields to drop)."""
+    holds (``remove_progress``: "all" for an earlier attempt's report, else the names of fields to drop)."""
 
     status: dict[str, Any]
     event: tuple[str, str, str] | None = None  # (type Normal|Warning, reason, message)
@@ -162,9 +162,9 @@ def attempts(job: dict[str, Any] | None, previous: int | None, job_pods: int = 0
 
     The earlier Jobs' pods (a multi-node group restart or a Job deleted by hand made this one) come from
     this Job's annotation. This Job's are those the Job controller counts as failed, succeeded or active,
-    or `job_pods`, the number of its pods seen otherwise, where that is more (the Job's count lags while
-    it stops the pods of a failed group; its `terminating` count is left out, since it can overlap the
-    others for a moment). Never fewer than `previous` (status.attempts): the Job controller stops counting
+    or ``job_pods``, the number of its pods seen otherwise, where that is more (the Job's count lags while
+    it stops the pods of a failed group; its ``terminating`` count is left out, since it can overlap the
+    others for a moment). Never fewer than ``previous`` (status.attempts): the Job controller stops counting
     a pod that it lets go of without a failure (one that suspension deleted, or that a disruption stopped
     on a single node: its podFailurePolicy ignores it), so such a pod and its replacement count once.
     """
@@ -235,7 +235,7 @@ def _stuck(problem: diagnosis.Problem, admitted: tuple[str, str] | None = None) 
 
 
 def _state(obs: Observation, progress: dict[str, Any]) -> _State:
-    """Which phase the run is in, and why; `progress` is the current attempt's report."""
+    """Which phase the run is in, and why; ``progress`` is the current attempt's report."""
     previous = (obs.status or {}).get("phase")
     if obs.spec_error:
         return _State("Failed", f"invalid spec: {obs.spec_error}", cond.REASON_INVALID_SPEC, stalled=True)
@@ -347,7 +347,7 @@ def _retry_note(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
 
 
 def derive(obs: Observation, now: str) -> Derived:
-    """The operator-owned status fields for one observation, `now` (a metav1.Time) for the new condition
+    """The operator-owned status fields for one observation, ``now`` (a metav1.Time) for the new condition
     transitions and completionTime."""
     old = obs.status or {}
     progress = old.get("progress") or {}
@@ -374,7 +374,7 @@ def derive(obs: Observation, now: str) -> Derived:
         put(cond.COMPLETE, "False", st.reason, "")
         put(cond.FAILED, "True", st.reason, st.message)
     else:
-        # Ready's reason is the state's, so that `kubectl get vft` (its Reason column) says why.
+        # Ready's reason is the state's, so that ``kubectl get vft`` (its Reason column) says why.
         put(cond.READY, "False", st.reason, st.message)
         put(
             cond.RECONCILING,

@@ -38,7 +38,7 @@ def _runtimes() -> list[str]:
 
 
 def run_health(obj: dict[str, Any], module: str = "lupa") -> dict[str, str]:
-    """Evaluate the health script as Argo CD does: `obj` is a global, the chunk returns a table."""
+    """Evaluate the health script as Argo CD does: ``obj`` is a global, the chunk returns a table."""
     runtime = importlib.import_module(module).LuaRuntime(unpack_returned_tuples=True)
     runtime.globals().obj = runtime.table_from(obj, recursive=True)
     result = runtime.execute(HEALTH_LUA.read_text())

@@ -1,5 +1,5 @@
-"""kstatus as sigs.k8s.io/cli-utils computes it, from the checker `hack/build-test-cluster.sh` builds
-(`hack/kstatus/main.go`): what Flux, kpt and other kstatus-based tools make of an object."""
+"""kstatus as sigs.k8s.io/cli-utils computes it, from the checker ``hack/build-test-cluster.sh`` builds
+(``hack/kstatus/main.go``): what Flux, kpt and other kstatus-based tools make of an object."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 @dataclass
 class FixedClock:
-    """Wall and monotonic time that move only when `advance` says so."""
+    """Wall and monotonic time that move only when ``advance`` says so."""
 
     wall: datetime = field(default_factory=lambda: datetime(2026, 11, 26, 10, 0, tzinfo=UTC))
     ticks: float = 1000.0

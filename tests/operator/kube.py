@@ -143,7 +143,7 @@ class Kube:
         )
 
     def started_ago(self, name: str, namespace: str, seconds: int) -> None:
-        """Make the run look as if it first started `seconds` ago: status.startTime moved back (a status
+        """Make the run look as if it first started ``seconds`` ago: status.startTime moved back (a status
         write as the cluster admin), so that its deadline can run out without waiting for it. Waits until
         the operator has set startTime, which it never moves once set."""
         wait_for(
@@ -185,7 +185,7 @@ class Kube:
         message: str = "",
         disrupted: bool = False,
     ) -> None:
-        """The kubelet's report of a finished container; `disrupted` adds the DisruptionTarget condition
+        """The kubelet's report of a finished container; ``disrupted`` adds the DisruptionTarget condition
         that preemption, eviction or node loss sets."""
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         container = pod["spec"]["containers"][0]
@@ -288,7 +288,7 @@ def free_port() -> int:
 
 
 class OperatorProcess:
-    """The real `visionft-operator` console script as a subprocess, scoped to some namespaces."""
+    """The real ``visionft-operator`` console script as a subprocess, scoped to some namespaces."""
 
     def __init__(
         self,

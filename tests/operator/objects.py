@@ -43,7 +43,7 @@ def waiting_pod(reason: str, message: str = "") -> dict[str, Any]:
 
 
 def derive(status: dict[str, Any] | None = None, **kw: Any) -> st.Derived:
-    """The derivation at T1 for generation 3 of the base spec (or `spec=`)."""
+    """The derivation at T1 for generation 3 of the base spec (or ``spec=``)."""
     obs = st.Observation(generation=3, spec=kw.pop("spec", spec()), status=status or {}, **kw)
     return st.derive(obs, now=T1)
 
@@ -189,7 +189,7 @@ STATES: list[tuple[str, dict[str, Any], str, str, str]] = [
 
 
 def derived_resource(inputs: dict[str, Any], generation: int = 3) -> tuple[dict[str, Any], st.Derived]:
-    """A VisionFineTune whose status the operator derived from `inputs` (a STATES entry's), and the
+    """A VisionFineTune whose status the operator derived from ``inputs`` (a STATES entry's), and the
     derivation."""
     inputs = dict(inputs)
     derived = derive(inputs.pop("status", None), **inputs)

@@ -1,5 +1,5 @@
 """Fuzzing against the real apiserver (issue 8): a sample of hypothesis-mutated specs goes through
-`kubectl apply --dry-run=server`; the apiserver never fails internally, every rejection has a message, and
+``kubectl apply --dry-run=server``; the apiserver never fails internally, every rejection has a message, and
 every spec that the CRD admits is either valid for the operator or flagged by it with a message."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Issue 5's lifecycle on the real control plane (kwok nodes with fake GPUs), with the real
-`visionft-operator` process: success with outputs, a failing pod, a retry, suspend and resume, spec
+``visionft-operator`` process: success with outputs, a failing pod, a retry, suspend and resume, spec
 changes while running, deletion with garbage collection, TTL, Kueue's queueName, metrics and liveness.
 
 The trainer's status reports are made as the trainer would make them: server-side apply of

@@ -1,5 +1,5 @@
 """Runs that pass validation and then cannot start, on the real control plane with the real operator: each
-ends in a state where `kubectl get vft` and `kubectl describe vft` name the cause and the field to change,
+ends in a state where ``kubectl get vft`` and ``kubectl describe vft`` name the cause and the field to change,
 a Warning Event says it, kstatus is not Current, and no orphaned children remain. Also: progress and ETA
 belong to an attempt, and a name of any length the CRD accepts runs.
 
@@ -39,7 +39,7 @@ def _conditions(obj: dict) -> dict[str, dict]:
 
 
 def _wait_reason(kube: Kube, name: str, namespace: str, reason: str, timeout: float = 45) -> dict:
-    """The resource once its Ready condition gives `reason` (the Reason column)."""
+    """The resource once its Ready condition gives ``reason`` (the Reason column)."""
 
     def check() -> dict | None:
         obj = kube.vft(name, namespace) or {}
@@ -66,7 +66,7 @@ def _warning(kube: Kube, name: str, namespace: str, reason: str) -> dict:
 def _assert_reported(
     kube: Kube, name: str, namespace: str, reason: str, says: tuple[str, ...], kstatus: str
 ) -> dict:
-    """The run shows `reason` and what `says` in get, describe, its Event and kstatus."""
+    """The run shows ``reason`` and what ``says`` in get, describe, its Event and kstatus."""
     obj = _wait_reason(kube, name, namespace, reason)
     message = obj["status"]["message"]
     for text in says:

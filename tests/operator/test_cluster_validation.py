@@ -1,4 +1,4 @@
-"""Admission on the real apiserver: the malformed-spec table is rejected at `kubectl apply` (CRD schema or
+"""Admission on the real apiserver: the malformed-spec table is rejected at ``kubectl apply`` (CRD schema or
 CEL) with a message naming the field; what CEL can't check (a regex's syntax) the operator flags."""
 
 from __future__ import annotations

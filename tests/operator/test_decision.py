@@ -1,5 +1,5 @@
 """The decision function against an in-memory cache (no cluster): the cache is filled as the watch events
-fill it, the reconciler observes it with a fixed clock, and `decide` says what the reconcile does."""
+fill it, the reconciler observes it with a fixed clock, and ``decide`` says what the reconcile does."""
 
 from __future__ import annotations
 

@@ -3,10 +3,10 @@
 Reconciles read the resource, its Job and its pods from here instead of the API. The cache is filled the
 way client-go fills an informer's store:
 
-- from the watch events that Kopf delivers anyway (the event handlers call `upsert` and `delete`);
-- from chunked lists (`Cache.sync_forever`): one before the workers start, as controller-runtime waits for its caches to
+- from the watch events that Kopf delivers anyway (the event handlers call ``upsert`` and ``delete``);
+- from chunked lists (``Cache.sync_forever``): one before the workers start, as controller-runtime waits for its caches to
   sync, so that a reconcile never sees a half-filled cache after a (re)start; then one every
-  `RELIST_SECONDS`, which drops what vanished while a watch was down (a Kopf re-list after an expired
+  ``RELIST_SECONDS``, which drops what vanished while a watch was down (a Kopf re-list after an expired
   watch reports no deletions) and takes in what a lost event missed. An entry that an event touched after
   a list began is newer than the list, and stays.
 
@@ -19,7 +19,7 @@ taken in their initial listing, and each held-back event keeps its full body: at
 operator with 1,000 runs (3,000 objects), well over 100 MB at once. Without them, Kopf hands each event
 to its handler as it comes, and the body goes.
 
-A cache lags the API by the watch's latency. The reconcile copes where it matters (`expectations.py`): a
+A cache lags the API by the watch's latency. The reconcile copes where it matters (``expectations.py``): a
 Job it has just created counts from the create's answer until the cache has it; a status it has just
 written is read back from the API while the cache does not show it yet; admission under a capacity rule
 counts the namespace's Jobs with a fresh list.
@@ -41,7 +41,7 @@ from visionft_operator import constants as c
 from visionft_operator.controller import kube
 
 Key = tuple[str, str]
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 #: Seconds between two full lists of the cached kinds (the cache's repair; see the module's docstring).
 RELIST_SECONDS = 600.0
 
@@ -153,7 +153,7 @@ class Store:
                     del self._groups[group]
 
     def replace(self, listed: Iterable[dict[str, Any]], since: float) -> list[Key]:
-        """Apply a list of slim objects that began at loop time `since`; returns the keys it dropped."""
+        """Apply a list of slim objects that began at loop time ``since``; returns the keys it dropped."""
         fresh = {self.key_of(obj): obj for obj in listed}
         dropped = [key for key, (_, at) in self._items.items() if key not in fresh and at < since]
         for key in dropped:
@@ -181,7 +181,7 @@ class Cache:
     """The three stores of one operator process, and the lists that fill them.
 
     Args:
-        client: what lists the cached kinds (`kube`, whose `list_pages(kind, namespace)` yields pages).
+        client: what lists the cached kinds (``kube``, whose ``list_pages(kind, namespace)`` yields pages).
     """
 
     def __init__(self, client: Any = kube) -> None:
@@ -244,21 +244,21 @@ class Cache:
     async def sync_forever(
         self, namespaces: list[str], stopped: asyncio.Event, dropped: Callable[[Key], None]
     ) -> None:
-        """List until the first full list succeeds (then `synced` is set), and again every RELIST_SECONDS.
-        `dropped` hears of every resource that a list found gone."""
+        """List until the first full list succeeds (then ``synced`` is set), and again every RELIST_SECONDS.
+        ``dropped`` hears of every resource that a list found gone."""
         delay = 1.0
         while not stopped.is_set():
             try:
                 for key in await self.relist(namespaces):
                     dropped(key)
             except Exception as err:
-                log.error(
+                logger.error(
                     "listing the cached kinds failed; retrying in %.0f s: %s", delay, str(err) or repr(err)
                 )
                 wait, delay = delay, min(delay * 2, 60.0)
             else:
                 if not self.synced.is_set():
-                    log.info(
+                    logger.info(
                         "cache synced",
                         extra={
                             "resources": len(self.resources),

@@ -3,9 +3,9 @@
 A cache lags the API by a watch's latency. Two writes matter:
 
 - a created object (a Job): until the cache shows it, the reconcile counts the create's answer, so that a
-  second trigger never creates it twice (`Expectations`);
+  second trigger never creates it twice (``Expectations``);
 - a status write: its watch event echoes the write and needs no reconcile of its own, and while the cache
-  still shows the status from before it, the reconcile must read the resource itself (`OwnWrites`).
+  still shows the status from before it, the reconcile must read the resource itself (``OwnWrites``).
 
 Only the event loop touches them: no locks.
 """
@@ -20,7 +20,7 @@ Key = tuple[str, str]
 
 
 class Expectations:
-    """Objects this process created, by key, until the cache shows them or `ttl` seconds pass (an object
+    """Objects this process created, by key, until the cache shows them or ``ttl`` seconds pass (an object
     deleted before the cache ever saw it must not count for ever).
 
     Args:
@@ -34,7 +34,7 @@ class Expectations:
         self._expected: dict[Key, tuple[float, dict[str, Any]]] = {}
 
     def expect(self, key: Key, obj: dict[str, Any]) -> None:
-        """`obj` was created just now."""
+        """``obj`` was created just now."""
         self._expected[key] = (self._clock.monotonic() + self.ttl, obj)
 
     def resolve(self, key: Key, cached: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -1,7 +1,7 @@
 """The few API calls the operator makes, on the kubernetes client (synchronous; callers run them in a
 thread). Objects go in and come out as plain dicts in their wire (camelCase) form.
 
-The operator only ever creates children, merge-patches a Job's `suspend`/`activeDeadlineSeconds`, deletes a
+The operator only ever creates children, merge-patches a Job's ``suspend``/``activeDeadlineSeconds``, deletes a
 multi-node run's failed Job (a group restart), writes its own status fields through the status
 subresource, and deletes a resource whose TTL ran out. It never writes a resource's spec, labels or
 annotations, and it never reads Secrets.
@@ -46,7 +46,7 @@ def api_client() -> kubernetes.client.ApiClient:
 
 def send_bearer_token(configuration: kubernetes.client.Configuration) -> None:
     """Work around kubernetes-client 36: its config loaders store a token (in-cluster ServiceAccount
-    token, kubeconfig `token`) under api_key["authorization"], but its requests only send
+    token, kubeconfig ``token``) under api_key["authorization"], but its requests only send
     api_key["BearerToken"], so token-authenticated calls go out anonymous (403 system:anonymous).
     Copy the token over, also after each refresh of a rotating in-cluster token."""
     original = configuration.refresh_api_key_hook
@@ -168,7 +168,7 @@ def create_or_adopt(obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 
 
 def _adoptable(obj: dict[str, Any]) -> dict[str, Any]:
-    """The existing object of `obj`'s name, when `obj`'s owner owns it; else NotOurs."""
+    """The existing object of ``obj``'s name, when ``obj``'s owner owns it; else NotOurs."""
     kind, ns = obj["kind"], obj["metadata"]["namespace"]
     existing = _json(_READ[kind](ns, obj["metadata"]["name"]))
     want_uid = obj["metadata"]["ownerReferences"][0]["uid"]
@@ -202,7 +202,7 @@ def delete_job_foreground(namespace: str, name: str, uid: str) -> None:
 def post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
     """Post a core/v1 Event about a VisionFineTune.
 
-    Posted directly rather than through `kopf.event`, whose queue exists only inside Kopf's per-object
+    Posted directly rather than through ``kopf.event``, whose queue exists only inside Kopf's per-object
     tasks: the periodic resync runs outside them, and a transition it observed would lose its Event.
     """
     meta = body["metadata"]
@@ -303,10 +303,10 @@ def patch_status(
     remove_progress: Literal["all"] | tuple[str, ...] = (),
     resource_version: str | None = None,
 ) -> dict[str, Any]:
-    """A JSON merge patch of the status subresource with the operator's fields. `progress` belongs to the
+    """A JSON merge patch of the status subresource with the operator's fields. ``progress`` belongs to the
     trainer (server-side applied): the patch never sets it. It only removes what no longer holds:
-    `remove_progress` is "all" (a past attempt's report) or the names of fields to drop (the ETA of a run
-    that is over), and then only at the `resource_version` it was read at, so that a report that came
+    ``remove_progress`` is "all" (a past attempt's report) or the names of fields to drop (the ETA of a run
+    that is over), and then only at the ``resource_version`` it was read at, so that a report that came
     meanwhile is never lost (the conflict, 409, is retried)."""
     assert "progress" not in status, "status.progress belongs to the trainer"
     patch: dict[str, Any] = {"status": dict(status)}

@@ -1,4 +1,4 @@
-"""The periodic resync: every `resync_seconds`, queue every cached resource that is not settled.
+"""The periodic resync: every ``resync_seconds``, queue every cached resource that is not settled.
 
 It drives what no watch event announces: a ResourceQuota that blocks the pods (seen in the Job's Events,
 which the operator does not watch), a policy change, a run waiting for capacity whose wake-up was missed.
@@ -21,7 +21,7 @@ from visionft_operator.controller import peering
 from visionft_operator.controller.cache import Cache
 from visionft_operator.controller.workqueue import WorkQueue
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ async def _may_act(cfg: Config, peer: Peer, namespace: str, seen: dict[str, bool
                 peering.may_act, cfg.peering_name, scope, peer.identity, peer.priority
             )
         except Exception:
-            log.exception("can't read the peering object %s; skipping this resync", cfg.peering_name)
+            logger.exception("can't read the peering object %s; skipping this resync", cfg.peering_name)
             seen[key] = False
     return seen[key]
 
