@@ -149,21 +149,29 @@ class Reconciler:
 
     def _create_children(self, namespace: str, objs: list[dict[str, Any]]) -> dict[str, Any] | None:
         """Create (or adopt) the children in order; returns the Job. They are first tried as dry runs, so
-        that a child the apiserver refuses leaves none of the others behind. (A RoleBinding can't be
-        tried before its Role exists: the apiserver checks that whoever binds a Role holds what it
-        grants.)"""
+        that a child the apiserver refuses leaves none of the others behind. A RoleBinding can't be
+        tried before its Role exists (the apiserver checks that whoever binds a Role holds what it
+        grants): when it is refused, the children this call made are deleted again."""
         for obj in objs:
             if obj["kind"] not in NOT_DRY_RUN:
                 with _refusal(obj):
                     kube.dry_run_create(obj)
         job = None
-        for obj in objs:
-            with _refusal(obj):
-                made, created = kube.create_or_adopt(obj)
-            if created:
-                logger.info("created %s %s/%s", obj["kind"], namespace, obj["metadata"]["name"])
-            if obj["kind"] == "Job":
-                job = made
+        made_here: list[dict[str, Any]] = []
+        try:
+            for obj in objs:
+                with _refusal(obj):
+                    made, created = kube.create_or_adopt(obj)
+                if created:
+                    logger.info("created %s %s/%s", obj["kind"], namespace, obj["metadata"]["name"])
+                    made_here.append({**made, "kind": obj["kind"]})
+                if obj["kind"] == "Job":
+                    job = made
+        except Refused:
+            for made in reversed(made_here):
+                logger.info("deleting %s %s/%s", made["kind"], namespace, made["metadata"]["name"])
+                kube.delete_child(made)
+            raise
         return job
 
     def _write_children(

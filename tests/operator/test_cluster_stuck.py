@@ -9,6 +9,7 @@ controller, the admission plugins and ValidatingAdmissionPolicies are the real o
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Iterator
@@ -88,44 +89,42 @@ def _children(kube: Kube, name: str, namespace: str) -> list[str]:
 # --- a child the apiserver refuses ------------------------------------------------------------------------
 
 CPU_POLICY = "vft-stuck-jobs-at-most-2-cpus"
+BINDING_POLICY = "vft-stuck-no-rolebindings"
 
 
-@pytest.fixture
-def cpu_policy(kube: Kube, namespace: str) -> Iterator[str]:
-    """A ValidatingAdmissionPolicy of the cluster that refuses Jobs asking for more than 2 CPUs in this
-    namespace: a rule the CRD can't know, as a cluster admin writes them."""
+@contextlib.contextmanager
+def _denying(
+    kube: Kube, namespace: str, name: str, rule: tuple[str, str], expression: str, message: str, probe: dict
+) -> Iterator[str]:
+    """A ValidatingAdmissionPolicy of the cluster that refuses creating ``rule`` (api group, resource) in
+    the namespace unless ``expression`` holds: a rule the CRD can't know, as a cluster admin writes them.
+    ``probe``, an object it refuses, tells when it is in effect."""
+    group, resource_ = rule
     policy = {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": CPU_POLICY},
+        "metadata": {"name": name},
         "spec": {
             "failurePolicy": "Fail",
             "matchConstraints": {
                 "resourceRules": [
                     {
-                        "apiGroups": ["batch"],
+                        "apiGroups": [group],
                         "apiVersions": ["v1"],
                         "operations": ["CREATE", "UPDATE"],
-                        "resources": ["jobs"],
+                        "resources": [resource_],
                     }
                 ]
             },
-            "validations": [
-                {
-                    "expression": "object.spec.template.spec.containers.all(c, !has(c.resources.requests) "
-                    "|| !('cpu' in c.resources.requests) "
-                    "|| quantity(c.resources.requests.cpu).compareTo(quantity('2')) <= 0)",
-                    "message": "Jobs in this namespace may request at most 2 CPUs (resources.requests.cpu)",
-                }
-            ],
+            "validations": [{"expression": expression, "message": message}],
         },
     }
     binding = {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": CPU_POLICY},
+        "metadata": {"name": name},
         "spec": {
-            "policyName": CPU_POLICY,
+            "policyName": name,
             "validationActions": ["Deny"],
             "matchResources": {
                 "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
@@ -133,6 +132,21 @@ def cpu_policy(kube: Kube, namespace: str) -> Iterator[str]:
         },
     }
     kube.apply([policy, binding])
+    try:
+        # A policy takes effect a moment after it is made.
+        wait_for(
+            lambda: kube.apply(probe, "--dry-run=server", check=False).returncode != 0,
+            timeout=30,
+            what="the ValidatingAdmissionPolicy in effect",
+        )
+        yield name
+    finally:
+        kube.run("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name, check=False)
+
+
+@pytest.fixture
+def cpu_policy(kube: Kube, namespace: str) -> Iterator[str]:
+    """Refuses Jobs asking for more than 2 CPUs in this namespace."""
     probe = {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -146,14 +160,40 @@ def cpu_policy(kube: Kube, namespace: str) -> Iterator[str]:
             }
         },
     }
-    # A policy takes effect a moment after it is made.
-    wait_for(
-        lambda: kube.apply(probe, "--dry-run=server", check=False).returncode != 0,
-        timeout=30,
-        what="the ValidatingAdmissionPolicy in effect",
-    )
-    yield CPU_POLICY
-    kube.run("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", CPU_POLICY, check=False)
+    with _denying(
+        kube,
+        namespace,
+        CPU_POLICY,
+        ("batch", "jobs"),
+        "object.spec.template.spec.containers.all(c, !has(c.resources.requests) "
+        "|| !('cpu' in c.resources.requests) "
+        "|| quantity(c.resources.requests.cpu).compareTo(quantity('2')) <= 0)",
+        "Jobs in this namespace may request at most 2 CPUs (resources.requests.cpu)",
+        probe,
+    ) as name:
+        yield name
+
+
+@pytest.fixture
+def binding_policy(kube: Kube, namespace: str) -> Iterator[str]:
+    """Refuses every RoleBinding in this namespace: the one child that is not tried as a dry run first."""
+    probe = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "probe", "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": namespace}],
+    }
+    with _denying(
+        kube,
+        namespace,
+        BINDING_POLICY,
+        ("rbac.authorization.k8s.io", "rolebindings"),
+        "false",
+        "RoleBindings are made by the platform team in this namespace",
+        probe,
+    ) as name:
+        yield name
 
 
 def test_a_refused_child_is_reported_backs_off_leaves_nothing_behind_and_recovers(
@@ -191,6 +231,31 @@ def test_a_refused_child_is_reported_backs_off_leaves_nothing_behind_and_recover
     assert _conditions(obj)[cond.STALLED]["status"] == "False"
     assert len(_children(kube, name, namespace)) == len(CHILDREN)
     assert kstatus_of(obj) == "InProgress"
+
+
+def test_a_refused_role_binding_leaves_nothing_behind(
+    kube: Kube, namespace: str, operator: OperatorProcess, binding_policy: str
+) -> None:
+    name = "unbound"
+    kube.apply(resource(name, namespace))
+    obj = _assert_reported(
+        kube,
+        name,
+        namespace,
+        cond.REASON_CHILD_REJECTED,
+        (f"RoleBinding {namespace}/{names.role_name(name)}", "made by the platform team"),
+        kstatus="Failed",
+    )
+    assert obj["status"]["phase"] == "Pending"
+    # The ServiceAccount and the Role made before the refusal are deleted again, at every retry (a retry
+    # makes them for a moment).
+    wait_for(lambda: _children(kube, name, namespace) == [], timeout=20, what="no children left")
+    time.sleep(3)  # several backed-off retries
+    wait_for(lambda: _children(kube, name, namespace) == [], timeout=20, what="no children left")
+    # Once the cluster allows it, the run starts.
+    kube.run("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", binding_policy)
+    kube.wait_phase(name, namespace, "Initializing", "Training", timeout=90)
+    assert len(_children(kube, name, namespace)) == len(CHILDREN)
 
 
 def test_the_reported_toleration_is_refused_at_apply(kube: Kube, namespace: str) -> None:

@@ -120,6 +120,30 @@ _READ = {
 }
 
 
+_DELETE = {
+    "ServiceAccount": lambda ns, name, **kw: _core().delete_namespaced_service_account(name, ns, **kw),
+    "ConfigMap": lambda ns, name, **kw: _core().delete_namespaced_config_map(name, ns, **kw),
+    "Role": lambda ns, name, **kw: _rbac().delete_namespaced_role(name, ns, **kw),
+    "RoleBinding": lambda ns, name, **kw: _rbac().delete_namespaced_role_binding(name, ns, **kw),
+    "Service": lambda ns, name, **kw: _core().delete_namespaced_service(name, ns, **kw),
+    "Job": lambda ns, name, **kw: _batch().delete_namespaced_job(name, ns, **kw),
+}
+
+
+def delete_child(obj: dict[str, Any]) -> None:
+    """Delete a child as read back from the apiserver, only if it is still the same object (uid
+    precondition); gone already, or the name taken by another object, is no error."""
+    meta = obj["metadata"]
+    body = kubernetes.client.V1DeleteOptions(
+        propagation_policy="Background", preconditions=kubernetes.client.V1Preconditions(uid=meta["uid"])
+    )
+    try:
+        _DELETE[obj["kind"]](meta["namespace"], meta["name"], body=body, _preload_content=False)
+    except ApiException as err:
+        if err.status not in (404, 409):
+            raise
+
+
 class NotOurs(Exception):
     """A child's name is taken by an object that another owner controls."""
 
