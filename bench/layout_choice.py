@@ -127,6 +127,7 @@ def rows(sizes: list[SampleSize], batch: int, margin: float, max_graphs: int, ge
         max_sample_tokens=2048,
         margin=margin,
         patches_per_image=GEMMA_IMAGE_PATCHES if gemma else None,
+        max_sample_patches=None if gemma else 4 * 2048,
     )
     stats = simulate(sizes, tiers)
     used = [i for i, c in enumerate(stats.tier_counts) if c]
@@ -144,13 +145,13 @@ def rows(sizes: list[SampleSize], batch: int, margin: float, max_graphs: int, ge
     }
 
 
-def study(n: int, batch: int, max_graphs: int = 8, probe: int = 128, seed: int = 0) -> dict:
+def study(n: int, batch: int, max_graphs: int = 8, probe: int = 256, seed: int = 0) -> dict:
     out: dict = {}
     for arch in ("qwen2_5_vl", "gemma3"):
         gemma = arch == "gemma3"
         sizes = sizes_for(arch, n, seed)
         res = {"padded": padded(sizes, batch)}
-        for margin in (0.05, 0.12, 0.2):
+        for margin in (0.05, 0.08, 0.12):
             res[f"rows-m{margin}"] = rows(sizes, batch, margin, max_graphs, gemma, probe)
         for ratio in (1.125, 1.25, 1.5, 2.0):
             res[f"ladder-{ratio}"] = ladder(sizes, batch, ratio, max_graphs, gemma)

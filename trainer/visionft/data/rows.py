@@ -106,10 +106,12 @@ def plan_tiers(
     sizes: Sequence[SampleSize],
     batch_size: int,
     max_sample_tokens: int,
-    margin: float = 0.12,
+    margin: float = 0.08,
     token_multiple: int = 64,
     patch_multiple: int = 64,
     patches_per_image: int | None = None,
+    max_sample_patches: int | None = None,
+    drain_after: int | None = None,
 ) -> RowTiers:
     """Budgets for a run from the sizes of a sample of its data.
 
@@ -123,10 +125,14 @@ def plan_tiers(
         sizes (Sequence[SampleSize]): sizes of samples drawn from the dataset (a few dozen or more).
         batch_size (int): ``perDeviceBatchSize``.
         max_sample_tokens (int): the longest sample the collator accepts (``maxSeqLength``).
-        margin (float): room above the average batch, as a fraction. Default: 0.12.
+        margin (float): room above the average batch, as a fraction. Default: 0.08
+            (``bench/layout_choice.py`` measured the trade between padding and backlog).
         token_multiple (int): token budgets are rounded up to this. Default: 64.
         patch_multiple (int): patch budgets are rounded up to this. Default: 64.
         patches_per_image (int | None): vision units of one image for a fixed-resolution tower.
+        max_sample_patches (int | None): the most vision units one sample can have (tier 1 holds it).
+        drain_after (int | None): buffered samples above which rows come from tier 1. Default:
+            ``4 * batch_size``.
 
     Raises:
         ValueError: no sizes, or a batch size below 1.
@@ -146,20 +152,20 @@ def plan_tiers(
     tokens1 = _round_up(max(tokens0 * (1 + margin), max_sample_tokens), token_multiple)
     if patches_per_image:
         images0 = max(1, round(batch_size * mean_images)) if mean_images else 0
-        images1 = images0 + 1 if mean_images else 0
+        images1 = max(images0 + 1, most_images) if mean_images else 0
         patches0, patches1 = images0 * patches_per_image, images1 * patches_per_image
     else:
         patches0 = _round_up(max(batch_size * mean_patches * (1 + margin), 1), patch_multiple)
         # A sample's image tokens are at most its tokens, and each stands for merge**2 patches: tier 1
         # is sized by the largest sample seen and by the largest image budget the run's rows need.
-        patches1 = _round_up(max(patches0 * (1 + margin), most_patches), patch_multiple)
+        patches1 = _round_up(max(patches0 * (1 + margin), most_patches, max_sample_patches or 0), patch_multiple)
         images0 = images1 = samples * max(1, most_images)
     tier0 = RowBudget(tokens0, patches0, images0, samples, max_sample_tokens)
     tier1 = RowBudget(tokens1, patches1, images1, samples, max_sample_tokens)
-    return RowTiers((tier0, tier1), batch_size=batch_size, drain_after=2 * batch_size)
+    return RowTiers((tier0, tier1), batch_size=batch_size, drain_after=drain_after or 4 * batch_size)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry(Generic[T]):
     item: T
     size: SampleSize
@@ -244,7 +250,7 @@ class RowPacker(Generic[T]):
             if best is None:
                 break
             chosen.append(best)
-            rest.remove(best)
+            rest = [e for e in rest if e is not best]
             used = SampleSize(
                 used.tokens + best.size.tokens,
                 used.patches + best.size.patches,

@@ -58,6 +58,10 @@ class RunResult:
         accuracy_after (float | None): held-out accuracy after training.
         eval_samples (int): how many held-out samples were scored.
         skipped_samples (int): samples skipped under ``onBadSample: skip``.
+        graphs (dict | None): CUDA-graph captures, replays, eager steps and the replay share of the
+            training steps (None where the Trainer's own steps ran).
+        rows (dict | None): with fixed-shape packing, the rows built, per tier, and the share of the
+            token and vision budgets that samples filled.
         wall_seconds (float): the whole run's wall time.
         cpu_seconds (float): CPU time of the process (all threads): the work itself, whatever else shares
             the machine.
@@ -71,6 +75,8 @@ class RunResult:
     accuracy_after: float | None = None
     eval_samples: int = 0
     skipped_samples: int = 0
+    graphs: dict | None = None
+    rows: dict | None = None
     wall_seconds: float = 0.0
     cpu_seconds: float = 0.0
     saved: dict[str, str] = field(default_factory=dict)
@@ -116,7 +122,7 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     progress.stage("Loading")
     model, processor, patch_report = _load_model(config, model_dir, options)
     train_set, eval_set = _load_data(config, dataset_dir)
-    collator = _collator(config, model, processor, dataset_dir, options)
+    collator = _collator(config, model, processor, dataset_dir, options, train_set)
     result = RunResult(output_dir=str(output_dir))
 
     n_eval = min(config.dataset.eval_samples, len(eval_set)) if eval_set is not None else 0
@@ -141,6 +147,8 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result.final_loss = losses[-1] if losses else None
     result.skipped_samples = collator.skipped
+    result.graphs = trainer.graph_summary()
+    result.rows = trainer.row_summary()
 
     if not main:
         distributed.barrier()  # rank 0 saves and uploads below, then releases the others
@@ -160,6 +168,20 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
         _upload(config, output_dir)
     progress.stage("Done", trainer.state)
     distributed.barrier()
+    if result.graphs is not None:
+        g = result.graphs
+        echo(
+            f"visionft: {g['replays']} of {g['replays'] + g['eager_steps']} training steps replayed from "
+            f"CUDA graphs ({100 * g['replay_share']:.1f}%), {g['captured']} captured"
+            + (f"; graphs off: {g['off']}" if g["off"] else "")
+        )
+    if result.rows is not None:
+        r = result.rows
+        echo(
+            f"visionft: {r['rows']} packed rows (per tier {r['tier_rows']}, {r['samples_per_row']} samples "
+            f"each on average), budgets filled {100 * r['token_fill']:.1f}% (tokens) and "
+            f"{100 * r['patch_fill']:.1f}% (vision)"
+        )
     if collator.skipped:
         echo(
             f"visionft: skipped {collator.skipped} bad samples (onBadSample: skip); last: "
@@ -285,13 +307,17 @@ def _load_data(config: TrainerConfig, dataset_dir: Path):
     return train_set, eval_set
 
 
-def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, options):
+def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, options, train_set=None):
+    """The batch builder: ``VisionDataCollator``, or with ``training.packing`` on an architecture with
+    fixed-shape rows, a ``RowCollator`` around it (rows sized from a probe of the training set)."""
     from visionft.data.collator import VisionDataCollator
     from visionft.data.formats import MessagesFormatter
+    from visionft.patching.rows import enable_rows, rows_supported
 
     d = config.dataset
     root = dataset_dir if dataset_dir.is_dir() else dataset_dir.parent
-    return VisionDataCollator(
+    rows = options.packing and rows_supported(getattr(model.config, "model_type", None))
+    collator = VisionDataCollator(
         model,
         processor,
         max_seq_length=config.model.max_seq_length,
@@ -300,8 +326,15 @@ def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, option
         on_bad_sample=d.on_bad_sample,
         dataset_root=root,
         formatter=MessagesFormatter(d.columns, d.instruction),
-        packing=options.packing,
+        packing=options.packing and not rows,
     )
+    if not rows or train_set is None:
+        return collator
+    from visionft.data.row_collator import RowCollator, plan_rows
+
+    family = enable_rows(model, collator.pad_token_id)
+    tiers = plan_rows(collator, family, train_set, config.training.per_device_batch_size)
+    return RowCollator(collator, family, tiers)
 
 
 def _score(model, collator, eval_set, n: int):

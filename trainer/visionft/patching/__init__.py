@@ -63,6 +63,7 @@ def patch_set(model_type: str | None) -> Callable[..., None] | None:
 
 _REPORT_ATTR = "_visionft_patch_report"
 _PACKING_REPORT_ATTR = "_visionft_packing_report"
+_ROWS_REPORT_ATTR = "_visionft_rows_report"  # visionft.patching.rows
 
 
 def hf_model(model: nn.Module) -> nn.Module:
@@ -164,11 +165,11 @@ def enable_packing(model: nn.Module) -> PatchReport:
 
 
 def revert_optimizations(model: nn.Module) -> bool:
-    """Undoes ``apply_optimizations`` (and ``enable_packing``) on ``model``. Returns whether there was
+    """Undoes ``apply_optimizations`` (and ``enable_packing``, ``rows.enable_rows``) on ``model``. Returns whether there was
     anything to undo."""
     hf = _hf_model(model)
     had = False
-    for attr in (_REPORT_ATTR, _PACKING_REPORT_ATTR):  # newest swaps first
+    for attr in (_ROWS_REPORT_ATTR, _REPORT_ATTR, _PACKING_REPORT_ATTR):  # newest swaps first
         report = getattr(hf, attr, None)
         if report is None:
             continue

@@ -18,16 +18,15 @@ through ``vision_utils``' keyword arguments, so it computes nothing from ``grid_
 written into the embeddings with one ``index_copy``, the text model with block-diagonal causal
 attention (``patching.packed_attention``), and the loss (``base.row_loss``). The vision attention is
 swapped for one that attends within the segments with the host bound ``max_seqlen`` (``install``);
-both attentions are inert outside a row forward.
+both attentions are inert outside a row forward (they act on keyword arguments only a row forward
+passes).
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import threading
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -40,17 +39,10 @@ from visionft.patching.rows.base import ROW_KEY, RowInfo, padded_cu_seqlens, row
 
 VISION_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention", "VisionAttention", "Qwen2VLVisionAttention")
 
-_ACTIVE = threading.local()
-
-
-@contextlib.contextmanager
-def _row_active() -> Iterator[None]:
-    previous = getattr(_ACTIVE, "on", False)
-    _ACTIVE.on = True
-    try:
-        yield
-    finally:
-        _ACTIVE.on = previous
+#: Keyword argument that marks the vision tower's attention calls of a row forward. It travels with
+#: the tower's other keyword arguments down to every block, so that a checkpointed block's
+#: recomputation (which replays the call with the same arguments) sees it too.
+ROW_SEGMENTS = "visionft_row_segments"
 
 
 def _inner(hf: nn.Module) -> nn.Module:
@@ -86,6 +78,11 @@ class QwenRows:
         self._rope_index = inner.get_rope_index
 
     # -- host ---------------------------------------------------------------------------------------
+
+    def plan_kwargs(self, max_sample_tokens: int) -> dict[str, int]:
+        """Bounds for ``plan_tiers``: an image token stands for ``merge**2`` patches, and a sample has
+        at most ``max_sample_tokens`` tokens."""
+        return {"max_sample_patches": self.unit * max_sample_tokens, "patch_multiple": 64}
 
     def sample_size(self, sample: dict[str, torch.Tensor]) -> SampleSize:
         grid = sample.get("image_grid_thw")
@@ -209,6 +206,7 @@ class QwenRows:
         inner = _inner(hf)
         visual = inner.visual
         vision_kwargs: dict[str, Any] = {
+            ROW_SEGMENTS: True,
             "position_ids": tensors["vision_position_ids"],
             "cu_seqlens": tensors["vision_cu_seqlens"],
             "max_seqlen": info.int("image_max"),
@@ -219,21 +217,20 @@ class QwenRows:
                 cu_window_seqlens=tensors["cu_window_seqlens"],
                 max_window_seqlen=info.int("window_max"),
             )
-        with _row_active():
-            features = visual(tensors["pixel_values"].to(visual.dtype), grid_thw=None, **vision_kwargs).pooler_output
-            embeds = tensors.get("inputs_embeds")
-            if embeds is None:
-                embeds = inner.get_input_embeddings()(tensors["input_ids"])
-            embeds = scatter_features(embeds, features, tensors["image_positions"])
-            out = inner.language_model(
-                input_ids=None,
-                inputs_embeds=embeds,
-                position_ids=tensors["position_ids"],
-                attention_mask={"full_attention": None, "sliding_attention": None},
-                use_cache=False,
-                packed_cu_seqlens=tensors["text_cu_seqlens"],
-                packed_max_seqlen=info.int("max_sample_tokens"),
-            )
+        features = visual(tensors["pixel_values"].to(visual.dtype), grid_thw=None, **vision_kwargs).pooler_output
+        embeds = tensors.get("inputs_embeds")
+        if embeds is None:
+            embeds = inner.get_input_embeddings()(tensors["input_ids"])
+        embeds = scatter_features(embeds, features, tensors["image_positions"])
+        out = inner.language_model(
+            input_ids=None,
+            inputs_embeds=embeds,
+            position_ids=tensors["position_ids"],
+            attention_mask={"full_attention": None, "sliding_attention": None},
+            use_cache=False,
+            packed_cu_seqlens=tensors["text_cu_seqlens"],
+            packed_max_seqlen=info.int("max_sample_tokens"),
+        )
         return row_loss(out.last_hidden_state, hf.lm_head, tensors["shift_labels"], num_items)
 
     def host_inputs(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
@@ -252,7 +249,7 @@ class QwenRows:
 
 def _make_vision_forward(orig, modeling):
     def forward(self, hidden_states, cu_seqlens, *args, **kwargs):
-        if not getattr(_ACTIVE, "on", False) or args:
+        if not kwargs.pop(ROW_SEGMENTS, False) or args:
             return orig(hidden_states, cu_seqlens, *args, **kwargs)
         max_len = kwargs.get("max_seqlen")
         cos, sin = kwargs["position_embeddings"]

@@ -1,0 +1,167 @@
+"""``RowCollator``: the Trainer's batches of samples in, fixed-shape rows out (``visionft.data.rows``).
+
+Each call encodes the batch's records with ``VisionDataCollator`` (its image rules, templates, labels
+and bad-sample handling), adds them to a ``RowPacker``, and returns the next row, assembled by the
+architecture family's row layout (``visionft.patching.rows``) into host tensors of the row's tier.
+Samples that did not fit this row wait in the packer for the next one, so a row holds
+``perDeviceBatchSize`` samples on average and an epoch has as many steps as without packing.
+
+A sample larger than the largest tier (more images than a row of a fixed-resolution tower holds) is a
+bad sample: skipped or raised under ``onBadSample`` like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from visionft.data.images import BadSampleError
+from visionft.data.rows import RowPacker, RowTiers, SampleSize, plan_tiers
+
+logger = logging.getLogger(__name__)
+
+
+class RowCollator:
+    """Collates the Trainer's batches into fixed-shape rows (module docstring).
+
+    Args:
+        collator (VisionDataCollator): encodes records (and counts bad samples).
+        family: the row family (``visionft.patching.rows``): ``sample_size`` and ``assemble``.
+        tiers (RowTiers): the row budgets.
+        pin (bool): put the row's tensors in pinned host memory (CUDA only). Default: True.
+
+    The fill of the rows that were trained is counted by the consumer from each row's ``RowInfo``
+    (``RowStats``): rows built ahead and never trained do not count.
+    """
+
+    def __init__(self, collator: Any, family: Any, tiers: RowTiers, pin: bool = True) -> None:
+        self.collator = collator
+        self.family = family
+        self.tiers = tiers
+        self.packer: RowPacker = RowPacker(tiers)
+        self.pin = pin
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (tokenizer, max_seq_length, ...) is the sample collator's.
+        return getattr(self.__dict__["collator"], name)
+
+    # The bad-sample counts are the collator's (visionft.data.prefetch keeps them exact).
+    @property
+    def skipped(self) -> int:
+        return self.collator.skipped
+
+    @property
+    def substituted(self) -> int:
+        return self.collator.substituted
+
+    @property
+    def last_skip_reasons(self) -> list[str]:
+        return self.collator.last_skip_reasons
+
+    def uncount(self, skipped: int, substituted: int = 0) -> None:
+        self.collator.uncount(skipped, substituted)
+
+    def prompt_inputs(self, record: dict, index: int | None = None):
+        return self.collator.prompt_inputs(record, index)
+
+    def __call__(self, features: Sequence[dict]) -> dict[str, Any]:
+        encoded = self.collator.encode_batch(features)
+        largest = self.tiers.largest()
+        fitting = []
+        for sample in encoded:
+            size = self.family.sample_size(sample)
+            if largest.fits(SampleSize(0, 0, 0), 0, size):
+                fitting.append((sample, size))
+                continue
+            err = BadSampleError(
+                f"the sample has {size.images} images and {size.tokens} tokens; a packed row holds at most "
+                f"{largest.images} images and {largest.tokens} tokens; set training.packing to false for "
+                "this data",
+                None,
+                "images",
+            )
+            if self.collator.on_bad_sample == "error":
+                raise err
+            self.collator._note_skip(err)
+        self.packer.add(fitting)
+        row = self.packer.take()
+        if row is None:  # every sample of the batch was too large: stand in with the last good one
+            last = self.collator._last_good
+            self.packer.add([(last, self.family.sample_size(last))])
+            row = self.packer.take()
+        assert row is not None
+        batch = self.family.assemble(row.items, self.tiers.tiers[row.tier], row.tier)
+        if self.pin:
+            from visionft.patching.rows.base import pin
+
+            batch = pin(batch)
+        return batch
+
+
+
+class RowStats:
+    """What the trained rows held: rows per tier, samples, and the share of each budget filled."""
+
+    def __init__(self, tiers: RowTiers) -> None:
+        self.tiers = tiers
+        self.tier_rows = [0] * len(tiers.tiers)
+        self.samples = self.real_tokens = self.slot_tokens = self.real_patches = self.slot_patches = 0
+
+    def add(self, info: Any) -> None:
+        """Counts one trained row (its ``RowInfo``)."""
+        self.tier_rows[info.tier] += 1
+        self.samples += info.samples
+        self.real_tokens += info.real_tokens
+        self.slot_tokens += info.budget.tokens
+        self.real_patches += info.real_patches
+        self.slot_patches += info.budget.patches
+
+    def summary(self) -> dict[str, Any]:
+        rows = sum(self.tier_rows)
+        return {
+            "rows": rows,
+            "tier_rows": list(self.tier_rows),
+            "samples_per_row": round(self.samples / max(rows, 1), 3),
+            "token_fill": round(self.real_tokens / max(self.slot_tokens, 1), 4),
+            "patch_fill": round(self.real_patches / max(self.slot_patches, 1), 4),
+            "budgets": [
+                {"tokens": t.tokens, "patches": t.patches, "images": t.images, "samples": t.samples}
+                for t in self.tiers.tiers
+            ],
+        }
+
+
+def probe_sizes(collator: Any, family: Any, dataset: Any, n: int = 256, seed: int = 0) -> list[SampleSize]:
+    """Sizes of up to ``n`` random records of ``dataset``, encoded as training encodes them (bad ones
+    left out), for ``plan_tiers``."""
+    indices = list(range(len(dataset)))
+    random.Random(seed).shuffle(indices)
+    sizes: list[SampleSize] = []
+    for i in indices[: max(n * 2, n)]:
+        if len(sizes) >= n:
+            break
+        try:
+            sizes.append(family.sample_size(collator.encode(dataset[i], index=i)))
+        except BadSampleError:
+            continue
+    if not sizes:
+        raise BadSampleError("no sample of the dataset could be encoded to size the packed rows")
+    return sizes
+
+
+def plan_rows(collator: Any, family: Any, dataset: Any, batch_size: int, probe: int = 256, **kwargs) -> RowTiers:
+    """The row budgets for ``dataset`` (``plan_tiers`` over ``probe_sizes``)."""
+    sizes = probe_sizes(collator, family, dataset, probe)
+    bounds = family.plan_kwargs(collator.max_seq_length)
+    tiers = plan_tiers(sizes, batch_size, max_sample_tokens=collator.max_seq_length, **{**bounds, **kwargs})
+    logger.info(
+        "visionft: packed rows from %d probed samples: %s",
+        len(sizes),
+        ", ".join(f"tier {i}: {t.tokens} tokens, {t.patches} vision units, {t.images} images" for i, t in enumerate(tiers.tiers)),
+    )
+    return tiers
+
+
+__all__ = ["RowCollator", "RowStats", "plan_rows", "probe_sizes"]
