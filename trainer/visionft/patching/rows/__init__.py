@@ -21,12 +21,12 @@ class RowSupport:
     """How one family builds its rows.
 
     Attributes:
-        family (Callable[[nn.Module, int], RowFamily]): builds the family's layout for a model and pad id.
-        install (Callable[[nn.Module, PatchReport], bool]): installs the attentions its forward needs.
+        family (Callable[..., RowFamily]): builds the family's layout: ``(hf, pad_id, fused)``.
+        install (Callable[..., bool]): installs the attentions its forward needs: ``(hf, report, fused)``.
     """
 
-    family: Callable[[nn.Module, int], RowFamily]
-    install: Callable[[nn.Module, PatchReport], bool]
+    family: Callable[..., RowFamily]
+    install: Callable[..., bool]
 
 
 ROW_FAMILIES: dict[str, RowSupport] = {
@@ -42,16 +42,25 @@ def rows_supported(model_type: str | None) -> bool:
     return model_type in ROW_FAMILIES
 
 
-def enable_rows(model: nn.Module, pad_id: int) -> RowFamily:
+def enable_rows(model: nn.Module, pad_id: int, fused: bool | None = None) -> RowFamily:
     """Installs the row attentions on ``model`` (HF model or PEFT wrapper; idempotent) and returns its
     family. Undone by ``visionft.patching.revert_optimizations``.
+
+    Args:
+        model (nn.Module): the model.
+        pad_id (int): the token id that fills a row's padding.
+        fused (bool | None): the row forward uses the fused kernels; None: when
+            ``visionft.patching.apply_optimizations`` swapped kernels into ``model``. Default: None.
 
     Raises:
         ValueError: the architecture has no rows, or its layers are not the ones this release knows.
     """
-    from visionft.patching import hf_model
+    from visionft.patching import hf_model, patch_report
 
     hf = hf_model(model)
+    if fused is None:
+        main = patch_report(model)
+        fused = bool(main is not None and main.enabled)
     model_type = getattr(getattr(hf, "config", None), "model_type", None)
     support = ROW_FAMILIES.get(model_type or "")
     if support is None:
@@ -63,9 +72,9 @@ def enable_rows(model: nn.Module, pad_id: int) -> RowFamily:
     if report is None:
         report = PatchReport(model_type=model_type or "")
         object.__setattr__(hf, _REPORT_ATTR, report)
-    if not support.install(hf, report):
+    if not support.install(hf, report, fused):
         raise ValueError(f"rows: {model_type} layers are not the ones this release patches: {report.skipped}")
-    return support.family(hf, pad_id)
+    return support.family(hf, pad_id, fused)
 
 
 def revert_rows(model: nn.Module) -> bool:

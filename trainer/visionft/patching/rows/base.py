@@ -217,15 +217,20 @@ def scatter_features(embeds: torch.Tensor, features: torch.Tensor, positions: to
 
 
 def row_loss(
-    hidden: torch.Tensor, head: nn.Module, shift_labels: torch.Tensor, num_items: Any = None
+    hidden: torch.Tensor,
+    head: nn.Module,
+    shift_labels: torch.Tensor,
+    num_items: Any = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of ``head(hidden)`` against ``shift_labels``: the sum over supervised tokens divided
     by ``num_items`` (the Trainer's count over all micro-batches) or, without it, by the row's count.
-    Fused (no logits kept) where the kernels run and ``head`` is a plain ``nn.Linear``."""
+    With ``fused`` (the optimizations on), one chunked kernel that keeps no logits, where the kernels
+    run and ``head`` is a plain ``nn.Linear``."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = shift_labels.reshape(-1).to(hidden.device)
     weight = getattr(head, "weight", None)
-    if type(head) is nn.Linear and weight is not None and kernels_can_run(hidden.device):
+    if fused and type(head) is nn.Linear and weight is not None and kernels_can_run(hidden.device):
         from visionft.kernels.fused_linear_ce import fused_linear_cross_entropy
 
         return fused_linear_cross_entropy(

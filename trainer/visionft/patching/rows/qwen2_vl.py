@@ -58,23 +58,26 @@ class QwenRows:
     Args:
         hf (nn.Module): the ``ForConditionalGeneration`` model (not the PEFT wrapper).
         pad_id (int): the token id that fills padding.
+        fused (bool): use the fused kernels (rope, loss) where they run: the optimizations' switch.
+            Default: True.
     """
 
     name = "qwen2_vl"
 
-    def __init__(self, hf: nn.Module, pad_id: int) -> None:
+    def __init__(self, hf: nn.Module, pad_id: int, fused: bool = True) -> None:
         inner = _inner(hf)
         visual = inner.visual
         self.pad_id = int(pad_id)
+        self.fused = fused
         self.image_token_id = int(inner.config.image_token_id)
         self.merge = int(visual.spatial_merge_size)
         self.unit = self.merge**2
         self.windowed = getattr(visual, "window_size", None) is not None and hasattr(visual, "fullatt_block_indexes")
         self.window_patches = (
-            (int(visual.window_size) // int(visual.patch_size)) ** 2 if self.windowed else 0
+            (int(visual.window_size) // int(visual.config.patch_size)) ** 2 if self.windowed else 0
         )
         self.window_size = int(visual.window_size) if self.windowed else 0
-        self.patch_size = int(visual.patch_size)
+        self.patch_size = int(visual.config.patch_size)
         self._rope_index = inner.get_rope_index
 
     # -- host ---------------------------------------------------------------------------------------
@@ -231,7 +234,7 @@ class QwenRows:
             packed_cu_seqlens=tensors["text_cu_seqlens"],
             packed_max_seqlen=info.int("max_sample_tokens"),
         )
-        return row_loss(out.last_hidden_state, hf.lm_head, tensors["shift_labels"], num_items)
+        return row_loss(out.last_hidden_state, hf.lm_head, tensors["shift_labels"], num_items, self.fused)
 
     def host_inputs(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         """Adds ``inputs_embeds`` when the embedding table lives in host memory (the offload patch), so
@@ -247,7 +250,7 @@ class QwenRows:
         return batch
 
 
-def _make_vision_forward(orig, modeling):
+def _make_vision_forward(orig, modeling, fused: bool):
     def forward(self, hidden_states, cu_seqlens, *args, **kwargs):
         if not kwargs.pop(ROW_SEGMENTS, False) or args:
             return orig(hidden_states, cu_seqlens, *args, **kwargs)
@@ -255,7 +258,7 @@ def _make_vision_forward(orig, modeling):
         cos, sin = kwargs["position_embeddings"]
         seq = hidden_states.shape[0]
         q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        if kernels_can_run(q.device):
+        if fused and kernels_can_run(q.device):
             from visionft.kernels.rope import apply_rope
 
             qr, kr = apply_rope(
@@ -271,7 +274,7 @@ def _make_vision_forward(orig, modeling):
     return forward
 
 
-def install(hf: nn.Module, report: PatchReport) -> bool:
+def install(hf: nn.Module, report: PatchReport, fused: bool = True) -> bool:
     """Installs the row attentions (vision: segments with a host bound; text: packed) on ``hf``; inert
     outside a row forward. Returns whether every attention layer was recognised."""
     ok = True
@@ -289,7 +292,7 @@ def install(hf: nn.Module, report: PatchReport) -> bool:
         current = module.forward
         if getattr(getattr(current, "__func__", None), "_visionft_row_vision", False):
             continue
-        forward = _make_vision_forward(current, modeling)
+        forward = _make_vision_forward(current, modeling, fused)
         forward._visionft_row_vision = True  # type: ignore[attr-defined]
         report.swap(module, "forward", types.MethodType(forward, module), "row_vision_attn")
     from visionft.patching.packed_attention import installed
