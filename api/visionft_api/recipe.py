@@ -315,7 +315,13 @@ class TrainingSettings(SpecModel):
     epochs: float | None = Field(
         None, gt=0, le=1000, description="epochs is the number of passes; exclusive with maxSteps."
     )
-    per_device_batch_size: int = Field(1, ge=1, le=1024, description="perDeviceBatchSize per GPU.")
+    per_device_batch_size: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="perDeviceBatchSize is the samples per GPU per step (with packing: on average; an "
+        "epoch keeps its number of steps).",
+    )
     gradient_accumulation_steps: int = Field(
         1, ge=1, le=1024, description="gradientAccumulationSteps per optimizer step."
     )
@@ -348,8 +354,10 @@ class TrainingSettings(SpecModel):
     )
     packing: bool = Field(
         False,
-        description="packing joins the samples of each perDeviceBatchSize batch into one row without "
-        "padding, each sample attending only to itself; Qwen2-VL and Qwen2.5-VL only.",
+        description="packing trains on rows of one fixed shape: each step's samples join a buffer, and a "
+        "row of fixed token and image budgets is filled from it (oldest sample first, then best fit), "
+        "each sample attending only to itself; a row holds perDeviceBatchSize samples on average, so "
+        "one captured CUDA graph serves every step. Qwen2-VL, Qwen2.5-VL and Gemma 3.",
     )
 
     model_config = ConfigDict(

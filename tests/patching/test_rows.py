@@ -19,7 +19,7 @@ from visionft.testing.capture_safety import CaptureSafety, CaptureUnsafe
 from visionft.testing.lora import tiny_lora
 from visionft.testing.tiny import build_tiny_vlm
 
-ARCHS = ["qwen2_vl", "qwen2_5_vl"]
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "gemma3"]
 #: fp32 on CPU: the row and the padded batch compute the same sums in different orders.
 LOSS_TOL = {"rtol": 1e-5, "atol": 1e-6}
 GRAD_REL_TOL = 1e-4
@@ -49,6 +49,8 @@ SAMPLES = [
     _sample("no image, just text"),
     _sample("blue and tall, taller than wide", _image((84, 112), (30, 30, 220))),
     _sample("a big one", _image((112, 112), (200, 200, 30))),
+    # Longer than the tiny Gemma 3's sliding window (64 tokens): the local layers' window matters.
+    _sample(" ".join(["a long answer that keeps going"] * 4), _image((70, 56), (90, 90, 200))),
 ]
 
 
@@ -57,6 +59,9 @@ def _setup(arch: str, checkpointing: bool = False, fused: bool = False):
     kernels (on CPU through the slow interpreter), as with the optimizations on; off by default."""
     model, processor = build_tiny_vlm(arch, seed=0)
     model.train()
+    projection = getattr(getattr(model.model, "multi_modal_projector", None), "mm_input_projection_weight", None)
+    if projection is not None:  # Gemma 3 starts it at zero: the images would add nothing to the text
+        torch.nn.init.normal_(projection, std=0.2, generator=torch.Generator().manual_seed(2))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = tiny_lora(model, torch.Generator().manual_seed(1))
@@ -103,7 +108,7 @@ def test_a_row_gives_the_unpacked_loss_and_every_lora_gradient(arch, checkpointi
     model, collator, family, encoded, tiers = _setup(arch, checkpointing)
     row = family.assemble(encoded, tiers.tiers[0], 0)
     assert row["input_ids"].shape == (1, tiers.tiers[0].tokens)
-    assert row["pixel_values"].shape[0] == tiers.tiers[0].patches
+    assert row["pixel_values"].shape[0] in (tiers.tiers[0].patches, tiers.tiers[0].images)
     assert row[ROW_KEY].real_tokens < tiers.tiers[0].tokens  # the row has padding to fill
     loss, grads = _row_loss_and_grads(model, family, row)
     ref_loss, ref_grads = _unpacked_loss_and_grads(model, collator, encoded)
@@ -117,10 +122,14 @@ def test_a_row_gives_the_unpacked_loss_and_every_lora_gradient(arch, checkpointi
 def _break(row: dict, how: str) -> dict:
     row = dict(row)
     info = row[ROW_KEY]
-    if how == "one-text-segment":  # every sample sees the ones before it
+    if how == "one-text-segment" and "segment_ids" in row:  # every sample sees the ones before it
+        row["segment_ids"] = torch.zeros_like(row["segment_ids"])
+    elif how == "one-text-segment":
         cu = torch.full_like(row["text_cu_seqlens"], info.budget.tokens)
         cu[0] = 0
         row["text_cu_seqlens"] = cu
+    elif how == "images-causal":  # image tokens no longer see the later tokens of their image
+        row["image_blocks"] = torch.full_like(row["image_blocks"], -1)
     elif how == "features-shifted":  # each image feature lands one image token later
         pos = row["image_positions"].clone()
         real = pos < info.budget.tokens
@@ -145,6 +154,9 @@ def _break(row: dict, how: str) -> dict:
         ("qwen2_vl", "one-vision-segment"),
         ("qwen2_5_vl", "one-text-segment"),
         ("qwen2_5_vl", "windows-in-raster-order"),
+        ("gemma3", "one-text-segment"),
+        ("gemma3", "features-shifted"),
+        ("gemma3", "images-causal"),
     ],
 )
 def test_a_row_with_its_layout_broken_does_not(arch, how):

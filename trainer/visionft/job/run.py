@@ -277,24 +277,33 @@ def _load_model(config: TrainerConfig, model_dir: Path, options):
         random_state=t.seed,
     )
     from visionft import patching
+    from visionft.patching.rows import rows_supported
 
     patch_report = patching.apply_optimizations(model, optimizations=options.optimizations)
     logger.info("optimizations=%s: %s", options.optimizations, patch_report)
-    if options.packing:
+    if options.packing and not rows_supported(getattr(model.config, "model_type", None)):
         # Without it each sample of a packed row would attend to the samples before it.
         patching.enable_packing(model)
     return model, processor, patch_report
 
 
 def _check_packing(options, model) -> None:
-    """training.packing needs an architecture whose family packs: refused right after loading."""
+    """training.packing needs an architecture with fixed-shape rows or a packed attention: refused right
+    after loading."""
     if not options.packing:
         return
     from visionft.model.architectures import packing_unsupported_reason
+    from visionft.patching.rows import ROW_FAMILIES, rows_supported
 
-    reason = packing_unsupported_reason(getattr(model.config, "model_type", None))
+    model_type = getattr(model.config, "model_type", None)
+    if rows_supported(model_type):
+        return
+    reason = packing_unsupported_reason(model_type)
     if reason:
-        raise ConfigError(f"training.packing: {reason}; set training.packing to false")
+        raise ConfigError(
+            f"training.packing: packing is supported for {', '.join(sorted(ROW_FAMILIES))}, and this model is "
+            f"model_type={model_type!r}; set training.packing to false"
+        )
 
 
 def _load_data(config: TrainerConfig, dataset_dir: Path):

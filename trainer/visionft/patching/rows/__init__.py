@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from visionft.patching.core import PatchReport
-from visionft.patching.rows import qwen2_vl
+from visionft.patching.rows import gemma3, qwen2_vl
 from visionft.patching.rows.base import ROW_KEY, RowFamily, RowInfo
 
 
@@ -32,6 +32,7 @@ class RowSupport:
 ROW_FAMILIES: dict[str, RowSupport] = {
     "qwen2_vl": RowSupport(qwen2_vl.QwenRows, qwen2_vl.install),
     "qwen2_5_vl": RowSupport(qwen2_vl.QwenRows, qwen2_vl.install),
+    "gemma3": RowSupport(gemma3.GemmaRows, gemma3.install),
 }
 
 _REPORT_ATTR = "_visionft_rows_report"
