@@ -1,4 +1,4 @@
-"""Fixed-shape rows on CUDA (``visionft.patching.rows`` through ``visionft.cuda_graphs``), on tiny 4-bit
+"""Fixed-shape rows on CUDA (``visionft.patching.rows`` through ``visionft.engine.cuda_graphs``), on tiny 4-bit
 QLoRA models of every family that has rows: a row step captured as a graph replays the eager step's loss
 and gradients; over 20 steps of varied samples (image sides and answer lengths all different) graphs
 replay on all but each tier's first step, with no host-device sync inside a replay step; and the loss
@@ -48,8 +48,8 @@ def _records(arch: str, n: int, seed: int = 0) -> list[dict]:
 
 def _load(folder, arch):
     from transformers import AutoModelForImageTextToText
-    from visionft.loading import quantization_config
-    from visionft.models.registry import get_arch_spec
+    from visionft.model.loading import quantization_config
+    from visionft.model.registry import get_arch_spec
     from visionft.patching import apply_optimizations
 
     keep = [get_arch_spec(arch).vision, "lm_head"]
@@ -92,7 +92,7 @@ def _rows(arch, tmp_path, n_steps: int):
 
 
 def _tensors(row):
-    from visionft.cuda_graphs import _ROW_HOST_ONLY
+    from visionft.engine.cuda_graphs import _ROW_HOST_ONLY
     from visionft.patching.rows import ROW_KEY
 
     return {k: v.cuda() for k, v in row.items() if isinstance(v, torch.Tensor) and k not in _ROW_HOST_ONLY}, row[ROW_KEY]
@@ -104,7 +104,7 @@ def _rel(a, b) -> float:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_row_graphs_replay_eager_numbers_on_varied_data_without_syncs(tmp_path, arch):
-    from visionft.cuda_graphs import CudaGraphTrainStep
+    from visionft.engine.cuda_graphs import CudaGraphTrainStep
 
     n_steps = 20
     eager, graphed, (col_e, col_g), batches = _rows(arch, tmp_path, n_steps)

@@ -3,7 +3,7 @@
 A family turns the samples that ``visionft.data.rows.RowPacker`` chose for a row into one batch of
 fixed shapes (``assemble``, on the host, in the data loader's thread), and runs forward + loss on such
 a batch with the model's own modules (``forward``), without any host-device sync and without any
-shape that depends on the data, so that ``visionft.cuda_graphs`` captures it once per tier.
+shape that depends on the data, so that ``visionft.engine.cuda_graphs`` captures it once per tier.
 
 A row batch is a plain dict: model-sized tensors (``input_ids``, ``labels``, ``shift_labels``,
 ``attention_mask`` marking real tokens, and the family's layout tensors) plus ``ROW_KEY``, a

@@ -17,7 +17,7 @@ from visionft.data.collator import VisionDataCollator
 from visionft.data.prefetch import Prefetching
 from visionft.data.rows import RowBudget, RowPacker, RowTiers, SampleSize, plan_tiers, simulate
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _layout_choice():
