@@ -160,8 +160,9 @@ def plan_tiers(
         # is sized by the largest sample seen and by the largest image budget the run's rows need.
         patches1 = _round_up(max(patches0 * (1 + margin), most_patches, max_sample_patches or 0), patch_multiple)
         images0 = images1 = samples * max(1, most_images)
-    tier0 = RowBudget(tokens0, patches0, images0, samples, max_sample_tokens)
-    tier1 = RowBudget(tokens1, patches1, images1, samples, max_sample_tokens)
+    # No sample is longer than its row: the bound the kernels are launched with is the smaller one.
+    tier0 = RowBudget(tokens0, patches0, images0, samples, min(max_sample_tokens, tokens0))
+    tier1 = RowBudget(tokens1, patches1, images1, samples, min(max_sample_tokens, tokens1))
     return RowTiers((tier0, tier1), batch_size=batch_size, drain_after=drain_after or 4 * batch_size)
 
 
