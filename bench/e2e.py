@@ -50,6 +50,11 @@ HERE = Path(__file__).resolve().parent
 SYSTEMS = ("visionft", "unsloth", "plain")
 SEED = 3407
 LR = 2e-4
+#: Where a user turn and an assistant turn start in each architecture's chat template.
+TURNS = {
+    "qwen2_5_vl": ("<|im_start|>user\n", "<|im_start|>assistant\n"),
+    "gemma3": ("<start_of_turn>user\n", "<start_of_turn>model\n"),
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,7 +366,14 @@ def run_unsloth(args, record: dict) -> None:
     trainer = SFTTrainer(
         model=model,
         tokenizer=tokenizer,
-        data_collator=UnslothVisionDataCollator(model, tokenizer, resize="max"),
+        data_collator=UnslothVisionDataCollator(
+            model,
+            tokenizer,
+            resize="max",
+            train_on_responses_only=True,  # the answers only, as in the other two systems
+            instruction_part=TURNS[args.arch][0],
+            response_part=TURNS[args.arch][1],
+        ),
         train_dataset=dataset,
         args=_sft_config(
             args, remove_unused_columns=False, dataset_text_field="", dataset_kwargs={"skip_prepare_dataset": True}
@@ -391,12 +403,11 @@ def run_plain(args, record: dict) -> None:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
     processor = AutoProcessor.from_pretrained(args.model_dir)
     images = args.data_dir / "train"
+    # TRL's prompt-completion form: the loss covers the answers only, as in the other two systems.
     rows = [
         {
-            "messages": [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["instruction"]}]},
-                {"role": "assistant", "content": [{"type": "text", "text": r["response"]}]},
-            ],
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["instruction"]}]}],
+            "completion": [{"role": "assistant", "content": [{"type": "text", "text": r["response"]}]}],
             "images": [str(images / r["file_name"])],
         }
         for r in _records(args.data_dir)
