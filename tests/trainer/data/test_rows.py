@@ -130,7 +130,7 @@ def test_prefetching_keeps_order_raises_in_place_and_takes_back_counts_of_batche
 
 def test_visionft_train_with_packing_trains_on_fixed_rows(tmp_path, tiny_dir):
     import yaml
-    from visionft.cli import main
+    from visionft.job.cli import main
     from visionft.data.synthetic import make_shapes_dataset
 
     data = tmp_path / "shapes"

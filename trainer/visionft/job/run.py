@@ -12,7 +12,9 @@ The steps, top to bottom in ``train``:
    row per batch without padding: decided right after loading, refused for architectures whose family does
    not pack, and the packed attention installed once the kernels are in);
 4. score ``dataset.evalSamples`` held-out samples (exact-match accuracy), train with TRL's ``SFTTrainer``
-   (checkpoints every ``checkpointEverySteps``, resuming from the newest complete one), score again;
+   (checkpoints every ``checkpointEverySteps``, each with a fingerprint of the model and recipe; resuming
+   from the newest complete one, refused when it belongs to another model or recipe:
+   ``visionft.job.resume``), score again;
 5. save adapters or merged weights, the loss curve (``loss.png``) and ``run.json`` (the summary, written
    last, so that its presence means the output folder is complete), then upload to S3 when the output is
    an ``s3://`` URI.
@@ -130,18 +132,21 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
         echo(
             "visionft: dataset.evalSamples is set but there is no held-out split; set dataset.validationFraction"
         )
-    if n_eval and main:
-        before = _score(model, collator, eval_set, n_eval)
-        result.accuracy_before, result.eval_samples = before.value, before.total
-        echo(f"held-out accuracy before training: {before}")
-
     trainer = _trainer(
         config, model, processor, train_set, collator, output_dir, progress, options, patch_report
     )
     distributed.barrier()  # each node's local main has fetched the newest S3 checkpoint by now
     resume = _newest_checkpoint(output_dir / "checkpoints")
     if resume:
+        from visionft.job.resume import check_resume, fingerprint
+
+        # Before any scoring or training: a checkpoint of another run is refused at once.
+        check_resume(resume, fingerprint(config, model), model, output_uri or str(output_dir))
         echo(f"visionft: resuming from {resume}")
+    if n_eval and main:
+        before = _score(model, collator, eval_set, n_eval)
+        result.accuracy_before, result.eval_samples = before.value, before.total
+        echo(f"held-out accuracy before training: {before}")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     result.steps = trainer.state.global_step
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -424,7 +429,10 @@ def _trainer(
         use_cpu=not cuda,
         **distributed.ddp_training_kwargs(),
     )
-    callbacks: list[Any] = [progress]
+    from visionft.job.resume import fingerprint, fingerprint_callback
+
+    # Before the storage callback (added below), so that every uploaded checkpoint carries it.
+    callbacks: list[Any] = [progress, fingerprint_callback(fingerprint(config, model))]
     if distributed.is_distributed():
         from visionft.engine.checkpoint_rng import GatherRngStatesCallback
 
