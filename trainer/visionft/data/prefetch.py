@@ -12,11 +12,15 @@ the change it made to ``collator.skipped`` and ``collator.substituted``; when it
 changes of the batches not handed out are taken back (``collator.uncount``), so the counts are those
 of the batches trained, as without prefetching.
 
+``paused()`` holds the thread between batches (it finishes the batch it is building first): a CUDA-graph
+capture records every CUDA call of the process in its stream, so the loader's pinned copies must wait.
+
 Everything else (``len``, ``set_epoch``, ``dataset``...) is the loader's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator
@@ -47,6 +51,7 @@ class Prefetching:
         self.collator = collator
         self.depth = depth
         self._runs: list[_Run] = []
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -54,8 +59,14 @@ class Prefetching:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["loader"], name)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Within this block no batch is being built (the one under way is finished first)."""
+        with self._lock:
+            yield
+
     def __iter__(self) -> Iterator[Any]:
-        run = _Run(self.loader, self.collator, self.depth)
+        run = _Run(self.loader, self.collator, self.depth, self._lock)
         self._runs = [r for r in self._runs if not r.done] + [run]
         try:
             yield from run
@@ -76,8 +87,9 @@ def _counts(collator: Any) -> tuple[int, int]:
 
 
 class _Run:
-    def __init__(self, loader: Any, collator: Any, depth: int) -> None:
+    def __init__(self, loader: Any, collator: Any, depth: int, busy: threading.Lock) -> None:
         self.collator = collator
+        self.busy = busy
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.done = False
@@ -98,12 +110,13 @@ class _Run:
         try:
             iterator = iter(loader)
             while not self.stop.is_set():
-                before = _counts(self.collator)
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    break
-                after = _counts(self.collator)
+                with self.busy:
+                    before = _counts(self.collator)
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        break
+                    after = _counts(self.collator)
                 delta = (after[0] - before[0], after[1] - before[1])
                 if not self._put((batch, delta)):
                     self._uncount(delta)

@@ -31,13 +31,16 @@ class RowCollator:
         family: the row family (``visionft.patching.rows``): ``sample_size`` and ``assemble``.
         tiers (RowTiers): the row budgets.
         pin (bool): put the row's tensors in pinned host memory (CUDA only). Default: True.
+        prepare (Callable[[dict], dict] | None): applied to each assembled row (on the host), e.g. the
+            family's ``host_inputs`` bound to the model. Default: None.
 
     The fill of the rows that were trained is counted by the consumer from each row's ``RowInfo``
     (``RowStats``): rows built ahead and never trained do not count.
     """
 
-    def __init__(self, collator: Any, family: Any, tiers: RowTiers, pin: bool = True) -> None:
+    def __init__(self, collator: Any, family: Any, tiers: RowTiers, pin: bool = True, prepare: Any = None) -> None:
         self.collator = collator
+        self.prepare = prepare
         self.family = family
         self.tiers = tiers
         self.packer: RowPacker = RowPacker(tiers)
@@ -93,6 +96,8 @@ class RowCollator:
             row = self.packer.take()
         assert row is not None
         batch = self.family.assemble(row.items, self.tiers.tiers[row.tier], row.tier)
+        if self.prepare is not None:
+            batch = self.prepare(batch)
         if self.pin:
             from visionft.patching.rows.base import pin
 

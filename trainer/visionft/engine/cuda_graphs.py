@@ -148,6 +148,8 @@ class CudaGraphTrainStep:
             Default: torch.bfloat16.
         rows: the row family (``visionft.patching.rows``) whose fixed-shape batches this step takes;
             None for batches of their own shapes. Default: None.
+        capture_guard (Callable[[], ContextManager] | None): entered around each capture, e.g. to hold
+            a data loader thread off the device while the graph is recorded. Default: None.
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class CudaGraphTrainStep:
         max_graphs: int = 4,
         autocast_dtype: torch.dtype | None = torch.bfloat16,
         rows: Any = None,
+        capture_guard: Any = None,
     ) -> None:
         if warmup < 1:
             raise ValueError(f"warmup={warmup} must be at least 1 (the first step settles autotuning)")
@@ -170,6 +173,7 @@ class CudaGraphTrainStep:
         self.autocast_dtype = autocast_dtype
         self.options = options or EngineOptions()
         self.rows = rows
+        self.capture_guard = capture_guard
         self.disabled = model_reason(model, patch_report, rows=rows is not None)
         self.captured = 0
         self.replays = 0
@@ -359,7 +363,9 @@ class CudaGraphTrainStep:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         peak_so_far = torch.cuda.max_memory_allocated()
-        with torch.cuda.graph(graph, pool=self._pool):
+        guard = self.capture_guard() if self.capture_guard is not None else contextlib.nullcontext()
+        # thread_local: other threads (the data loader's) may use CUDA while this one records.
+        with guard, torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             if isinstance(plan, RowPlan):
                 with self._autocast(cache_enabled=False):
                     loss = plan.loss(self.model, sig.buffers)

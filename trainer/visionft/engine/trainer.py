@@ -116,6 +116,7 @@ def vision_sft_trainer_class() -> type:
                     autocast_dtype=dtype,
                     rows=rows,
                     warmup=1 if rows is not None else 2,
+                    capture_guard=self._prefetch.paused if self._prefetch is not None else None,
                 )
                 if eager_only and not self._graph_step.disabled:
                     self._graph_step.disabled = eager_only
@@ -155,6 +156,9 @@ def vision_sft_trainer_class() -> type:
             # Rows are assembled on the host (images decoded, positions and layouts computed): a thread
             # does it for the next steps while the GPU runs this one.
             self._prefetch = Prefetching(loader, self.data_collator, depth=2)
+            # Host-side inputs of the row forward (an embedding table kept in host memory) are built
+            # in that thread too.
+            self.data_collator.prepare = functools.partial(self._rows().host_inputs, self.model)
             return self._prefetch
 
         def train(self, *args, **kwargs):

@@ -241,11 +241,14 @@ class QwenRows:
         that the lookup happens here rather than inside a captured forward."""
         from visionft.patching import hf_model
 
+        if "inputs_embeds" in batch:
+            return batch
         emb = _inner(hf_model(model)).get_input_embeddings()
         weight = getattr(emb, "weight", None)
         if weight is not None and weight.device.type == "cpu" and torch.cuda.is_available():
             with torch.no_grad():
-                rows = nn.functional.embedding(batch["input_ids"], weight, getattr(emb, "padding_idx", None))
+                ids = batch["input_ids"].to("cpu")  # already there when called on the host-built row
+                rows = nn.functional.embedding(ids, weight, getattr(emb, "padding_idx", None))
             batch = {**batch, "inputs_embeds": rows.pin_memory()}
         return batch
 
