@@ -13,6 +13,7 @@ bad sample: skipped or raised under ``onBadSample`` like any other.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -138,22 +139,35 @@ class RowStats:
         }
 
 
-def probe_sizes(collator: Any, family: Any, dataset: Any, n: int = 256, seed: int = 0) -> list[SampleSize]:
+def probe_sizes(
+    collator: Any, family: Any, dataset: Any, n: int = 256, seed: int = 0, threads: int | None = None
+) -> list[SampleSize]:
     """Sizes of up to ``n`` random records of ``dataset``, encoded as training encodes them (bad ones
-    left out), for ``plan_tiers``."""
+    left out), for ``plan_tiers``. Encoded by a pool of threads (image decoding and the processor's
+    array work release the GIL), so that sizing the rows adds seconds, not minutes, before the first
+    step."""
+    from concurrent.futures import ThreadPoolExecutor
+
     indices = list(range(len(dataset)))
     random.Random(seed).shuffle(indices)
-    sizes: list[SampleSize] = []
-    for i in indices[: max(n * 2, n)]:
-        if len(sizes) >= n:
-            break
+
+    def size(i: int) -> SampleSize | None:
         try:
-            sizes.append(family.sample_size(collator.encode(dataset[i], index=i)))
+            return family.sample_size(collator.encode(dataset[i], index=i))
         except BadSampleError:
-            continue
-    if not sizes:
+            return None
+
+    workers = threads or min(8, os.cpu_count() or 1)
+    found: list[SampleSize] = []
+    at = 0
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        while len(found) < n and at < min(len(indices), 4 * n):  # bad samples: draw a few more
+            chunk = indices[at : at + n - len(found)]
+            at += len(chunk)
+            found += [s for s in pool.map(size, chunk) if s is not None]
+    if not found:
         raise BadSampleError("no sample of the dataset could be encoded to size the packed rows")
-    return sizes
+    return found
 
 
 def plan_rows(collator: Any, family: Any, dataset: Any, batch_size: int, probe: int = 256, **kwargs) -> RowTiers:
