@@ -37,6 +37,7 @@ The dataset (``visionft.testing.varied``): one image per sample, sides drawn fro
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -269,7 +270,10 @@ def _busy_seconds(prof) -> float:
 
 def _messages(record: dict, image) -> list[dict]:
     return [
-        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": record["instruction"]}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": record["instruction"]}],
+        },
         {"role": "assistant", "content": [{"type": "text", "text": record["response"]}]},
     ]
 
@@ -283,7 +287,11 @@ def run_visionft(args, record: dict) -> None:
         "kind": "VisionFineTune",
         "metadata": {"name": "e2e"},
         "spec": {
-            "model": {"uri": str(args.model_dir), "loadIn4bit": not args.tiny, "maxSeqLength": args.max_seq_length},
+            "model": {
+                "uri": str(args.model_dir),
+                "loadIn4bit": not args.tiny,
+                "maxSeqLength": args.max_seq_length,
+            },
             "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]},
             "dataset": {"uri": str(args.data_dir), "format": "imagefolder"},
             "training": {
@@ -336,7 +344,7 @@ def _sft_config(args, **extra):
 
 
 def run_unsloth(args, record: dict) -> None:
-    import unsloth  # noqa: F401  (before transformers, as Unsloth asks)
+    import unsloth
     from PIL import Image
     from trl import SFTTrainer
     from unsloth import FastVisionModel
@@ -361,7 +369,8 @@ def run_unsloth(args, record: dict) -> None:
     FastVisionModel.for_training(model)
     images = args.data_dir / "train"
     dataset = [
-        {"messages": _messages(r, Image.open(images / r["file_name"]).convert("RGB"))} for r in _records(args.data_dir)
+        {"messages": _messages(r, Image.open(images / r["file_name"]).convert("RGB"))}
+        for r in _records(args.data_dir)
     ]
     trainer = SFTTrainer(
         model=model,
@@ -376,7 +385,10 @@ def run_unsloth(args, record: dict) -> None:
         ),
         train_dataset=dataset,
         args=_sft_config(
-            args, remove_unused_columns=False, dataset_text_field="", dataset_kwargs={"skip_prepare_dataset": True}
+            args,
+            remove_unused_columns=False,
+            dataset_text_field="",
+            dataset_kwargs={"skip_prepare_dataset": True},
         ),
     )
     trainer.train()
@@ -384,7 +396,8 @@ def run_unsloth(args, record: dict) -> None:
 
 def run_plain(args, record: dict) -> None:
     import torch
-    from datasets import Dataset, Image as ImageFeature
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTTrainer
@@ -396,32 +409,51 @@ def run_plain(args, record: dict) -> None:
         from visionft.model.registry import get_arch_spec
 
         vision = get_arch_spec(args.arch).vision
-        kwargs.update(quantization_config=quantization_config(4, torch.bfloat16, [vision, "lm_head"]), device_map={"": 0})
+        kwargs.update(
+            quantization_config=quantization_config(4, torch.bfloat16, [vision, "lm_head"]),
+            device_map={"": 0},
+        )
     model = AutoModelForImageTextToText.from_pretrained(args.model_dir, **kwargs)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+    )
     processor = AutoProcessor.from_pretrained(args.model_dir)
     images = args.data_dir / "train"
     # TRL's prompt-completion form: the loss covers the answers only, as in the other two systems.
     rows = [
         {
-            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["instruction"]}]}],
+            "prompt": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["instruction"]}]}
+            ],
             "completion": [{"role": "assistant", "content": [{"type": "text", "text": r["response"]}]}],
             "images": [str(images / r["file_name"])],
         }
         for r in _records(args.data_dir)
     ]
     dataset = Dataset.from_list(rows).cast_column("images", [ImageFeature()])
-    trainer = SFTTrainer(model=model, args=_sft_config(args), train_dataset=dataset, processing_class=processor)
+    trainer = SFTTrainer(
+        model=model, args=_sft_config(args), train_dataset=dataset, processing_class=processor
+    )
     trainer.train()
 
 
 def worker(args) -> dict:
-    record: dict = {"system": args.system, "arch": args.arch, "t0": float(os.environ["E2E_T0"]), "steps": [], "losses": []}
+    record: dict = {
+        "system": args.system,
+        "arch": args.arch,
+        "t0": float(os.environ["E2E_T0"]),
+        "steps": [],
+        "losses": [],
+    }
     if args.system == "unsloth":
         import unsloth  # noqa: F401  (before transformers)
-    _install_timer(record, profile_from=max(args.steps - args.profile_steps, args.warmup), profile_steps=args.profile_steps)
+    _install_timer(
+        record,
+        profile_from=max(args.steps - args.profile_steps, args.warmup),
+        profile_steps=args.profile_steps,
+    )
     {"visionft": run_visionft, "unsloth": run_unsloth, "plain": run_plain}[args.system](args, record)
     record.pop("trainer", None)
     return _summarise(record, args)
@@ -437,7 +469,7 @@ def _summarise(record: dict, args) -> dict:
     window = steps[args.warmup : end]
     if len(window) >= 2:
         wall = window[-1]["t"] - window[0]["t"]
-        durations = [b["t"] - a["t"] for a, b in zip(window, window[1:], strict=False)]
+        durations = [b["t"] - a["t"] for a, b in itertools.pairwise(window)]
         tokens = sum(s["tokens"] for s in window[1:])
         samples = sum(s["samples"] for s in window[1:])
         record["steady_steps"] = len(durations)
@@ -545,7 +577,11 @@ def main() -> None:
     systems = args.systems.split(",")
     for i, system in enumerate(systems):
         left = deadline - time.monotonic()
-        budget = int(left / max(1, len(systems) - i)) if system != "unsloth" else int(left - 90 * (len(systems) - i - 1))
+        budget = (
+            int(left / max(1, len(systems) - i))
+            if system != "unsloth"
+            else int(left - 90 * (len(systems) - i - 1))
+        )
         cmd = [sys.executable, __file__, "--worker", system, *sys.argv[1:]]
         env = dict(
             os.environ,
@@ -561,8 +597,16 @@ def main() -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(budget, 30), env=env)
             text, rc = proc.stdout + proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as err:
-            text = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else str(err.stdout or "")
-            text += (err.stderr or b"").decode(errors="replace") if isinstance(err.stderr, bytes) else str(err.stderr or "")
+            text = (
+                (err.stdout or b"").decode(errors="replace")
+                if isinstance(err.stdout, bytes)
+                else str(err.stdout or "")
+            )
+            text += (
+                (err.stderr or b"").decode(errors="replace")
+                if isinstance(err.stderr, bytes)
+                else str(err.stderr or "")
+            )
             rc = f"timeout after {budget} s"
         log.write(f"\n## {system} rc={rc} wall={time.perf_counter() - t0:.1f}s\n{text[-20000:]}\n")
         found = [line for line in text.splitlines() if line.startswith("RESULT ")]
@@ -576,7 +620,9 @@ def main() -> None:
         say(f"{system}: {json.dumps({k: v for k, v in result.items() if k != 'tail'})}")
         if "tail" in result:
             say(result["tail"])
-    (out / f"e2e-{args.arch}.json").write_text(json.dumps({"env": _env_line(), "args": sys.argv[1:], "results": results}, indent=1) + "\n")
+    (out / f"e2e-{args.arch}.json").write_text(
+        json.dumps({"env": _env_line(), "args": sys.argv[1:], "results": results}, indent=1) + "\n"
+    )
     say("")
     for line in _table(results):
         say(line)

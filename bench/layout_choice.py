@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
 
-from visionft.data.rows import SampleSize, plan_tiers, simulate  # noqa: E402
-from visionft.testing.varied import draw_samples  # noqa: E402
+from visionft.data.rows import SampleSize, plan_tiers, simulate
+from visionft.testing.varied import draw_samples
 
 QWEN_OVERHEAD = 25
 GEMMA_OVERHEAD = 31
@@ -40,7 +40,9 @@ GEMMA_IMAGE_TOKENS = 256
 GEMMA_IMAGE_PATCHES = 4096
 
 
-def _smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 1003520):
+def _smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 1003520
+):
     """Qwen2-VL's resize rule (sides to multiples of ``factor`` within the pixel bounds)."""
     h = max(factor, round(height / factor) * factor)
     w = max(factor, round(width / factor) * factor)
@@ -120,7 +122,9 @@ def padded(sizes: list[SampleSize], batch: int) -> dict:
     return {"token_fill": round(real / slots, 4), "patch_fill": 1.0, "signatures_all": None}
 
 
-def rows(sizes: list[SampleSize], batch: int, margin: float, max_graphs: int, gemma: bool, probe: int) -> dict:
+def rows(
+    sizes: list[SampleSize], batch: int, margin: float, max_graphs: int, gemma: bool, probe: int
+) -> dict:
     tiers = plan_tiers(
         sizes[:probe],
         batch,
@@ -167,7 +171,14 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     result = study(args.samples, args.batch, args.max_graphs)
-    cols = ["token_fill", "patch_fill", "signatures_30", "signatures_all", "replay_share_30", "replay_share_all"]
+    cols = [
+        "token_fill",
+        "patch_fill",
+        "signatures_30",
+        "signatures_all",
+        "replay_share_30",
+        "replay_share_all",
+    ]
     for arch, res in result.items():
         print(f"\n## {arch}, batch {args.batch}, {args.samples} samples\n")
         print("| layout | " + " | ".join(cols) + " | notes |")

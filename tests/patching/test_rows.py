@@ -59,7 +59,9 @@ def _setup(arch: str, checkpointing: bool = False, fused: bool = False):
     kernels (on CPU through the slow interpreter), as with the optimizations on; off by default."""
     model, processor = build_tiny_vlm(arch, seed=0)
     model.train()
-    projection = getattr(getattr(model.model, "multi_modal_projector", None), "mm_input_projection_weight", None)
+    projection = getattr(
+        getattr(model.model, "multi_modal_projector", None), "mm_input_projection_weight", None
+    )
     if projection is not None:  # Gemma 3 starts it at zero: the images would add nothing to the text
         torch.nn.init.normal_(projection, std=0.2, generator=torch.Generator().manual_seed(2))
     if checkpointing:

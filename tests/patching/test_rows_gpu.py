@@ -30,7 +30,9 @@ def _records(arch: str, n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         side = (rng.randint(40, 120), rng.randint(40, 120))
         image = Image.new("RGB", side, tuple(rng.randint(0, 255) for _ in range(3)))
-        answer = " ".join(rng.choice(["red", "box", "wide", "tall", "blue"]) for _ in range(rng.randint(1, 12)))
+        answer = " ".join(
+            rng.choice(["red", "box", "wide", "tall", "blue"]) for _ in range(rng.randint(1, 12))
+        )
         content = [{"type": "image", "image": image}, {"type": "text", "text": "Describe it."}]
         if arch != "gemma3" and i % 7 == 3:
             content = content[1:]  # a text-only sample now and then
@@ -58,7 +60,9 @@ def _load(folder, arch):
         folder, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0}
     )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    projection = getattr(getattr(model.model, "multi_modal_projector", None), "mm_input_projection_weight", None)
+    projection = getattr(
+        getattr(model.model, "multi_modal_projector", None), "mm_input_projection_weight", None
+    )
     if projection is not None:  # Gemma 3 starts it at zero: the images would add nothing to the text
         with torch.no_grad():
             projection.copy_(torch.randn(projection.shape, generator=torch.Generator().manual_seed(2)) * 0.2)
@@ -95,7 +99,9 @@ def _tensors(row):
     from visionft.engine.cuda_graphs import _ROW_HOST_ONLY
     from visionft.patching.rows import ROW_KEY
 
-    return {k: v.cuda() for k, v in row.items() if isinstance(v, torch.Tensor) and k not in _ROW_HOST_ONLY}, row[ROW_KEY]
+    return {
+        k: v.cuda() for k, v in row.items() if isinstance(v, torch.Tensor) and k not in _ROW_HOST_ONLY
+    }, row[ROW_KEY]
 
 
 def _rel(a, b) -> float:
@@ -116,7 +122,7 @@ def test_row_graphs_replay_eager_numbers_on_varied_data_without_syncs(tmp_path, 
     opt_g = torch.optim.AdamW(params_g, lr=5e-3)
     losses_e, losses_g, shapes = [], [], set()
     checked = False
-    for i, records in enumerate(batches):
+    for records in batches:
         row_e, row_g = col_e(records), col_g(records)
         tensors, info = _tensors(row_e)
         shapes.add(tuple(tensors["input_ids"].shape))

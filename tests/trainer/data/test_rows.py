@@ -32,7 +32,11 @@ def test_the_packer_trains_every_sample_once_within_the_budgets():
     gen = torch.Generator().manual_seed(0)
     sizes = [
         SampleSize(int(t), int(p), 1)
-        for t, p in zip(torch.randint(20, 400, (300,), generator=gen), torch.randint(0, 300, (300,), generator=gen), strict=True)
+        for t, p in zip(
+            torch.randint(20, 400, (300,), generator=gen),
+            torch.randint(0, 300, (300,), generator=gen),
+            strict=True,
+        )
     ]
     tiers = plan_tiers(sizes[:64], batch_size=4, max_sample_tokens=400, max_sample_patches=300)
     packer: RowPacker[int] = RowPacker(tiers)
@@ -98,7 +102,10 @@ def test_prefetching_keeps_order_raises_in_place_and_takes_back_counts_of_batche
         return {
             "__index__": i,
             "messages": [
-                {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "?"}]},
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": image}, {"type": "text", "text": "?"}],
+                },
                 {"role": "assistant", "content": [{"type": "text", "text": f"answer {i}"}]},
             ],
         }
@@ -130,8 +137,8 @@ def test_prefetching_keeps_order_raises_in_place_and_takes_back_counts_of_batche
 
 def test_visionft_train_with_packing_trains_on_fixed_rows(tmp_path, tiny_dir):
     import yaml
-    from visionft.job.cli import main
     from visionft.data.synthetic import make_shapes_dataset
+    from visionft.job.cli import main
 
     data = tmp_path / "shapes"
     make_shapes_dataset(data, train_size=64, test_size=4, image_size=56)
@@ -161,6 +168,8 @@ def test_visionft_train_with_packing_trains_on_fixed_rows(tmp_path, tiny_dir):
     assert rows["rows"] == 24 and sum(rows["tier_rows"]) == 24
     assert 3.0 <= rows["samples_per_row"] <= 5.0 and rows["token_fill"] > 0.6
     assert summary["graphs"]["eager_steps"] == 24 and summary["graphs"]["off"]  # CPU: rows run eagerly
-    state = json.loads(next((tmp_path / "out" / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
+    state = json.loads(
+        next((tmp_path / "out" / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text()
+    )
     losses = [e["loss"] for e in state["log_history"] if "loss" in e]
     assert losses[-1] < 0.5 * losses[0], losses

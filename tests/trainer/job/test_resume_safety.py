@@ -32,12 +32,16 @@ def test_a_checkpoint_of_another_model_or_recipe_is_refused_with_one_clear_line(
     path.write_text(raw)
     assert main([str(path)]) == EXIT_CONFIG
     last = _last_error(capsys)
-    assert last.startswith(f"visionft-train: error: output.uri {tmp_path / 'out'} holds checkpoint-4 of another run")
+    assert last.startswith(
+        f"visionft-train: error: output.uri {tmp_path / 'out'} holds checkpoint-4 of another run"
+    )
     assert "lora.r: 8 now, 16 in the checkpoint" in last and "new output.uri" in last
     assert "Traceback" not in last and not (checkpoint.parent / "checkpoint-8").exists()
 
     # Another model (same recipe): its architecture and uri differ.
-    path.write_text(raw.replace("r: 8", "r: 16").replace(str(tiny_dir("qwen2_vl")), str(tiny_dir("qwen2_5_vl"))))
+    path.write_text(
+        raw.replace("r: 8", "r: 16").replace(str(tiny_dir("qwen2_vl")), str(tiny_dir("qwen2_5_vl")))
+    )
     assert main([str(path)]) == EXIT_CONFIG
     last = _last_error(capsys)
     assert "holds checkpoint-4 of another run" in last and "model.uri:" in last and "model.model_type" in last

@@ -94,7 +94,9 @@ class _Run:
         self.stop = threading.Event()
         self.done = False
         self._lock = threading.Lock()
-        self.thread = threading.Thread(target=self._fill, args=(loader,), name="visionft-prefetch", daemon=True)
+        self.thread = threading.Thread(
+            target=self._fill, args=(loader,), name="visionft-prefetch", daemon=True
+        )
         self.thread.start()
 
     def _put(self, item: Any) -> bool:

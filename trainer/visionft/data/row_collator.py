@@ -39,7 +39,9 @@ class RowCollator:
     (``RowStats``): rows built ahead and never trained do not count.
     """
 
-    def __init__(self, collator: Any, family: Any, tiers: RowTiers, pin: bool = True, prepare: Any = None) -> None:
+    def __init__(
+        self, collator: Any, family: Any, tiers: RowTiers, pin: bool = True, prepare: Any = None
+    ) -> None:
         self.collator = collator
         self.prepare = prepare
         self.family = family
@@ -106,7 +108,6 @@ class RowCollator:
         return batch
 
 
-
 class RowStats:
     """What the trained rows held: rows per tier, samples, and the share of each budget filled."""
 
@@ -170,7 +171,9 @@ def probe_sizes(
     return found
 
 
-def plan_rows(collator: Any, family: Any, dataset: Any, batch_size: int, probe: int = 256, **kwargs) -> RowTiers:
+def plan_rows(
+    collator: Any, family: Any, dataset: Any, batch_size: int, probe: int = 256, **kwargs
+) -> RowTiers:
     """The row budgets for ``dataset`` (``plan_tiers`` over ``probe_sizes``)."""
     sizes = probe_sizes(collator, family, dataset, probe)
     bounds = family.plan_kwargs(collator.max_seq_length)
@@ -178,7 +181,10 @@ def plan_rows(collator: Any, family: Any, dataset: Any, batch_size: int, probe: 
     logger.info(
         "visionft: packed rows from %d probed samples: %s",
         len(sizes),
-        ", ".join(f"tier {i}: {t.tokens} tokens, {t.patches} vision units, {t.images} images" for i, t in enumerate(tiers.tiers)),
+        ", ".join(
+            f"tier {i}: {t.tokens} tokens, {t.patches} vision units, {t.images} images"
+            for i, t in enumerate(tiers.tiers)
+        ),
     )
     return tiers
 

@@ -158,7 +158,9 @@ def plan_tiers(
         patches0 = _round_up(max(batch_size * mean_patches * (1 + margin), 1), patch_multiple)
         # A sample's image tokens are at most its tokens, and each stands for merge**2 patches: tier 1
         # is sized by the largest sample seen and by the largest image budget the run's rows need.
-        patches1 = _round_up(max(patches0 * (1 + margin), most_patches, max_sample_patches or 0), patch_multiple)
+        patches1 = _round_up(
+            max(patches0 * (1 + margin), most_patches, max_sample_patches or 0), patch_multiple
+        )
         images0 = images1 = samples * max(1, most_images)
     # No sample is longer than its row: the bound the kernels are launched with is the smaller one.
     tier0 = RowBudget(tokens0, patches0, images0, samples, min(max_sample_tokens, tokens0))

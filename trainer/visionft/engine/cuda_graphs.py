@@ -313,7 +313,9 @@ class CudaGraphTrainStep:
                 ):
                     module._gradient_checkpointing_func = func
 
-    def _replay(self, sig: _Signature, plan: static_inputs.StaticPlan | RowPlan, scale: float) -> torch.Tensor:
+    def _replay(
+        self, sig: _Signature, plan: static_inputs.StaticPlan | RowPlan, scale: float
+    ) -> torch.Tensor:
         start = time.perf_counter()
         assert sig.graph is not None and sig.buffers is not None and sig.grads is not None
         assert sig.loss is not None and sig.scale is not None

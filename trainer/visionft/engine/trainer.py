@@ -183,11 +183,17 @@ def vision_sft_trainer_class() -> type:
             from visionft.patching.rows.base import ROW_KEY
 
             info = inputs.get(ROW_KEY) if isinstance(inputs, dict) else None
-            if info is None or self.args.include_num_input_tokens_seen == "no" or self.accelerator.num_processes > 1:
+            if (
+                info is None
+                or self.args.include_num_input_tokens_seen == "no"
+                or self.accelerator.num_processes > 1
+            ):
                 return super()._track_num_input_tokens(inputs)
             # The row says on the host how many of its tokens are real: no device read per step.
             self.state.num_input_tokens_seen += (
-                info.real_tokens if self.args.include_num_input_tokens_seen == "non_padding" else info.budget.tokens
+                info.real_tokens
+                if self.args.include_num_input_tokens_seen == "non_padding"
+                else info.budget.tokens
             )
 
         def _own_step_unavailable(self) -> str | None:

@@ -51,7 +51,11 @@ class ResumeMismatch(ValueError):
 
 def _shape_config(config: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for part, sub in (("", config), ("text.", getattr(config, "text_config", None)), ("vision.", getattr(config, "vision_config", None))):
+    for part, sub in (
+        ("", config),
+        ("text.", getattr(config, "text_config", None)),
+        ("vision.", getattr(config, "vision_config", None)),
+    ):
         if sub is None:
             continue
         for key in _SHAPE_KEYS:
@@ -112,7 +116,11 @@ def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
                 if a.get(key) != b.get(key):
-                    name = "adapter tensors (names and shapes)" if (section, key) == ("adapter", "digest") else f"{section}.{key}"
+                    name = (
+                        "adapter tensors (names and shapes)"
+                        if (section, key) == ("adapter", "digest")
+                        else f"{section}.{key}"
+                    )
                     if (section, key) == ("adapter", "digest") and a.get("tensors") != b.get("tensors"):
                         continue  # the count already says it
                     out.append(f"{name}: {b.get(key)!r} now, {a.get(key)!r} in the checkpoint")
@@ -128,7 +136,7 @@ def _adapter_differences(checkpoint: Path, model: Any) -> list[str]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
     current = _trainable(model)
     if saved == current:
         return []

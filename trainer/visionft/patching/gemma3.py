@@ -44,7 +44,9 @@ def apply(
         patch_gated_mlps(hf_model, report)
     if lora:
         patch_lora_layers(model, report)
-    text = hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else hf_model.config
+    text = (
+        hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else hf_model.config
+    )
     if fused_loss and getattr(text, "final_logit_softcapping", None) is None:
         patch_lm_loss(hf_model, report)
     elif fused_loss:

@@ -83,7 +83,9 @@ class CaptureSafety(TorchDispatchMode):
         if name == "aten.repeat_interleave" and isinstance(args[0] if args else None, torch.Tensor):
             repeats = kwargs.get("repeats", args[1] if len(args) > 1 else None)
             if isinstance(repeats, torch.Tensor) or (len(args) == 1):
-                raise CaptureUnsafe(f"{func}: repeat_interleave with tensor repeats has a data-dependent size")
+                raise CaptureUnsafe(
+                    f"{func}: repeat_interleave with tensor repeats has a data-dependent size"
+                )
         if name in _INDEXING:
             indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
             for index in indices or ():

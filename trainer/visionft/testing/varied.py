@@ -19,10 +19,42 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-_WORDS = (
-    "red blue green small large circle square line left right top bottom centre shape colour "
-    "the a of and with near far bright dark edge corner two three many one image shows there is"
-).split()
+_WORDS = [
+    "red",
+    "blue",
+    "green",
+    "small",
+    "large",
+    "circle",
+    "square",
+    "line",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "centre",
+    "shape",
+    "colour",
+    "the",
+    "a",
+    "of",
+    "and",
+    "with",
+    "near",
+    "far",
+    "bright",
+    "dark",
+    "edge",
+    "corner",
+    "two",
+    "three",
+    "many",
+    "one",
+    "image",
+    "shows",
+    "there",
+    "is",
+]
 QUESTIONS = (
     "Describe the image.",
     "What shapes do you see, and where are they?",

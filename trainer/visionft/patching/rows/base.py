@@ -245,7 +245,9 @@ def row_loss(
     return total / denom
 
 
-def install_once(report: PatchReport, module: nn.Module, make: Callable[[Callable], Callable], kind: str) -> None:
+def install_once(
+    report: PatchReport, module: nn.Module, make: Callable[[Callable], Callable], kind: str
+) -> None:
     """Wraps ``module.forward`` with ``make(current_forward)`` unless this kind already did."""
     import types
 

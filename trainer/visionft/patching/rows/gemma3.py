@@ -29,8 +29,12 @@ from visionft.patching.rows.base import ROW_KEY, RowInfo, row_loss, scatter_feat
 
 def _inner(hf: nn.Module) -> nn.Module:
     inner = getattr(hf, "model", None)
-    if inner is None or not all(hasattr(inner, a) for a in ("vision_tower", "multi_modal_projector", "language_model")):
-        raise ValueError("rows: the model has no Gemma 3 inner model (vision_tower, projector, language_model)")
+    if inner is None or not all(
+        hasattr(inner, a) for a in ("vision_tower", "multi_modal_projector", "language_model")
+    ):
+        raise ValueError(
+            "rows: the model has no Gemma 3 inner model (vision_tower, projector, language_model)"
+        )
     return inner
 
 
@@ -78,7 +82,9 @@ class GemmaRows:
         images = int(pixels.shape[0]) if pixels is not None else 0
         return SampleSize(int(sample["input_ids"].shape[1]), images * self.patches_per_image, images)
 
-    def assemble(self, samples: Sequence[dict[str, torch.Tensor]], budget: RowBudget, tier: int) -> dict[str, Any]:
+    def assemble(
+        self, samples: Sequence[dict[str, torch.Tensor]], budget: RowBudget, tier: int
+    ) -> dict[str, Any]:
         """The row batch of ``samples`` (host tensors of the budget's shapes; module docstring).
 
         Raises:
@@ -175,7 +181,9 @@ class GemmaRows:
         if self.image_token_id >= self.vocab_size:  # out of the table, as the model's own forward does
             ids = torch.where(ids == self.image_token_id, torch.zeros_like(ids), ids)
         embeds = inner.get_input_embeddings()(ids)
-        embeds = scatter_features(embeds, features.reshape(-1, features.shape[-1]), tensors["image_positions"])
+        embeds = scatter_features(
+            embeds, features.reshape(-1, features.shape[-1]), tensors["image_positions"]
+        )
         out = inner.language_model(
             inputs_embeds=embeds,
             attention_mask=self.masks(tensors),

@@ -35,7 +35,15 @@ from torch import nn
 from visionft.data.rows import RowBudget, SampleSize
 from visionft.patching.core import PatchReport, kernels_can_run
 from visionft.patching.packed_attention import install as install_packed_attention
-from visionft.patching.rows.base import ROW_KEY, RowInfo, padded_cu_seqlens, row_loss, scatter_features, segments_attention, text_row
+from visionft.patching.rows.base import (
+    ROW_KEY,
+    RowInfo,
+    padded_cu_seqlens,
+    row_loss,
+    scatter_features,
+    segments_attention,
+    text_row,
+)
 
 VISION_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention", "VisionAttention", "Qwen2VLVisionAttention")
 
@@ -72,7 +80,9 @@ class QwenRows:
         self.image_token_id = int(inner.config.image_token_id)
         self.merge = int(visual.spatial_merge_size)
         self.unit = self.merge**2
-        self.windowed = getattr(visual, "window_size", None) is not None and hasattr(visual, "fullatt_block_indexes")
+        self.windowed = getattr(visual, "window_size", None) is not None and hasattr(
+            visual, "fullatt_block_indexes"
+        )
         self.window_patches = (
             (int(visual.window_size) // int(visual.config.patch_size)) ** 2 if self.windowed else 0
         )
@@ -117,7 +127,9 @@ class QwenRows:
             bounds["window_segments"] = max(units, 1)
         return bounds
 
-    def assemble(self, samples: Sequence[dict[str, torch.Tensor]], budget: RowBudget, tier: int) -> dict[str, Any]:
+    def assemble(
+        self, samples: Sequence[dict[str, torch.Tensor]], budget: RowBudget, tier: int
+    ) -> dict[str, Any]:
         """The row batch of ``samples`` (host tensors of the budget's shapes; module docstring).
 
         Raises:
@@ -170,7 +182,10 @@ class QwenRows:
             window_lengths: list[int] = []
             if pixel_list:
                 index, cu_window = vision_utils.get_vision_window_index(
-                    grid, spatial_merge_size=self.merge, window_size=self.window_size, patch_size=self.patch_size
+                    grid,
+                    spatial_merge_size=self.merge,
+                    window_size=self.window_size,
+                    patch_size=self.patch_size,
                 )
                 window_index[:real_units] = index
                 window_lengths = (cu_window[1:] - cu_window[:-1]).tolist()
@@ -220,7 +235,9 @@ class QwenRows:
                 cu_window_seqlens=tensors["cu_window_seqlens"],
                 max_window_seqlen=info.int("window_max"),
             )
-        features = visual(tensors["pixel_values"].to(visual.dtype), grid_thw=None, **vision_kwargs).pooler_output
+        features = visual(
+            tensors["pixel_values"].to(visual.dtype), grid_thw=None, **vision_kwargs
+        ).pooler_output
         embeds = tensors.get("inputs_embeds")
         if embeds is None:
             embeds = inner.get_input_embeddings()(tensors["input_ids"])
@@ -265,7 +282,10 @@ def _make_vision_forward(orig, modeling, fused: bool):
             from visionft.kernels.rope import apply_rope
 
             qr, kr = apply_rope(
-                q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), cos.unsqueeze(0), sin.unsqueeze(0)
+                q.unsqueeze(0).transpose(1, 2),
+                k.unsqueeze(0).transpose(1, 2),
+                cos.unsqueeze(0),
+                sin.unsqueeze(0),
             )
             q, k = qr.transpose(1, 2)[0], kr.transpose(1, 2)[0]
         else:
