@@ -354,18 +354,10 @@ def run_unsloth(args, record: dict) -> None:
     model, tokenizer = FastVisionModel.from_pretrained(
         str(args.model_dir), load_in_4bit=True, use_gradient_checkpointing="unsloth", local_files_only=True
     )
-    model = FastVisionModel.get_peft_model(
-        model,
-        finetune_vision_layers=True,
-        finetune_language_layers=True,
-        finetune_attention_modules=True,
-        finetune_mlp_modules=True,
-        r=16,
-        lora_alpha=16,
-        lora_dropout=0,
-        bias="none",
-        random_state=SEED,
-    )
+    sys.path.insert(0, str(HERE))
+    from qlora_step import unsloth_lora
+
+    model = unsloth_lora(model, random_state=SEED)
     FastVisionModel.for_training(model)
     images = args.data_dir / "train"
     dataset = [

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 from visionft.data.collator import VisionDataCollator
 from visionft.data.rows import plan_tiers
 from visionft.patching import revert_optimizations
@@ -19,28 +18,12 @@ from visionft.testing.capture_safety import CaptureSafety, CaptureUnsafe
 from visionft.testing.lora import tiny_lora
 from visionft.testing.tiny import build_tiny_vlm
 
+from tests.patching.test_packed_attention import _image, _sample
+
 ARCHS = ["qwen2_vl", "qwen2_5_vl", "gemma3"]
 #: fp32 on CPU: the row and the padded batch compute the same sums in different orders.
 LOSS_TOL = {"rtol": 1e-5, "atol": 1e-6}
 GRAD_REL_TOL = 1e-4
-
-
-def _image(size: tuple[int, int], colour: tuple[int, int, int]) -> Image.Image:
-    image = Image.new("RGB", size, (128, 128, 128))
-    image.paste(colour, (4, 4, size[0] // 2, size[1] // 2))
-    return image
-
-
-def _sample(answer: str, image: Image.Image | None = None) -> dict:
-    content: list[dict] = [{"type": "text", "text": "Describe it."}]
-    if image is not None:
-        content.insert(0, {"type": "image", "image": image})
-    return {
-        "messages": [
-            {"role": "user", "content": content},
-            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-        ]
-    }
 
 
 SAMPLES = [
