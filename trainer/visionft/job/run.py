@@ -425,6 +425,9 @@ def _trainer(
         max_length=None,
         dataloader_num_workers=0,  # the collator's skip counts live in this process
         include_num_input_tokens_seen=True,
+        # The NaN filter reads each step's loss on the host right after backward, so the optimizer's
+        # launches would wait for the device instead of queueing behind a graph replay.
+        logging_nan_inf_filter=getattr(collator, "family", None) is None,
         report_to="none",
         use_cpu=not cuda,
         **distributed.ddp_training_kwargs(),
