@@ -357,7 +357,7 @@ class TrainingSettings(SpecModel):
         description="packing trains on rows of one fixed shape: each step's samples join a buffer, and a "
         "row of fixed token and image budgets is filled from it (oldest sample first, then best fit), "
         "each sample attending only to itself; a row holds perDeviceBatchSize samples on average, so "
-        "one captured CUDA graph serves every step. Qwen2-VL, Qwen2.5-VL and Gemma 3.",
+        "one captured CUDA graph serves every step. Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Gemma 3.",
     )
 
     model_config = ConfigDict(

@@ -20,7 +20,7 @@ from visionft.testing.tiny import build_tiny_vlm
 
 from tests.patching.test_packed_attention import _image, _sample
 
-ARCHS = ["qwen2_vl", "qwen2_5_vl", "gemma3"]
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"]
 #: fp32 on CPU: the row and the padded batch compute the same sums in different orders.
 LOSS_TOL = {"rtol": 1e-5, "atol": 1e-6}
 GRAD_REL_TOL = 1e-4
@@ -139,6 +139,8 @@ def _break(row: dict, how: str) -> dict:
         ("qwen2_vl", "one-vision-segment"),
         ("qwen2_5_vl", "one-text-segment"),
         ("qwen2_5_vl", "windows-in-raster-order"),
+        ("qwen3_vl", "one-text-segment"),
+        ("qwen3_vl", "features-shifted"),
         ("gemma3", "one-text-segment"),
         ("gemma3", "features-shifted"),
         ("gemma3", "images-causal"),

@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA"),
 ]
 
-ARCHS = ["qwen2_vl", "qwen2_5_vl", "gemma3"]
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"]
 
 
 def _records(arch: str, n: int, seed: int = 0) -> list[dict]:

@@ -96,7 +96,7 @@ def test_packing_for_another_architecture_stops_before_training(tmp_path, tiny_d
     captured = capsys.readouterr()
     last = captured.err.strip().splitlines()[-1]
     assert last.startswith("visionft-train: error: training.packing:")
-    assert "gemma3, qwen2_5_vl, qwen2_vl" in last and "model_type='llava'" in last
+    assert "gemma3, qwen2_5_vl, qwen2_vl, qwen3_vl" in last and "model_type='llava'" in last
     assert "set training.packing to false" in last
     assert "held-out accuracy" not in captured.out and not (tmp_path / "out" / "checkpoints").exists()
 
@@ -107,4 +107,4 @@ def test_the_crd_documents_packing():
     ]["training"]["properties"]
     assert training["packing"]["type"] == "boolean" and training["packing"]["default"] is False
     description = training["packing"]["description"]
-    assert description.startswith("packing ") and "Qwen2-VL, Qwen2.5-VL and Gemma 3" in description
+    assert description.startswith("packing ") and "Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Gemma 3" in description

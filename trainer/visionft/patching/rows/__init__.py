@@ -32,6 +32,7 @@ class RowSupport:
 ROW_FAMILIES: dict[str, RowSupport] = {
     "qwen2_vl": RowSupport(qwen2_vl.QwenRows, qwen2_vl.install),
     "qwen2_5_vl": RowSupport(qwen2_vl.QwenRows, qwen2_vl.install),
+    "qwen3_vl": RowSupport(qwen2_vl.QwenRows, qwen2_vl.install),
     "gemma3": RowSupport(gemma3.GemmaRows, gemma3.install),
 }
 

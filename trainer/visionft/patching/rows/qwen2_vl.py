@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL rows of fixed shape, and their sync-free forward.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL rows of fixed shape, and their sync-free forward.
 
 Host layout (``assemble``), for a row of ``T`` tokens and ``P`` patches:
 
@@ -11,7 +11,11 @@ Host layout (``assemble``), for a row of ``T`` tokens and ``P`` patches:
   the window order of the merged units (the padding units keep their place) and the windows as
   segments (``cu_window_seqlens``);
 - where each merged unit's feature goes in the text (``image_positions``): the image tokens in row
-  order, and ``T`` (a trash row) for padding units.
+  order, and ``T`` (a trash row) for padding units;
+- Qwen3-VL: the taps and weights that resample the learned position table to each image's grid
+  (``interp_indices``/``interp_weights``; zero weights on padding), and its DeepStack features go to the
+  same positions of the early text layers (``install`` makes the text model's ``_deepstack_process`` add
+  them at those positions instead of under a boolean mask).
 
 Forward (``forward``): the vision tower with every layout tensor passed in (its own forward takes them
 through ``vision_utils``' keyword arguments, so it computes nothing from ``grid_thw``), the features
@@ -45,7 +49,12 @@ from visionft.patching.rows.base import (
     text_row,
 )
 
-VISION_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention", "VisionAttention", "Qwen2VLVisionAttention")
+VISION_ATTENTION_CLASSES = (
+    "Qwen2_5_VLVisionAttention",
+    "VisionAttention",
+    "Qwen2VLVisionAttention",
+    "Qwen3VLVisionAttention",
+)
 
 #: Keyword argument that marks the vision tower's attention calls of a row forward. It travels with
 #: the tower's other keyword arguments down to every block, so that a checkpointed block's
@@ -88,6 +97,11 @@ class QwenRows:
         )
         self.window_size = int(visual.window_size) if self.windowed else 0
         self.patch_size = int(visual.config.patch_size)
+        self.interpolated = hasattr(visual, "num_grid_per_side")
+        self.deepstack = bool(getattr(visual, "deepstack_visual_indexes", None))
+        if self.interpolated:
+            self.grid_per_side = int(visual.num_grid_per_side)
+            self.interpolation = (visual.interpolation_mode, bool(visual.interpolation_align_corners))
         self._rope_index = inner.get_rope_index
 
     # -- host ---------------------------------------------------------------------------------------
@@ -174,6 +188,20 @@ class QwenRows:
             image_lengths = [int(h * w) for t, h, w in grid.tolist() for _ in range(int(t))]
         batch["pixel_values"] = pixels
         batch["vision_position_ids"] = vision_pos
+        if self.interpolated:
+            taps = 4 if self.interpolation[0] == "bilinear" else 16
+            indices = torch.zeros((patches, taps), dtype=torch.long)
+            weights = torch.zeros((patches, taps), dtype=torch.float32)
+            if pixel_list:
+                idx, w = vision_utils.get_vision_interpolation_indices_and_weights(
+                    grid,
+                    num_grid_per_side=self.grid_per_side,
+                    mode=self.interpolation[0],
+                    align_corners=self.interpolation[1],
+                    spatial_merge_size=self.merge,
+                )
+                indices[:real], weights[:real] = idx, w
+            batch["interp_indices"], batch["interp_weights"] = indices, weights
         batch["vision_cu_seqlens"] = padded_cu_seqlens(
             image_lengths, patches, bounds["image_max"], bounds["image_segments"]
         )
@@ -235,21 +263,31 @@ class QwenRows:
                 cu_window_seqlens=tensors["cu_window_seqlens"],
                 max_window_seqlen=info.int("window_max"),
             )
-        features = visual(
-            tensors["pixel_values"].to(visual.dtype), grid_thw=None, **vision_kwargs
-        ).pooler_output
+        if self.interpolated:
+            vision_kwargs.update(
+                interp_indices=tensors["interp_indices"], interp_weights=tensors["interp_weights"]
+            )
+        vision = visual(tensors["pixel_values"].to(visual.dtype), grid_thw=None, **vision_kwargs)
         embeds = tensors.get("inputs_embeds")
         if embeds is None:
             embeds = inner.get_input_embeddings()(tensors["input_ids"])
-        embeds = scatter_features(embeds, features, tensors["image_positions"])
+        embeds = scatter_features(embeds, vision.pooler_output, tensors["image_positions"])
+        text_kwargs: dict[str, Any] = {"attention_mask": {"full_attention": None, "sliding_attention": None}}
+        if self.deepstack:
+            # The early layers add each DeepStack feature at its image token (install's _deepstack_process).
+            text_kwargs = {
+                "attention_mask": None,
+                "visual_pos_masks": tensors["image_positions"],
+                "deepstack_visual_embeds": vision.deepstack_features,
+            }
         out = inner.language_model(
             input_ids=None,
             inputs_embeds=embeds,
             position_ids=tensors["position_ids"],
-            attention_mask={"full_attention": None, "sliding_attention": None},
             use_cache=False,
             packed_cu_seqlens=tensors["text_cu_seqlens"],
             packed_max_seqlen=info.int("max_sample_tokens"),
+            **text_kwargs,
         )
         return row_loss(out.last_hidden_state, hf.lm_head, tensors["shift_labels"], num_items, self.fused)
 
@@ -322,7 +360,29 @@ def install(hf: nn.Module, report: PatchReport, fused: bool = True) -> bool:
 
     if not installed(hf):
         ok = install_packed_attention(hf, report) and ok
+    text = getattr(getattr(hf, "model", None), "language_model", None)
+    deepstack = getattr(text, "_deepstack_process", None)
+    if deepstack is not None and not getattr(
+        getattr(deepstack, "__func__", deepstack), "_visionft_rows", False
+    ):
+        report.swap(
+            text, "_deepstack_process", types.MethodType(_make_deepstack(deepstack), text), "row_deepstack"
+        )
     return ok
+
+
+def _make_deepstack(orig):
+    def deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
+        if visual_pos_masks.dtype == torch.bool:
+            return orig(hidden_states, visual_pos_masks, visual_embeds)
+        # A row: ``visual_pos_masks`` holds the image tokens' positions (``T`` for padding features).
+        batch, total, width = hidden_states.shape
+        flat = torch.cat((hidden_states.reshape(total, width), hidden_states.new_zeros(1, width)))
+        flat = flat.index_add(0, visual_pos_masks, visual_embeds.to(flat.dtype))
+        return flat[:total].reshape(batch, total, width)
+
+    deepstack_process._visionft_rows = True  # type: ignore[attr-defined]
+    return deepstack_process
 
 
 __all__ = ["QwenRows", "install"]
