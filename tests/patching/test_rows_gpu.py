@@ -52,7 +52,7 @@ def _load(folder, arch):
     from transformers import AutoModelForImageTextToText
     from visionft.model.loading import quantization_config
     from visionft.model.registry import get_arch_spec
-    from visionft.patching import apply_optimizations
+    from visionft.patching import ARCH_PATCHES, apply_optimizations
 
     keep = [get_arch_spec(arch).vision, "lm_head"]
     quant = quantization_config(4, torch.bfloat16, keep)
@@ -70,7 +70,7 @@ def _load(folder, arch):
     model = tiny_lora(model, torch.Generator(device="cpu").manual_seed(1))
     model.train()
     report = apply_optimizations(model)
-    assert report.enabled, report.summary()
+    assert report.enabled or arch not in ARCH_PATCHES, report.summary()  # qwen3_vl: no kernels yet
     return model
 
 
