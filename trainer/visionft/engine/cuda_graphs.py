@@ -13,6 +13,11 @@ How one step runs (``CudaGraphTrainStep.__call__``):
    cuBLAS and the allocator settle). The next one captures forward + backward into a graph.
 3. Every later step of that signature copies the batch into the graph's input buffers and replays.
 
+Fixed-shape rows (``visionft.data.rows``, ``visionft.patching.rows``) skip step 1: a row already carries
+its layout as tensors of its tier's shapes, so its signature is the tier, one warm-up step per tier is
+enough, and a run of varied data has at most two signatures. The row's forward is its family's own
+(``RowPlan.loss``), eager where graphs are off (on the CPU, ``VISIONFT_CUDA_GRAPHS=0``).
+
 Gradients: the graph is captured with every ``.grad`` unset, so backward allocates them inside
 the graph's memory pool, late in the backward, where the activations were (as eager backward
 does); a replay overwrites them and re-attaches them as ``.grad``. Where a gradient is pending at a

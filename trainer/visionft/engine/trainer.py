@@ -19,6 +19,12 @@ Two changes, both decided by what the run passes in: the engine's switches (``en
   when ``VISIONFT_CUDA_GRAPHS=0``; in a single process also where graphs are unavailable (e.g. on CPU).
 - where kernels were swapped in, bitsandbytes' 8-bit AdamW becomes ``visionft.engine.optim``'s, which
   skips the device sync after every parameter (same updates and state).
+
+With a ``RowCollator`` (fixed-shape rows, ``training.packing``) the row step always runs, with or without
+the optimizations (eagerly where graphs are off), since only the row's family forward can read a row;
+the data loader runs in a prefetch thread (``visionft.data.prefetch``) that builds the next rows while
+the device runs this one and pauses while a graph is captured; tokens seen are counted on the host from
+each row; and ``graph_summary`` / ``row_summary`` report the replay share and how full the rows were.
 """
 
 from __future__ import annotations
