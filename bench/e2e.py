@@ -46,6 +46,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SYSTEMS = ("visionft", "plain", "unsloth")  # Unsloth last: its compile takes what time is left
@@ -360,30 +361,78 @@ def run_unsloth(args, record: dict) -> None:
     model = unsloth_lora(model, random_state=SEED)
     FastVisionModel.for_training(model)
     images = args.data_dir / "train"
-    dataset = [
+    # Unsloth's notebooks hand SFTTrainer a list of {"messages": [...]} with PIL images inside.
+    dataset: Any = [
         {"messages": _messages(r, Image.open(images / r["file_name"]).convert("RGB"))}
         for r in _records(args.data_dir)
     ]
-    trainer = SFTTrainer(
-        model=model,
-        tokenizer=tokenizer,
-        data_collator=UnslothVisionDataCollator(
-            model,
-            tokenizer,
-            resize="max",
-            train_on_responses_only=True,  # the answers only, as in the other two systems
-            instruction_part=TURNS[args.arch][0],
-            response_part=TURNS[args.arch][1],
-        ),
-        train_dataset=dataset,
-        args=_sft_config(
-            args,
-            remove_unused_columns=False,
-            dataset_text_field="",
-            dataset_kwargs={"skip_prepare_dataset": True},
-        ),
+    collator = UnslothVisionDataCollator(
+        model,
+        tokenizer,
+        resize="max",
+        train_on_responses_only=True,  # the answers only, as in the other two systems
+        instruction_part=TURNS[args.arch][0],
+        response_part=TURNS[args.arch][1],
     )
+    config = _sft_config(
+        args,
+        remove_unused_columns=False,
+        dataset_text_field="",
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            processing_class=tokenizer,
+            data_collator=collator,
+            train_dataset=dataset,
+            args=config,
+        )
+    except TypeError as err:  # a TRL that takes datasets.Dataset only: the same records, images decoded
+        if "Dataset" not in str(err):
+            raise
+        record["dataset_form"] = "datasets.Dataset"
+        trainer = SFTTrainer(
+            model=model,
+            processing_class=tokenizer,
+            data_collator=collator,
+            train_dataset=_as_dataset(dataset),
+            args=config,
+        )
     trainer.train()
+
+
+def _as_dataset(records: list[dict]):
+    """``records`` as a ``datasets.Dataset`` whose images come back as PIL images and whose content parts
+    carry only their own keys (a collator that looks for an ``image`` key must not see ``image: None``)."""
+    from datasets import Dataset, Features, Image, List, Value
+
+    part = {"type": Value("string"), "image": Image(), "text": Value("string")}
+    features = Features({"messages": List({"role": Value("string"), "content": List(part)})})
+    filled = [
+        {
+            "messages": [
+                {"role": m["role"], "content": [{**dict.fromkeys(part), **c} for c in m["content"]]}
+                for m in r["messages"]
+            ]
+        }
+        for r in records
+    ]
+
+    def clean(batch):
+        batch["messages"] = [
+            [
+                {
+                    "role": m["role"],
+                    "content": [{k: v for k, v in c.items() if v is not None} for c in m["content"]],
+                }
+                for m in messages
+            ]
+            for messages in batch["messages"]
+        ]
+        return batch
+
+    return Dataset.from_list(filled, features=features).with_transform(clean)
 
 
 def run_plain(args, record: dict) -> None:
