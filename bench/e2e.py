@@ -3,6 +3,7 @@ each in its own documented path and its own process, on one GPU, in one command 
 
     python bench/e2e.py --arch qwen2_5_vl --out bench/logs/DATE/e2e-qwen --work /tmp/e2e
     python bench/e2e.py --arch gemma3 --out bench/logs/DATE/e2e-gemma --work /tmp/e2e
+    python bench/e2e.py --arch qwen3_vl --out bench/logs/DATE/e2e-qwen3 --work /tmp/e2e
     python bench/e2e.py --tiny --arch qwen2_5_vl --steps 3 --out /tmp/e2e-tiny   # CPU, tiny model (CI)
 
 What runs (same random-weight model folder, same generated data, batch 4, LoRA r=16 / alpha 16 /
@@ -27,7 +28,8 @@ process start to the first optimizer step, peak allocated memory, and the loss c
 
 The model folders: ``qwen2_5_vl`` is the Qwen2.5-VL-7B shape of ``bench/qlora_step.py`` (8.29 B
 parameters, its stand-in processor); ``gemma3`` is a Gemma-3-4B shape (SigLIP at 896 px, 256 tokens per
-image, 262,208-token vocabulary, 34 layers) with the stand-in Gemma tokenizer of ``visionft.testing``.
+image, 262,208-token vocabulary, 34 layers) with the stand-in Gemma tokenizer of ``visionft.testing``;
+``qwen3_vl`` is a Qwen3-VL-8B shape (16 px patches, DeepStack at layers 8/16/24, 36 text layers).
 ``--tiny`` uses the tiny models of ``visionft.testing.tiny`` on CPU (no 4 bit, AdamW in fp32).
 
 The dataset (``visionft.testing.varied``): one image per sample, sides drawn from 56-1,008 px (tiny: 28-
@@ -52,11 +54,7 @@ HERE = Path(__file__).resolve().parent
 SYSTEMS = ("visionft", "plain", "unsloth")  # Unsloth last: its compile takes what time is left
 SEED = 3407
 LR = 2e-4
-#: Where a user turn and an assistant turn start in each architecture's chat template.
-TURNS = {
-    "qwen2_5_vl": ("<|im_start|>user\n", "<|im_start|>assistant\n"),
-    "gemma3": ("<start_of_turn>user\n", "<start_of_turn>model\n"),
-}
+ARCHS = ("qwen2_5_vl", "gemma3", "qwen3_vl")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,6 +109,73 @@ def build_gemma3_folder(folder: Path) -> None:
     _save(model, processor, folder)
 
 
+def build_qwen3_vl_folder(folder: Path) -> None:
+    """A random-weight Qwen3-VL-8B-shaped model (bf16, on the GPU): the stand-in Qwen tokenizer of
+    ``bench/qlora_step.py`` with Qwen3-VL's 16 px patches."""
+    import torch
+    import transformers
+    from transformers import AutoModelForImageTextToText, Qwen3VLConfig
+    from visionft.model.compat import image_processor_class
+
+    sys.path.insert(0, str(HERE))
+    import qlora_step
+
+    qwen = qlora_step.build_processor()
+    patches = dict(patch_size=16, merge_size=2, temporal_patch_size=2)
+    processor = transformers.Qwen3VLProcessor(
+        image_processor=image_processor_class("Qwen2VLImageProcessor")(**patches),
+        tokenizer=qwen.tokenizer,
+        video_processor=transformers.Qwen3VLVideoProcessor(**patches),
+        chat_template=qwen.chat_template,
+    )
+    tok = qwen.tokenizer
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": 151936,
+            "hidden_size": 4096,
+            "intermediate_size": 12288,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "max_position_embeddings": 262144,
+            "rms_norm_eps": 1e-6,
+            "hidden_act": "silu",
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5e6,
+                "mrope_section": [24, 20, 20],
+                "mrope_interleaved": True,
+            },
+            "bos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
+            "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
+            "pad_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
+        },
+        vision_config={
+            "depth": 27,
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_heads": 16,
+            "out_hidden_size": 4096,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 2304,
+            "deepstack_visual_indexes": [8, 16, 24],
+            "hidden_act": "gelu_pytorch_tanh",
+        },
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    _save(model, processor, folder)
+
+
 def _save(model, processor, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".partial")
     model.save_pretrained(tmp)
@@ -132,8 +197,10 @@ def build_folder(arch: str, folder: Path, tiny: bool) -> None:
         qlora_step.build_model_folder(folder)
     elif arch == "gemma3":
         build_gemma3_folder(folder)
+    elif arch == "qwen3_vl":
+        build_qwen3_vl_folder(folder)
     else:
-        raise ValueError(f"--arch {arch}: qwen2_5_vl or gemma3")
+        raise ValueError(f"--arch {arch}: one of {', '.join(ARCHS)}")
 
 
 def build_dataset(folder: Path, n: int, tiny: bool) -> None:
@@ -350,6 +417,7 @@ def run_unsloth(args, record: dict) -> None:
     from trl import SFTTrainer
     from unsloth import FastVisionModel
     from unsloth.trainer import UnslothVisionDataCollator
+    from visionft.model.architectures import get_arch_spec
 
     record["unsloth"] = unsloth.__version__
     model, tokenizer = FastVisionModel.from_pretrained(
@@ -361,6 +429,7 @@ def run_unsloth(args, record: dict) -> None:
     model = unsloth_lora(model, random_state=SEED)
     FastVisionModel.for_training(model)
     images = args.data_dir / "train"
+    chat = get_arch_spec(args.arch).chat  # where the user and assistant turns start
     # Unsloth's notebooks hand SFTTrainer a list of {"messages": [...]} with PIL images inside.
     dataset: Any = [
         {"messages": _messages(r, Image.open(images / r["file_name"]).convert("RGB"))}
@@ -371,8 +440,8 @@ def run_unsloth(args, record: dict) -> None:
         tokenizer,
         resize="max",
         train_on_responses_only=True,  # the answers only, as in the other two systems
-        instruction_part=TURNS[args.arch][0],
-        response_part=TURNS[args.arch][1],
+        instruction_part=chat.instruction,
+        response_part=chat.response,
     )
     config = _sft_config(
         args,
@@ -446,8 +515,8 @@ def run_plain(args, record: dict) -> None:
     cuda = torch.cuda.is_available()
     kwargs: dict = {"dtype": torch.bfloat16 if cuda else torch.float32}
     if cuda:
+        from visionft.model.architectures import get_arch_spec
         from visionft.model.loading import quantization_config
-        from visionft.model.registry import get_arch_spec
 
         vision = get_arch_spec(args.arch).vision
         kwargs.update(
@@ -568,7 +637,7 @@ def _table(results: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="qwen2_5_vl", choices=("qwen2_5_vl", "gemma3"))
+    parser.add_argument("--arch", default="qwen2_5_vl", choices=ARCHS)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=6, help="steps before the steady state")

@@ -96,7 +96,7 @@ def test_packing_for_another_architecture_stops_before_training(tmp_path, tiny_d
     captured = capsys.readouterr()
     last = captured.err.strip().splitlines()[-1]
     assert last.startswith("visionft-train: error: training.packing:")
-    assert "gemma3, qwen2_5_vl, qwen2_vl, qwen3_vl" in last and "model_type='llava'" in last
+    assert "qwen2_vl, qwen2_5_vl, qwen3_vl, gemma3 only" in last and "model_type='llava'" in last
     assert "set training.packing to false" in last
     assert "held-out accuracy" not in captured.out and not (tmp_path / "out" / "checkpoints").exists()
 

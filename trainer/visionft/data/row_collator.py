@@ -18,7 +18,9 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from visionft.data.images import BadSampleError
+import torch
+
+from visionft.data.errors import BadSampleError
 from visionft.data.rows import RowPacker, RowTiers, SampleSize, plan_tiers
 
 logger = logging.getLogger(__name__)
@@ -102,10 +104,15 @@ class RowCollator:
         if self.prepare is not None:
             batch = self.prepare(batch)
         if self.pin:
-            from visionft.patching.rows.base import pin
-
-            batch = pin(batch)
+            batch = _pinned(batch)
         return batch
+
+
+def _pinned(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch's tensors in pinned host memory (when CUDA is there), for asynchronous copies."""
+    if not torch.cuda.is_available():
+        return batch
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class RowStats:

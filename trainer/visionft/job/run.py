@@ -8,9 +8,10 @@ The steps, top to bottom in ``train``:
 2. load the model (``FastVisionModel.from_pretrained``) and add LoRA (``get_peft_model``) as the recipe says,
    then the optional fused kernels; the engine's switches (``EngineOptions``: ``training.optimizations``,
    ``training.packing`` and the environment) are resolved once, before, and passed on from here;
-3. load the dataset, split off validation, build the ``VisionDataCollator`` (with ``training.packing``, one
-   row per batch without padding: decided right after loading, refused for architectures whose family does
-   not pack, and the packed attention installed once the kernels are in);
+3. load the dataset, split off validation, build the ``VisionDataCollator`` (with ``training.packing``:
+   decided right after loading, refused for architectures whose family does not pack; families with
+   fixed-shape rows (``ArchSpec.rows``) get a ``RowCollator`` whose rows keep one shape per tier, the others
+   one row per batch without padding, with the packed attention installed once the kernels are in);
 4. score ``dataset.evalSamples`` held-out samples (exact-match accuracy), train with TRL's ``SFTTrainer``
    (checkpoints every ``checkpointEverySteps``, each with a fingerprint of the model and recipe; resuming
    from the newest complete one, refused when it belongs to another model or recipe:
@@ -122,9 +123,9 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     progress.stage("Loading")
-    model, processor, patch_report = _load_model(config, model_dir, options)
+    model, processor, patch_report, options = _load_model(config, model_dir, options)
     train_set, eval_set = _load_data(config, dataset_dir)
-    collator = _collator(config, model, processor, dataset_dir, options, train_set)
+    collator = _collator(config, model, processor, dataset_dir, options, patch_report, train_set)
     result = RunResult(output_dir=str(output_dir))
 
     n_eval = min(config.dataset.eval_samples, len(eval_set)) if eval_set is not None else 0
@@ -246,7 +247,8 @@ def _upload(config: TrainerConfig, output_dir: Path) -> None:
 
 def _load_model(config: TrainerConfig, model_dir: Path, options):
     """The model with LoRA and (as ``options`` say) the kernels and the packed attention, its processor,
-    and the ``PatchReport`` of the kernels."""
+    the ``PatchReport`` of the kernels, and ``options`` with the row layout settled for the model
+    (``EngineOptions.for_model_type``)."""
     from visionft import FastVisionModel
     from visionft.engine import distributed
 
@@ -261,6 +263,7 @@ def _load_model(config: TrainerConfig, model_dir: Path, options):
         trust_remote_code=m.trust_remote_code,
     )
     _check_packing(options, model)
+    options = options.for_model_type(getattr(model.config, "model_type", None))
     targets: Any = lora.target_modules_regex or (
         "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
     )
@@ -282,33 +285,26 @@ def _load_model(config: TrainerConfig, model_dir: Path, options):
         random_state=t.seed,
     )
     from visionft import patching
-    from visionft.patching.rows import rows_supported
 
     patch_report = patching.apply_optimizations(model, optimizations=options.optimizations)
     logger.info("optimizations=%s: %s", options.optimizations, patch_report)
-    if options.packing and not rows_supported(getattr(model.config, "model_type", None)):
-        # Without it each sample of a packed row would attend to the samples before it.
+    if options.packing and not options.rows:
+        # Without it each sample of a packed row would attend to the samples before it. Fixed-shape rows
+        # install their own attentions (``_collator``).
         patching.enable_packing(model)
-    return model, processor, patch_report
+    return model, processor, patch_report, options
 
 
 def _check_packing(options, model) -> None:
-    """training.packing needs an architecture with fixed-shape rows or a packed attention: refused right
-    after loading."""
+    """training.packing needs an architecture whose family packs (fixed-shape rows or a packed attention):
+    refused right after loading."""
     if not options.packing:
         return
     from visionft.model.architectures import packing_unsupported_reason
-    from visionft.patching.rows import ROW_FAMILIES, rows_supported
 
-    model_type = getattr(model.config, "model_type", None)
-    if rows_supported(model_type):
-        return
-    reason = packing_unsupported_reason(model_type)
+    reason = packing_unsupported_reason(getattr(model.config, "model_type", None))
     if reason:
-        raise ConfigError(
-            f"training.packing: packing is supported for {', '.join(sorted(ROW_FAMILIES))}, and this model is "
-            f"model_type={model_type!r}; set training.packing to false"
-        )
+        raise ConfigError(f"training.packing: {reason}; set training.packing to false")
 
 
 def _load_data(config: TrainerConfig, dataset_dir: Path):
@@ -321,16 +317,16 @@ def _load_data(config: TrainerConfig, dataset_dir: Path):
     return train_set, eval_set
 
 
-def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, options, train_set=None):
-    """The batch builder: ``VisionDataCollator``, or with ``training.packing`` on an architecture with
-    fixed-shape rows, a ``RowCollator`` around it (rows sized from a probe of the training set)."""
+def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, options, patch_report, train_set):
+    """The batch builder: ``VisionDataCollator``, or with fixed-shape rows (``options.rows``) a
+    ``RowCollator`` around it (rows sized from a probe of the training set; the row forward takes the
+    fused kernels where ``patch_report`` says they were swapped in)."""
     from visionft.data.collator import VisionDataCollator
     from visionft.data.formats import MessagesFormatter
-    from visionft.patching.rows import enable_rows, rows_supported
+    from visionft.patching.rows import enable_rows
 
     d = config.dataset
     root = dataset_dir if dataset_dir.is_dir() else dataset_dir.parent
-    rows = options.packing and rows_supported(getattr(model.config, "model_type", None))
     collator = VisionDataCollator(
         model,
         processor,
@@ -340,13 +336,13 @@ def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, option
         on_bad_sample=d.on_bad_sample,
         dataset_root=root,
         formatter=MessagesFormatter(d.columns, d.instruction),
-        packing=options.packing and not rows,
+        packing=options.packing and not options.rows,
     )
-    if not rows or train_set is None:
+    if not options.rows:
         return collator
     from visionft.data.row_collator import RowCollator, plan_rows
 
-    family = enable_rows(model, collator.pad_token_id)
+    family = enable_rows(model, collator.pad_token_id, fused=patch_report.enabled)
     tiers = plan_rows(collator, family, train_set, config.training.per_device_batch_size)
     return RowCollator(collator, family, tiers)
 

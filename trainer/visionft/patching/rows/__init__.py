@@ -1,47 +1,35 @@
 """Fixed-shape rows for each architecture family (see ``base`` for the contract).
 
-``ROW_FAMILIES`` maps ``config.model_type`` to the family's class and its install function. Families
-not listed train on rows of their own shapes (``visionft.data.packing``) or padded batches.
+Which family has rows, and in which module, is its entry in ``visionft.model.architectures`` (``rows``).
+Each such module defines ``FAMILY`` (the layout class, built as ``FAMILY(hf, pad_id, fused)``) and
+``install(hf, report, fused)`` (the attentions its forward needs). Families without rows train on rows of
+their own shapes (``visionft.data.packing``) or padded batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+from types import ModuleType
 
 from torch import nn
 
+from visionft.model.architectures import get_arch_spec, row_model_types
 from visionft.patching.core import PatchReport
-from visionft.patching.rows import gemma3, qwen2_vl
 from visionft.patching.rows.base import ROW_KEY, RowFamily, RowInfo
-
-
-@dataclass(frozen=True)
-class RowSupport:
-    """How one family builds its rows.
-
-    Attributes:
-        family (Callable[..., RowFamily]): builds the family's layout: ``(hf, pad_id, fused)``.
-        install (Callable[..., bool]): installs the attentions its forward needs: ``(hf, report, fused)``.
-    """
-
-    family: Callable[..., RowFamily]
-    install: Callable[..., bool]
-
-
-ROW_FAMILIES: dict[str, RowSupport] = {
-    "qwen2_vl": RowSupport(qwen2_vl.QwenRows, qwen2_vl.install),
-    "qwen2_5_vl": RowSupport(qwen2_vl.QwenRows, qwen2_vl.install),
-    "qwen3_vl": RowSupport(qwen2_vl.QwenRows, qwen2_vl.install),
-    "gemma3": RowSupport(gemma3.GemmaRows, gemma3.install),
-}
 
 _REPORT_ATTR = "_visionft_rows_report"
 
 
+def row_module(model_type: str | None) -> ModuleType | None:
+    """The row module of ``model_type``'s family (``ArchSpec.rows``), or None when it has no rows."""
+    spec = get_arch_spec(model_type)
+    return importlib.import_module(spec.rows) if spec is not None and spec.rows is not None else None
+
+
 def rows_supported(model_type: str | None) -> bool:
     """Whether ``model_type`` has fixed-shape rows."""
-    return model_type in ROW_FAMILIES
+    spec = get_arch_spec(model_type)
+    return spec is not None and spec.rows is not None
 
 
 def enable_rows(model: nn.Module, pad_id: int, fused: bool | None = None) -> RowFamily:
@@ -64,19 +52,19 @@ def enable_rows(model: nn.Module, pad_id: int, fused: bool | None = None) -> Row
         main = patch_report(model)
         fused = bool(main is not None and main.enabled)
     model_type = getattr(getattr(hf, "config", None), "model_type", None)
-    support = ROW_FAMILIES.get(model_type or "")
-    if support is None:
+    module = row_module(model_type)
+    if module is None:
         raise ValueError(
-            f"fixed-shape rows are built for {', '.join(sorted(ROW_FAMILIES))}; this model is "
+            f"fixed-shape rows are built for {', '.join(row_model_types())}; this model is "
             f"model_type={model_type!r}"
         )
     report = getattr(hf, _REPORT_ATTR, None)
     if report is None:
         report = PatchReport(model_type=model_type or "")
         object.__setattr__(hf, _REPORT_ATTR, report)
-    if not support.install(hf, report, fused):
+    if not module.install(hf, report, fused):
         raise ValueError(f"rows: {model_type} layers are not the ones this release patches: {report.skipped}")
-    return support.family(hf, pad_id, fused)
+    return module.FAMILY(hf, pad_id, fused)
 
 
 def revert_rows(model: nn.Module) -> bool:
@@ -92,4 +80,4 @@ def revert_rows(model: nn.Module) -> bool:
     return True
 
 
-__all__ = ["ROW_FAMILIES", "ROW_KEY", "RowInfo", "RowSupport", "enable_rows", "revert_rows", "rows_supported"]
+__all__ = ["ROW_KEY", "RowFamily", "RowInfo", "enable_rows", "revert_rows", "row_module", "rows_supported"]

@@ -260,13 +260,6 @@ def install_once(
     report.swap(module, "forward", types.MethodType(forward, module), kind)
 
 
-def pin(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch's tensors in pinned host memory (when CUDA is there), for asynchronous copies."""
-    if not torch.cuda.is_available():
-        return batch
-    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 __all__ = [
     "IGNORE_INDEX",
     "ROW_KEY",
@@ -275,7 +268,6 @@ __all__ = [
     "TextRow",
     "install_once",
     "padded_cu_seqlens",
-    "pin",
     "row_loss",
     "scatter_features",
     "segments_attention",

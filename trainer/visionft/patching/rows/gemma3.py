@@ -199,4 +199,7 @@ def install(hf: nn.Module, report: PatchReport, fused: bool = True) -> bool:
     return True
 
 
-__all__ = ["GemmaRows", "install"]
+#: The layout class ``visionft.patching.rows.enable_rows`` builds.
+FAMILY = GemmaRows
+
+__all__ = ["FAMILY", "GemmaRows", "install"]

@@ -385,4 +385,7 @@ def _make_deepstack(orig):
     return deepstack_process
 
 
-__all__ = ["QwenRows", "install"]
+#: The layout class ``visionft.patching.rows.enable_rows`` builds.
+FAMILY = QwenRows
+
+__all__ = ["FAMILY", "QwenRows", "install"]
