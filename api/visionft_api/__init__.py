@@ -6,6 +6,7 @@ Torch-free by design: the operator imports this package and nothing of the train
 from visionft_api.recipe import (
     DatasetColumns,
     DatasetSource,
+    DpoSettings,
     LoraSettings,
     ModelSource,
     OutputTarget,
@@ -43,6 +44,7 @@ __all__ = [
     "Condition",
     "DatasetColumns",
     "DatasetSource",
+    "DpoSettings",
     "LoraSettings",
     "ModelSource",
     "OutputTarget",

@@ -16,8 +16,17 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.config import JsonDict
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 # A bucket name as S3 allows it, then an optional key prefix.
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
@@ -41,9 +50,10 @@ SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
 BUILTIN_SCHEME = "builtin://"
 #: A tiny random-weight Qwen2-VL-family model with a working processor (visionft.testing.tiny).
 BUILTIN_MODELS = ("builtin://tiny-qwen2-vl",)
-#: The shapes task: name the colour of one shape, 400 training and 100 held-out 56x56 images
-#: (visionft.data.synthetic).
-BUILTIN_DATASETS = ("builtin://shapes",)
+#: The shapes task: name the colour of one shape, 400 training and 100 held-out 56x56 images; and its
+#: preference form, the same images with the right colour as the chosen answer and a wrong one as the
+#: rejected answer (visionft.data.synthetic).
+BUILTIN_DATASETS = ("builtin://shapes", "builtin://shapes-preference")
 
 
 def is_builtin(uri: str) -> bool:
@@ -62,6 +72,74 @@ def _builtin_rule(field: str, allowed: tuple[str, ...]) -> tuple[str, str]:
 
 _MODEL_BUILTIN_RULE, _MODEL_BUILTIN_MESSAGE = _builtin_rule("model.uri", BUILTIN_MODELS)
 _DATASET_BUILTIN_RULE, _DATASET_BUILTIN_MESSAGE = _builtin_rule("dataset.uri", BUILTIN_DATASETS)
+_SAME_ANSWER_COLUMNS_MESSAGE = (
+    "dataset.columns.chosen and dataset.columns.rejected name the same column: the answers to prefer and to "
+    "reject come from two columns"
+)
+_DPO_COLUMN_MESSAGE = (
+    "dataset.columns.{role} is required with method: dpo: name the column of the {what} answers"
+)
+_SFT_ANSWER_COLUMNS_MESSAGE = (
+    "dataset.columns.chosen and dataset.columns.rejected are read only with method: dpo: set method to dpo "
+    "or leave them out"
+)
+_SFT_DPO_MESSAGE = "dpo is read only with method: dpo: set method to dpo or leave dpo out"
+_DPO_PACKING_MESSAGE = (
+    "training.packing is not supported with method: dpo (each pair's chosen and rejected answers are "
+    "scored as two padded rows): set training.packing to false"
+)
+_DPO_ROLES = (("chosen", "preferred"), ("rejected", "dispreferred"))
+
+
+def _method_rules() -> list[JsonDict]:
+    """The recipe-level CEL rules of ``method`` (the pydantic check is ``_method_problems``)."""
+    dpo = "(has(self.method) && self.method == 'dpo')"
+    columns = "has(self.dataset) && has(self.dataset.columns)"
+    rules = [
+        cel(
+            f"!{dpo} || ({columns} && has(self.dataset.columns.{role}))",
+            _DPO_COLUMN_MESSAGE.format(role=role, what=what),
+            f".dataset.columns.{role}",
+        )
+        for role, what in _DPO_ROLES
+    ]
+    rules += [
+        cel(
+            f"{dpo} || !({columns}) || "
+            "(!has(self.dataset.columns.chosen) && !has(self.dataset.columns.rejected))",
+            _SFT_ANSWER_COLUMNS_MESSAGE,
+            ".dataset.columns",
+        ),
+        cel(f"{dpo} || !has(self.dpo)", _SFT_DPO_MESSAGE, ".dpo"),
+        cel(
+            f"!{dpo} || !has(self.training) || !has(self.training.packing) || !self.training.packing",
+            _DPO_PACKING_MESSAGE,
+            ".training.packing",
+        ),
+    ]
+    return rules
+
+
+def _method_problems(recipe: TrainingRecipe) -> list[tuple[tuple[str, ...], str]]:
+    """What ``_method_rules`` refuses, as (location, message) pairs."""
+    columns = recipe.dataset.columns
+    if recipe.method == "sft":
+        problems = []
+        if columns.chosen is not None or columns.rejected is not None:
+            problems.append((("dataset", "columns"), _SFT_ANSWER_COLUMNS_MESSAGE))
+        if recipe.dpo is not None:
+            problems.append((("dpo",), _SFT_DPO_MESSAGE))
+        return problems
+    problems = [
+        (("dataset", "columns", role), _DPO_COLUMN_MESSAGE.format(role=role, what=what))
+        for role, what in _DPO_ROLES
+        if getattr(columns, role) is None
+    ]
+    if recipe.training.packing:
+        problems.append((("training", "packing"), _DPO_PACKING_MESSAGE))
+    return problems
+
+
 _OUTPUT_REQUIRED_MESSAGE = (
     f"output is required unless model.uri is a generated model ({BUILTIN_SCHEME}): set output.uri to "
     "where the results go"
@@ -81,6 +159,17 @@ def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
     if field_path:
         entry["fieldPath"] = field_path
     return entry
+
+
+def field_errors(problems: list[tuple[tuple[str, ...], str]]) -> ValidationError:
+    """A validation error with one entry per (location, message), each location the camelCase path under
+    the model that raises it: for cross-field rules whose message must name the field they are about rather
+    than the model that checks them (pydantic puts the caller's own location in front)."""
+    details = [
+        InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=None)
+        for loc, message in problems
+    ]
+    return ValidationError.from_exception_data("spec", details)
 
 
 class SpecModel(BaseModel):
@@ -231,7 +320,8 @@ class LoraSettings(SpecModel):
 
 class DatasetColumns(SpecModel):
     """Column names in the dataset. Either ``messages``, or ``image`` + ``response`` (+ optional
-    ``instruction``)."""
+    ``instruction``). With method dpo, ``chosen`` and ``rejected`` are the two answers to each prompt
+    (``instruction``, or the ``messages`` conversation) and ``response`` is not read."""
 
     messages: str | None = Field(
         None, max_length=128, description="messages is a column of chat turns in the messages format."
@@ -244,6 +334,37 @@ class DatasetColumns(SpecModel):
         "instruction", max_length=128, description="instruction is the column of per-sample prompts."
     )
     response: str = Field("response", max_length=128, description="response is the column of answers.")
+    chosen: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="chosen is the column of preferred answers (method dpo only): a string, or a list of "
+        "assistant turns.",
+    )
+    rejected: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="rejected is the column of dispreferred answers (method dpo only), in the form of "
+        "chosen.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.chosen) || !has(self.rejected) || self.chosen != self.rejected",
+                    _SAME_ANSWER_COLUMNS_MESSAGE,
+                )
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _two_answer_columns(self) -> DatasetColumns:
+        if self.chosen is not None and self.chosen == self.rejected:
+            raise ValueError(_SAME_ANSWER_COLUMNS_MESSAGE)
+        return self
 
 
 class DatasetSource(SpecModel):
@@ -288,8 +409,9 @@ class DatasetSource(SpecModel):
         ge=0,
         le=100_000,
         description="evalSamples is how many held-out samples (the dataset's test or validation split, or "
-        "the validationFraction share) are scored by exact-match accuracy before and after training; 0 "
-        "scores none.",
+        "the validationFraction share) are scored by exact-match accuracy before and after training (with "
+        "method dpo: preference accuracy, the share of pairs whose chosen answer the model finds more "
+        "likely than the rejected one); 0 scores none.",
     )
 
     model_config = ConfigDict(
@@ -378,6 +500,44 @@ class TrainingSettings(SpecModel):
         return self
 
 
+class DpoSettings(SpecModel):
+    """Direct preference optimization (method dpo): how far the policy may move from its reference and how
+    each pair's preference is scored. The reference is the frozen base model with the adapters disabled:
+    no second copy of the model is loaded."""
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="beta scales the policy's log-probability ratios to the reference: a higher beta keeps "
+        "the policy closer to the reference (for ipo, the regularization strength).",
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid",
+        description="lossType is sigmoid (the DPO paper's loss), ipo (identity preference optimization, on "
+        "per-token averages) or hinge (the SLiC margin loss).",
+    )
+    reference: Literal["base"] = Field(
+        "base",
+        description="reference is what the policy is compared with: base, the frozen base model (4-bit "
+        "with model.loadIn4bit) with the adapters disabled, so that no second copy of the model is loaded.",
+    )
+    max_prompt_length: int | None = Field(
+        None,
+        ge=1,
+        le=131072,
+        description="maxPromptLength is the longest prompt in tokens, image tokens included; a longer pair is "
+        "a bad sample (dataset.onBadSample), never truncated. Unset: only model.maxSeqLength bounds it.",
+    )
+    max_completion_length: int | None = Field(
+        None,
+        ge=1,
+        le=131072,
+        description="maxCompletionLength is the longest chosen or rejected answer in tokens; a longer pair is "
+        "a bad sample (dataset.onBadSample), never truncated. Unset: only model.maxSeqLength bounds it.",
+    )
+
+
 class OutputTarget(SpecModel):
     """Where the results go and in which form."""
 
@@ -453,12 +613,21 @@ class StorageSettings(SpecModel):
 class TrainingRecipe(SpecModel):
     """Everything the trainer needs; shared by the resource's spec and the trainer's config file."""
 
+    method: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="method is how the adapters learn: sft, supervised fine-tuning on the answers, or dpo, "
+        "direct preference optimization on pairs of a chosen and a rejected answer to one prompt "
+        "(dataset.columns.chosen and dataset.columns.rejected; settings in dpo).",
+    )
     model: ModelSource = Field(description="model is the base model to fine-tune.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="lora configures the adapters.")
     dataset: DatasetSource = Field(description="dataset is the training data.")
     training: TrainingSettings = Field(
         default_factory=lambda: TrainingSettings(max_steps=100),
         description="training configures the optimization.",
+    )
+    dpo: DpoSettings | None = Field(
+        None, description="dpo configures method dpo (its defaults apply when it is left out)."
     )
     output: OutputTarget | None = Field(
         None,
@@ -478,7 +647,8 @@ class TrainingRecipe(SpecModel):
                     f"has(self.output) || (has(self.model) && self.model.uri.startsWith('{BUILTIN_SCHEME}'))",
                     _OUTPUT_REQUIRED_MESSAGE,
                     ".output",
-                )
+                ),
+                *_method_rules(),
             ]
         }
     )
@@ -492,6 +662,17 @@ class TrainingRecipe(SpecModel):
         if output is None and isinstance(model, ModelSource) and not is_builtin(model.uri):
             raise ValueError(_OUTPUT_REQUIRED_MESSAGE)
         return output
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> TrainingRecipe:
+        problems = _method_problems(self)
+        if problems:
+            raise field_errors(problems)
+        return self
+
+    def dpo_settings(self) -> DpoSettings:
+        """The DPO settings of a ``method: dpo`` recipe: ``dpo``, or the defaults when it is left out."""
+        return self.dpo or DpoSettings()
 
     def uses_s3(self) -> bool:
         """True when any location of the recipe is in object storage."""

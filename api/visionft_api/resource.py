@@ -216,6 +216,18 @@ class Progress(SpecModel):
     summary: str | None = Field(None, max_length=64, description="summary such as 12/30 (40%).")
     epoch: float | None = Field(None, ge=0, description="epoch is the fractional epoch.")
     loss: float | None = Field(None, description="loss is the latest training loss.")
+    reward_margin: float | None = Field(
+        None,
+        description="rewardMargin (method dpo) is the latest mean of the chosen minus the rejected answer's "
+        "reward (beta times the policy's log-probability ratio to the reference).",
+    )
+    reward_accuracy: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="rewardAccuracy (method dpo) is the latest share of pairs whose chosen answer has the "
+        "higher reward.",
+    )
     learning_rate: float | None = Field(None, description="learningRate is the current LR.")
     tokens_per_second: float | None = Field(None, ge=0, description="tokensPerSecond across all ranks.")
     eta_seconds: int | None = Field(None, ge=0, description="etaSeconds until the last step.")
@@ -264,10 +276,12 @@ class VisionFineTuneStatus(SpecModel):
 
 
 IMMUTABLE_AFTER_START = (
+    "method",
     "model",
     "lora",
     "dataset",
     "training",
+    "dpo",
     "output",
     "storage",
     "resources",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.operator.specs import spec
+from tests.operator.specs import dpo_spec, spec
 
 # (id, spec, field that the message must name)
 MALFORMED: list[tuple[str, dict[str, Any], str]] = [
@@ -151,6 +151,25 @@ MALFORMED: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("queue-name-format", spec(queueName="Bad_Queue"), "spec.queueName"),
     ("image-with-space", spec(image="bad image"), "spec.image"),
+    ("method-enum", spec(method="ppo"), "spec.method"),
+    ("dpo-beta-zero", dpo_spec(**{"dpo.beta": 0}), "spec.dpo.beta"),
+    ("dpo-beta-negative", dpo_spec(**{"dpo.beta": -0.5}), "spec.dpo.beta"),
+    ("dpo-loss-type-enum", dpo_spec(**{"dpo.lossType": "kto"}), "spec.dpo.lossType"),
+    ("dpo-prompt-length-zero", dpo_spec(**{"dpo.maxPromptLength": 0}), "spec.dpo.maxPromptLength"),
+    (
+        "dpo-missing-rejected-column",
+        dpo_spec(**{"dataset.columns.rejected": None}),
+        "spec.dataset.columns.rejected",
+    ),
+    (
+        "dpo-missing-chosen-column",
+        dpo_spec(**{"dataset.columns.chosen": None}),
+        "spec.dataset.columns.chosen",
+    ),
+    ("dpo-same-answer-columns", dpo_spec(**{"dataset.columns.rejected": "chosen"}), "spec.dataset.columns"),
+    ("dpo-with-packing", dpo_spec(**{"training.packing": True}), "spec.training.packing"),
+    ("dpo-settings-with-sft", spec(**{"dpo.beta": 0.5}), "spec.dpo"),
+    ("sft-with-rejected-column", spec(**{"dataset.columns.rejected": "rejected"}), "spec.dataset.columns"),
 ]
 
 # (id, spec.resources fields, whether the core API accepts them in a pod). Each must be accepted by the

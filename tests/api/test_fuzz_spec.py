@@ -15,6 +15,7 @@ from tests.operator.specs import spec
 
 # Every path of the spec the mutations may hit (existing fields and a few that don't exist).
 PATHS = [
+    "method",
     "model",
     "model.uri",
     "model.loadIn4bit",
@@ -36,6 +37,8 @@ PATHS = [
     "dataset.format",
     "dataset.columns",
     "dataset.columns.image",
+    "dataset.columns.chosen",
+    "dataset.columns.rejected",
     "dataset.maxImagePixels",
     "dataset.validationFraction",
     "dataset.onBadSample",
@@ -46,6 +49,9 @@ PATHS = [
     "training.learningRate",
     "training.optimizer",
     "training.seed",
+    "dpo",
+    "dpo.beta",
+    "dpo.lossType",
     "output",
     "output.uri",
     "output.saveMethod",

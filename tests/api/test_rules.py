@@ -10,11 +10,16 @@ from visionft_api.recipe import BUILTIN_DATASETS, BUILTIN_MODELS
 from visionft_operator.decision import format_validation_error, validate
 
 from tests.api.malformed import MALFORMED, SCHEDULING
-from tests.operator.specs import spec
+from tests.operator.specs import dpo_spec, spec
 
 
 def test_the_base_spec_is_valid() -> None:
     VisionFineTuneSpec.model_validate(spec())
+
+
+def test_the_base_dpo_spec_is_valid() -> None:
+    parsed = VisionFineTuneSpec.model_validate(dpo_spec())
+    assert parsed.method == "dpo" and parsed.dpo is None and parsed.dpo_settings().beta > 0
 
 
 def test_the_table_is_big_enough() -> None:

@@ -36,6 +36,12 @@ def spec(**overrides: Any) -> dict[str, Any]:
     return edited(BASE_SPEC, overrides)
 
 
+def dpo_spec(**overrides: Any) -> dict[str, Any]:
+    """BASE_SPEC as a preference run (method dpo, chosen and rejected columns), with overrides."""
+    dpo = {"method": "dpo", "dataset.columns.chosen": "chosen", "dataset.columns.rejected": "rejected"}
+    return edited(BASE_SPEC, {**dpo, **overrides})
+
+
 def resource(name: str, namespace: str, body_spec: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "visionft.io/v1alpha1",

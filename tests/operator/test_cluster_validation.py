@@ -7,13 +7,14 @@ import pytest
 
 from tests.api.malformed import MALFORMED, SCHEDULING
 from tests.operator.kube import Kube, OperatorProcess
-from tests.operator.specs import resource, spec
+from tests.operator.specs import dpo_spec, resource, spec
 
 pytestmark = pytest.mark.cluster
 
 
 def test_the_valid_spec_is_accepted(kube: Kube, namespace: str) -> None:
     kube.apply(resource("valid", namespace), "--dry-run=server")
+    kube.apply(resource("valid-dpo", namespace, dpo_spec()), "--dry-run=server")
 
 
 @pytest.mark.parametrize(
