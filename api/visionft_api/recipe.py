@@ -123,6 +123,7 @@ def _method_rules() -> list[JsonDict]:
 def _method_problems(recipe: TrainingRecipe) -> list[tuple[tuple[str, ...], str]]:
     """What ``_method_rules`` refuses, as (location, message) pairs."""
     columns = recipe.dataset.columns
+    problems: list[tuple[tuple[str, ...], str]]
     if recipe.method == "sft":
         problems = []
         if columns.chosen is not None or columns.rejected is not None:
