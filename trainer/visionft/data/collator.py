@@ -174,7 +174,7 @@ class VisionDataCollator:
         self.skipped = 0
         self.substituted = 0
         self.last_skip_reasons: list[str] = []
-        self._last_good: dict[str, torch.Tensor] | None = None
+        self._last_good: Any = None
 
     def _check_packing(self, model) -> None:
         if self.pad_to_multiple_of:
@@ -208,7 +208,7 @@ class VisionDataCollator:
         for position, record in enumerate(features):
             index = record.get("__index__", position) if isinstance(record, dict) else position
             try:
-                encoded.append(self.encode(record, index=index))
+                encoded.append(self._encode_item(record, index))
             except BadSampleError as err:
                 if self.on_bad_sample == "error":
                     raise
@@ -228,6 +228,10 @@ class VisionDataCollator:
             encoded = [self._last_good]
         self._last_good = encoded[-1]
         return encoded
+
+    def _encode_item(self, record: dict, index: int | None) -> Any:
+        """One batch item (a subclass may encode a record as several sequences)."""
+        return self.encode(record, index=index)
 
     def uncount(self, skipped: int, substituted: int = 0) -> None:
         """Takes back counts of batches that were built but never trained (``visionft.data.prefetch``)."""

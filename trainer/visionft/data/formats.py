@@ -187,6 +187,8 @@ def _columns(columns: Any) -> dict[str, str | None]:
         "images": None,
         "instruction": "instruction",
         "response": "response",
+        "chosen": None,
+        "rejected": None,
     }
     if columns is None:
         return defaults

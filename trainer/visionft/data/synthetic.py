@@ -7,7 +7,9 @@ each with a ``metadata.jsonl`` giving ``file_name``, ``instruction``, ``response
 ``shape``), which ``datasets.load_dataset("imagefolder", data_dir=...)`` and ``visionft.data.formats``
 read directly.
 
-The quickstart asks for the colour: four classes, so chance is 25%.
+The quickstart asks for the colour: four classes, so chance is 25%. Its preference form
+(``make_shapes_preference_dataset``) pairs each image's colour (``chosen``) with a wrong one
+(``rejected``): a model that does not look at the image prefers the right answer half of the time.
 """
 
 from __future__ import annotations
@@ -114,4 +116,41 @@ def make_shapes_dataset(
             )
         rng.shuffle(rows)
         (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
+
+
+def make_shapes_preference_dataset(
+    out_dir: str | Path,
+    train_size: int = 400,
+    test_size: int = 100,
+    image_size: int = 56,
+    seed: int = 0,
+) -> Path:
+    """Writes the colour task as preference pairs: ``make_shapes_dataset``'s images and questions, each
+    with ``chosen`` (the shape's colour) and ``rejected`` (another colour) instead of ``response``.
+
+    Each colour is rejected as often as it is chosen (the wrong colour cycles through the other three), so
+    that a preference for some words over others, whatever the image, is right half of the time.
+
+    Args:
+        out_dir (str | Path): the folder to create (files inside it are overwritten).
+        train_size (int): training pairs. Default: 400.
+        test_size (int): held-out pairs. Default: 100.
+        image_size (int): canvas side in pixels. Default: 56.
+        seed (int): makes the dataset reproducible. Default: 0.
+
+    Returns:
+        Path: ``out_dir``.
+    """
+    out = make_shapes_dataset(out_dir, train_size, test_size, image_size, task="colour", seed=seed)
+    colours = list(COLOURS)
+    for split in ("train", "test"):
+        path = out / split / "metadata.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            number = int(Path(row["file_name"]).stem)  # the round-robin position that chose its colour
+            offset = 1 + (number // len(colours)) % (len(colours) - 1)
+            row["chosen"] = row.pop("response")
+            row["rejected"] = colours[(colours.index(row["chosen"]) + offset) % len(colours)]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return out

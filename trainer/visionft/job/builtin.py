@@ -19,7 +19,7 @@ from pathlib import Path
 
 from visionft_api.recipe import BUILTIN_SCHEME
 
-from visionft.data.synthetic import make_shapes_dataset
+from visionft.data.synthetic import make_shapes_dataset, make_shapes_preference_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +37,17 @@ def _shapes(folder: Path) -> None:
     make_shapes_dataset(folder, train_size=400, test_size=100, image_size=56, task="colour", seed=0)
 
 
+def _shapes_preference(folder: Path) -> None:
+    # The same images as builtin://shapes, each with its colour chosen over a wrong one: chance is 50%.
+    make_shapes_preference_dataset(folder, train_size=400, test_size=100, image_size=56, seed=0)
+
+
 #: Each builtin URI and the function that writes it into a folder; the keys are the schema's
 #: ``BUILTIN_MODELS`` and ``BUILTIN_DATASETS`` (tests/trainer/job/test_builtin.py checks it).
 GENERATORS: dict[str, Callable[[Path], None]] = {
     "builtin://tiny-qwen2-vl": _tiny_qwen2_vl,
     "builtin://shapes": _shapes,
+    "builtin://shapes-preference": _shapes_preference,
 }
 
 
