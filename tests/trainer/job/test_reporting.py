@@ -4,6 +4,7 @@ training; writes are throttled; the loss-curve PNG."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import uuid
@@ -63,6 +64,34 @@ def test_progress_callback_json_lines(capsys):
     assert progress[0]["step"] == 4 and progress[0]["totalSteps"] == 10 and progress[0]["loss"] == 1.5
     assert progress[0]["lr"] == 1e-4 and progress[0]["etaSeconds"] >= 0
     assert [line["stage"] for line in lines if line["event"] == "stage"] == ["Training"]
+
+
+def test_dpo_reward_margin_and_accuracy_reach_the_progress_line_and_the_status():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    class Recorder(StatusReporter):
+        def report(self, progress, force=False):
+            self.sent.append(progress)
+            return True
+
+    reporter = Recorder("ns", "n", api=unreachable_api())
+    reporter.sent = []
+    stream = io.StringIO()
+    callback = ProgressCallback(json_lines=True, reporter=reporter, stream=stream)
+    state = TrainerState()
+    state.max_steps, state.global_step, state.epoch = 10, 0, 0.0
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    callback.on_train_begin(args, state, TrainerControl())
+    state.global_step = 5
+    logs = {"loss": 0.4, "learning_rate": 1e-5, "rewards/margins": 1.23456, "rewards/accuracies": 0.875}
+    callback.on_log(args, state, TrainerControl(), logs=logs)
+    line = next(json.loads(x) for x in stream.getvalue().splitlines() if '"progress"' in x)
+    assert line["rewardMargin"] == 1.2346 and line["rewardAccuracy"] == 0.875
+    status = reporter.sent[-1]
+    assert status["rewardMargin"] == 1.2346 and status["rewardAccuracy"] == 0.875 and status["loss"] == 0.4
+    # A supervised run's lines carry no reward fields.
+    callback.on_log(args, state, TrainerControl(), logs={"loss": 0.3, "learning_rate": 1e-5})
+    assert "rewardMargin" not in json.loads(stream.getvalue().splitlines()[-1])
 
 
 def test_format_eta():

@@ -25,6 +25,9 @@ from visionft_api.resource import API_VERSION, GROUP, KIND, PLURAL, TRAINER_FIEL
 
 logger = logging.getLogger(__name__)
 
+#: TRL's DPO log keys and their names in a progress line and in ``status.progress``.
+_REWARD_LOGS = {"rewards/margins": "rewardMargin", "rewards/accuracies": "rewardAccuracy"}
+
 
 def format_eta(seconds: float | None) -> str | None:
     """``95`` -> ``"1m35s"``; hours appear when needed."""
@@ -166,6 +169,10 @@ class ProgressCallback(TrainerCallback):
             "tokensPerSecond": round(tps, 1) if tps is not None else None,
             "etaSeconds": round(eta, 1) if eta is not None else None,
         }
+        # DPO's reward margin and accuracy (visionft.engine.dpo), where the Trainer logs them.
+        for key, name in _REWARD_LOGS.items():
+            if key in logs:
+                record[name] = round(float(logs[key]), 4)
         self.history.append(record)
         if self.json_lines:
             print(json.dumps(record), file=self.stream, flush=True)
@@ -196,6 +203,7 @@ def _status_progress(record: dict[str, Any], stage: str) -> dict[str, Any]:
         "summary": f"{step}/{total} ({percent}%)" if percent is not None else None,
         "epoch": record.get("epoch"),
         "loss": record.get("loss"),
+        **{name: record.get(name) for name in _REWARD_LOGS.values()},
         "learningRate": record.get("lr"),
         "tokensPerSecond": record.get("tokensPerSecond"),
         "etaSeconds": int(eta) if eta is not None else None,
