@@ -82,6 +82,14 @@ def vision_dpo_trainer_class() -> type:
             self.precompute_ref_logps = True
             logger.info("DPO steps run eagerly (the CUDA-graph step is supervised training's)")
 
+        def graph_summary(self) -> None:
+            """None: DPO steps are the Trainer's own (``visionft.engine.trainer`` reports its graphs)."""
+            return None
+
+        def row_summary(self) -> None:
+            """None: preference pairs are padded rows, never fixed-shape packed rows."""
+            return None
+
         def _prepare_dataset(self, dataset, *args: Any, **kwargs: Any):
             return dataset  # the collator encodes every pair when its batch is built
 

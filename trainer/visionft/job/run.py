@@ -15,7 +15,9 @@ The steps, top to bottom in ``train``:
 4. score ``dataset.evalSamples`` held-out samples (exact-match accuracy), train with TRL's ``SFTTrainer``
    (checkpoints every ``checkpointEverySteps``, each with a fingerprint of the model and recipe; resuming
    from the newest complete one, refused when it belongs to another model or recipe:
-   ``visionft.job.resume``), score again;
+   ``visionft.job.resume``), score again; ``method: dpo`` trains on preference pairs with TRL's
+   ``DPOTrainer`` instead, and scores held-out preference accuracy (``visionft.job.preference`` holds what
+   it does its own way);
 5. save adapters or merged weights, the loss curve (``loss.png``) and ``run.json`` (the summary, written
    last, so that its presence means the output folder is complete), then upload to S3 when the output is
    an ``s3://`` URI.
@@ -121,6 +123,7 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
         dataset_dir = _local_input(config.dataset.uri, work / "dataset", config, "dataset")
         model_dir = _local_input(config.model.uri, work / "model", config, "model")
     output_dir.mkdir(parents=True, exist_ok=True)
+    dpo = config.method == "dpo"
 
     progress.stage("Loading")
     model, processor, patch_report, options = _load_model(config, model_dir, options)
@@ -144,10 +147,12 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
         # Before any scoring or training: a checkpoint of another run is refused at once.
         check_resume(resume, fingerprint(config, model), model, output_uri or str(output_dir))
         echo(f"visionft: resuming from {resume}")
+    scored = "preference accuracy" if dpo else "accuracy"
+    before = after = None
     if n_eval and main:
-        before = _score(model, collator, eval_set, n_eval)
+        before = _score(config, model, collator, eval_set, n_eval)
         result.accuracy_before, result.eval_samples = before.value, before.total
-        echo(f"held-out accuracy before training: {before}")
+        echo(f"held-out {scored} before training: {before}")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     result.steps = trainer.state.global_step
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -160,13 +165,17 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
         distributed.barrier()  # rank 0 saves and uploads below, then releases the others
         return result
     if n_eval:
-        after = _score(model, collator, eval_set, n_eval)
+        after = _score(config, model, collator, eval_set, n_eval)
         result.accuracy_after = after.value
-        echo(f"held-out accuracy after training: {after}")
+        echo(f"held-out {scored} after training: {after}")
 
     to_s3 = output_uri is not None and output_uri.startswith("s3://")
     progress.stage("Uploading" if to_s3 else "Saving", trainer.state)
     result.saved = _save(config, model, processor, output_dir, trainer.state.log_history)
+    if dpo and n_eval:
+        from visionft.job import preference
+
+        result.saved["preference"] = str(preference.write_report(output_dir, before, after))
     result.wall_seconds = round(time.monotonic() - t0, 1)
     result.cpu_seconds = round(time.process_time() - cpu0, 1)
     (output_dir / "run.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
@@ -286,7 +295,12 @@ def _load_model(config: TrainerConfig, model_dir: Path, options):
     )
     from visionft import patching
 
-    patch_report = patching.apply_optimizations(model, optimizations=options.optimizations)
+    kinds = {}
+    if config.method == "dpo":
+        from visionft.job.preference import PATCHES_OFF
+
+        kinds = PATCHES_OFF
+    patch_report = patching.apply_optimizations(model, optimizations=options.optimizations, **kinds)
     logger.info("optimizations=%s: %s", options.optimizations, patch_report)
     if options.packing and not options.rows:
         # Without it each sample of a packed row would attend to the samples before it. Fixed-shape rows
@@ -312,6 +326,13 @@ def _load_data(config: TrainerConfig, dataset_dir: Path):
 
     splits = load_local_dataset(dataset_dir, config.dataset.format)
     train_set, eval_set = split_validation(splits, config.dataset.validation_fraction, config.training.seed)
+    if config.method == "dpo":
+        from visionft.job.preference import check_columns
+
+        try:
+            check_columns(config, train_set, eval_set)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     # The dataset index travels with each record so that a bad sample's error names it.
     train_set = train_set.add_column("__index__", list(range(len(train_set))))
     return train_set, eval_set
@@ -327,6 +348,10 @@ def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, option
 
     d = config.dataset
     root = dataset_dir if dataset_dir.is_dir() else dataset_dir.parent
+    if config.method == "dpo":
+        from visionft.job import preference
+
+        return preference.collator(config, model, processor, root)
     collator = VisionDataCollator(
         model,
         processor,
@@ -347,7 +372,11 @@ def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, option
     return RowCollator(collator, family, tiers)
 
 
-def _score(model, collator, eval_set, n: int):
+def _score(config: TrainerConfig, model, collator, eval_set, n: int):
+    if config.method == "dpo":
+        from visionft.job.preference import preference_accuracy
+
+        return preference_accuracy(model, collator, eval_set, limit=n)
     from visionft.job.evaluation import answer_accuracy
 
     return answer_accuracy(model, collator, eval_set, limit=n)
@@ -384,16 +413,62 @@ def _trainer(
     options,
     patch_report,
 ):
+    from visionft.engine import distributed
+    from visionft.job.resume import fingerprint, fingerprint_callback
+
+    args = _trainer_arguments(config, model, collator, output_dir)
+    # Before the storage callback (added below), so that every uploaded checkpoint carries it.
+    callbacks: list[Any] = [progress, fingerprint_callback(fingerprint(config, model))]
+    if distributed.is_distributed():
+        from visionft.engine.checkpoint_rng import GatherRngStatesCallback
+
+        # On every rank: brings each rank's RNG file into rank 0's checkpoint folder at each save.
+        callbacks.append(GatherRngStatesCallback())
+    if config.method == "dpo":
+        from visionft.job import preference
+
+        trainer = preference.trainer(
+            config, model, processor, train_set, collator, args, callbacks, options, patch_report
+        )
+    else:
+        from trl import SFTConfig
+
+        from visionft.engine.trainer import vision_sft_trainer_class
+
+        trainer = vision_sft_trainer_class()(
+            model=model,
+            args=SFTConfig(**args, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None),
+            train_dataset=train_set,
+            data_collator=collator,
+            processing_class=processor,
+            callbacks=callbacks,
+            engine_options=options,
+            patch_report=patch_report,
+        )
+    # Every node's local main fetches the newest complete S3 checkpoint (in the callback's constructor), so
+    # that all ranks resume from one step; only rank 0 uploads new ones. Added after the RNG callback
+    # (callbacks run in the order they were added), so each upload holds every rank's RNG file.
+    storage_callback = _storage_callback(config, output_dir) if distributed.is_local_main_process() else None
+    if storage_callback is not None and distributed.is_main_process():
+        trainer.add_callback(storage_callback)
+    return trainer
+
+
+def _trainer_arguments(config: TrainerConfig, model, collator, output_dir: Path) -> dict[str, Any]:
+    """The Trainer arguments of the recipe, shared by ``SFTConfig`` and ``DPOConfig``."""
     import torch
-    from trl import SFTConfig
 
     from visionft.engine import distributed
-    from visionft.engine.trainer import vision_sft_trainer_class
 
     t = config.training
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     cuda = torch.cuda.is_available()
-    args = SFTConfig(
+    ddp = distributed.ddp_training_kwargs()
+    if config.method == "dpo":
+        # TRL decides for a DPO step: a text-only pair leaves the vision adapters without gradients, which
+        # DDP's reducer must be told to expect (supervised steps average gradients without that reducer).
+        ddp.pop("ddp_find_unused_parameters", None)
+    return dict(
         output_dir=str(output_dir / "checkpoints"),
         max_steps=t.max_steps if t.max_steps is not None else -1,
         num_train_epochs=t.epochs if t.epochs is not None else 1.0,
@@ -417,8 +492,6 @@ def _trainer(
         # switch it on again (with its reentrant default).
         gradient_checkpointing=False,
         remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        max_length=None,
         dataloader_num_workers=0,  # the collator's skip counts live in this process
         include_num_input_tokens_seen=True,
         # The NaN filter reads each step's loss on the host right after backward, so the optimizer's
@@ -426,34 +499,8 @@ def _trainer(
         logging_nan_inf_filter=getattr(collator, "family", None) is None,
         report_to="none",
         use_cpu=not cuda,
-        **distributed.ddp_training_kwargs(),
+        **ddp,
     )
-    from visionft.job.resume import fingerprint, fingerprint_callback
-
-    # Before the storage callback (added below), so that every uploaded checkpoint carries it.
-    callbacks: list[Any] = [progress, fingerprint_callback(fingerprint(config, model))]
-    if distributed.is_distributed():
-        from visionft.engine.checkpoint_rng import GatherRngStatesCallback
-
-        # On every rank: brings each rank's RNG file into rank 0's checkpoint folder at each save.
-        callbacks.append(GatherRngStatesCallback())
-    trainer = vision_sft_trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        data_collator=collator,
-        processing_class=processor,
-        callbacks=callbacks,
-        engine_options=options,
-        patch_report=patch_report,
-    )
-    # Every node's local main fetches the newest complete S3 checkpoint (in the callback's constructor), so
-    # that all ranks resume from one step; only rank 0 uploads new ones. Added after the RNG callback
-    # (callbacks run in the order they were added), so each upload holds every rank's RNG file.
-    storage_callback = _storage_callback(config, output_dir) if distributed.is_local_main_process() else None
-    if storage_callback is not None and distributed.is_main_process():
-        trainer.add_callback(storage_callback)
-    return trainer
 
 
 def _storage_callback(config: TrainerConfig, output_dir: Path):
