@@ -15,7 +15,7 @@ import pytest
 from visionft_api import conditions as cond
 
 from tests.operator.kube import Kube, OperatorProcess, wait_for
-from tests.operator.specs import resource, spec
+from tests.operator.specs import dpo_spec, resource, spec
 
 pytestmark = pytest.mark.cluster
 
@@ -105,6 +105,31 @@ def test_full_lifecycle_reaches_succeeded_with_outputs(
         raise AssertionError([e["reason"] for e in kube.events(namespace, name)]) from None
     # kubectl wait understands the kstatus condition.
     kube.run("wait", "--for=condition=Ready", f"vft/{name}", "-n", namespace, "--timeout=10s")
+
+
+def test_a_dpo_run_goes_through_the_same_lifecycle(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    name = "prefer"
+    kube.apply(resource(name, namespace, dpo_spec(**{"dpo.beta": 0.2, "dpo.lossType": "ipo"})))
+    config_map = wait_for(
+        lambda: kube.get("configmap", f"{name}-config", namespace), timeout=30, what="config"
+    )
+    config = json.loads(config_map["data"]["config.json"])
+    assert config["method"] == "dpo" and config["dpo"]["beta"] == 0.2 and config["dpo"]["lossType"] == "ipo"
+    assert config["dataset"]["columns"]["chosen"] == "chosen"
+    assert config["dataset"]["columns"]["rejected"] == "rejected"
+    pod = kube.wait_pod(name, namespace)
+    sa = f"{name}-trainer"
+    progress = {**_progress(6, 30, 0.52), "rewardMargin": 0.84, "rewardAccuracy": 0.75}
+    kube.report_progress(name, namespace, progress, sa)
+    obj = kube.wait_phase(name, namespace, "Training")
+    assert obj["status"]["progress"]["rewardMargin"] == 0.84
+    assert obj["status"]["progress"]["rewardAccuracy"] == 0.75
+    kube.terminate_pod(pod, exit_code=0)
+    st = kube.wait_phase(name, namespace, "Succeeded")["status"]
+    assert st["outputs"]["adapterUri"] == "s3://outputs/team-a/latex-ocr/adapter/" and st["attempts"] == 1
+    assert st["progress"]["rewardAccuracy"] == 0.75  # the trainer's progress survived the operator's writes
 
 
 def test_failing_pod_ends_failed_with_the_pods_reason(
