@@ -1,5 +1,6 @@
 """Resume equals uninterrupted: 2N steps in one go, and N steps + a lost pod + N more from the S3 checkpoint,
-end with the same adapter weights (tiny model, CPU, fixed seed).
+end with the same adapter weights (tiny model, CPU, fixed seed), for supervised and for preference (DPO)
+training.
 
 The "lost pod" is a second run with an empty work folder: nothing local survives, so the resume point can
 only come from S3 (`visionft.storage.checkpoint_callback` fetches it before HF Trainer looks for one).
@@ -30,25 +31,30 @@ N = 3  # steps before the interruption; the full run is 2N
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from visionft.data.synthetic import make_shapes_dataset
+def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    from visionft.data.synthetic import make_shapes_dataset, make_shapes_preference_dataset
     from visionft.testing.tiny import save_tiny_vlm
 
     root = tmp_path_factory.mktemp("resume-assets")
     make_shapes_dataset(root / "data", train_size=24, test_size=4, image_size=56, task="colour", seed=0)
+    make_shapes_preference_dataset(root / "pairs", train_size=24, test_size=4, image_size=56, seed=0)
     save_tiny_vlm("qwen2_vl", root / "model", seed=0)
-    return root / "data", root / "model"
+    return root / "data", root / "pairs", root / "model"
 
 
-def make_config(work: Path, output_uri: str, data: Path, model: Path) -> TrainerConfig:
+def make_config(work: Path, output_uri: str, data: Path, model: Path, method: str = "sft") -> TrainerConfig:
+    columns = {"image": "image", "instruction": "instruction", "response": "response"}
+    if method == "dpo":
+        columns.update(chosen="chosen", rejected="rejected")
     return TrainerConfig.model_validate(
         {
+            "method": method,
             "model": {"uri": str(model), "loadIn4bit": False, "maxSeqLength": 256},
             "lora": {"r": 4, "alpha": 8, "targetModules": ["all-linear"]},
             "dataset": {
                 "uri": str(data),
                 "format": "imagefolder",
-                "columns": {"image": "image", "instruction": "instruction", "response": "response"},
+                "columns": columns,
                 "maxImagePixels": 3136,
                 "evalSamples": 0,
             },
@@ -88,19 +94,28 @@ def adapter(work: Path) -> dict[str, Any]:
     return load_file(str(work / "output" / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_resume_from_s3_equals_uninterrupted(
-    s3_bucket: S3Bucket, tmp_path: Path, assets: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    s3_bucket: S3Bucket,
+    tmp_path: Path,
+    assets: tuple[Path, Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
 ) -> None:
-    data, model = assets
+    answers, pairs, model = assets
+    data = pairs if method == "dpo" else answers
     torch.set_num_threads(1)
     lines: list[str] = []
 
-    run.train(make_config(tmp_path / "a", s3_bucket.uri("a/"), data, model), echo=lines.append)
+    def config(work: str, prefix: str) -> TrainerConfig:
+        return make_config(tmp_path / work, s3_bucket.uri(prefix), data, model, method)
+
+    run.train(config("a", "a/"), echo=lines.append)
     straight = adapter(tmp_path / "a")
 
     original = storage.checkpoint_callback
     monkeypatch.setattr(storage, "checkpoint_callback", lambda *a, **k: _StopAt(original(*a, **k), N))
-    run.train(make_config(tmp_path / "b1", s3_bucket.uri("b/"), data, model), echo=lines.append)
+    run.train(config("b1", "b/"), echo=lines.append)
     monkeypatch.setattr(storage, "checkpoint_callback", original)
     manager = storage.CheckpointManager(s3_bucket.uri("b/"))
     latest = manager.find_latest_complete()
@@ -110,7 +125,7 @@ def test_resume_from_s3_equals_uninterrupted(
     shutil.rmtree(tmp_path / "b1")  # the pod and its disk are gone
 
     lines.clear()
-    result = run.train(make_config(tmp_path / "b2", s3_bucket.uri("b/"), data, model), echo=lines.append)
+    result = run.train(config("b2", "b/"), echo=lines.append)
     assert any("resuming from" in line and f"checkpoint-{N}" in line for line in lines), lines
     assert result.steps == 2 * N
     resumed = adapter(tmp_path / "b2")
