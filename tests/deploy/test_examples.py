@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 SECRETS = EXAMPLES / "secrets"
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
-S3_EXAMPLE_FILES = [path for path in EXAMPLE_FILES if path.stem != "quickstart"]
+BUILTIN_EXAMPLES = ("quickstart", "preference-quickstart")  # generated model and data: no bucket
+S3_EXAMPLE_FILES = [path for path in EXAMPLE_FILES if path.stem not in BUILTIN_EXAMPLES]
 
 
 def documents(path: Path) -> list[dict]:
@@ -31,6 +32,7 @@ def test_the_promised_examples_exist() -> None:
     names = {path.stem for path in EXAMPLE_FILES}
     assert {
         "quickstart",
+        "preference-quickstart",
         "latex-ocr",
         "radiology-captioning",
         "multi-gpu",
@@ -74,14 +76,17 @@ def test_examples_cover_multi_gpu_kueue_and_suspend() -> None:
     assert specs["suspended"]["suspend"] is True
 
 
-def test_the_quickstart_needs_no_bucket_secret_or_gpu() -> None:
-    (doc,) = documents(EXAMPLES / "quickstart.yaml")
-    assert doc["metadata"]["name"] == "quickstart"
+@pytest.mark.parametrize("name", BUILTIN_EXAMPLES)
+def test_the_quickstarts_need_no_bucket_secret_or_gpu(name: str) -> None:
+    (doc,) = documents(EXAMPLES / f"{name}.yaml")
+    assert doc["metadata"]["name"] == name
     spec = VisionFineTuneSpec.model_validate(doc["spec"])
     assert is_builtin(spec.model.uri) and is_builtin(spec.dataset.uri)
     assert spec.output is None and not spec.uses_s3() and spec.storage.credentials_secret is None
     assert spec.resources.gpus_per_node == 0 and not spec.model.load_in_4bit  # 4-bit needs a GPU
     assert spec.dataset.eval_samples > 0  # it shows accuracy before and after
+    if name == "preference-quickstart":
+        assert spec.method == "dpo" and spec.dataset.uri == "builtin://shapes-preference"
 
 
 def test_example_folder_holds_only_resources() -> None:
