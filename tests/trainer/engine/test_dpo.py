@@ -92,9 +92,9 @@ def test_the_reference_is_the_base_model_with_the_adapters_off(tmp_path):
     assert len(logged) == 4 and all(0 <= entry["rewards/accuracies"] <= 1 for entry in logged)
 
 
-@pytest.mark.parametrize(("loss_type", "first_loss"), [("sigmoid", 0.6931), ("ipo", 25.0)])
+@pytest.mark.parametrize(("loss_type", "first_loss"), [("sigmoid", 0.6931), ("ipo", 25.0), ("hinge", 1.0)])
 def test_the_loss_type_reaches_the_loss(tmp_path, loss_type, first_loss):
-    # At the first step the policy is the reference (zero log-ratios): sigmoid gives log 2, ipo (1 / 2 beta)^2.
+    # At the first step the policy is the reference (zero log-ratios): sigmoid gives log 2, ipo (1 / 2 beta)^2, hinge 1.
     trainer, _, _ = make_trainer(tmp_path, loss_type=loss_type, steps=1, lr=1e-9)
     trainer.train()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(first_loss, rel=1e-3)
