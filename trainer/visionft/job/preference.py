@@ -192,10 +192,9 @@ def write_report(
     return path
 
 
-def trainer(
-    config, model, processor, train_set, collator, args: dict[str, Any], callbacks, options, patch_report
-):
-    """TRL's ``DPOTrainer`` through ``visionft.engine.dpo``, with the run's shared Trainer ``args``."""
+def trainer_setup(config, args: dict[str, Any]):
+    """The Trainer class of a DPO run (``visionft.engine.dpo``) and its ``DPOConfig``: the run's shared
+    Trainer ``args`` with the recipe's DPO settings."""
     from trl import DPOConfig
 
     from visionft.engine.dpo import vision_dpo_trainer_class
@@ -208,13 +207,4 @@ def trainer(
         # The collator measures and refuses over-long pairs; TRL would truncate through image tokens.
         max_length=None,
     )
-    return vision_dpo_trainer_class()(
-        model=model,
-        args=dpo_args,
-        train_dataset=train_set,
-        data_collator=collator,
-        processing_class=processor,
-        callbacks=callbacks,
-        engine_options=options,
-        patch_report=patch_report,
-    )
+    return vision_dpo_trainer_class(), dpo_args

@@ -427,24 +427,24 @@ def _trainer(
     if config.method == "dpo":
         from visionft.job import preference
 
-        trainer = preference.trainer(
-            config, model, processor, train_set, collator, args, callbacks, options, patch_report
-        )
+        trainer_class, trainer_args = preference.trainer_setup(config, args)
     else:
         from trl import SFTConfig
 
         from visionft.engine.trainer import vision_sft_trainer_class
 
-        trainer = vision_sft_trainer_class()(
-            model=model,
-            args=SFTConfig(**args, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None),
-            train_dataset=train_set,
-            data_collator=collator,
-            processing_class=processor,
-            callbacks=callbacks,
-            engine_options=options,
-            patch_report=patch_report,
-        )
+        trainer_class = vision_sft_trainer_class()
+        trainer_args = SFTConfig(**args, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None)
+    trainer = trainer_class(
+        model=model,
+        args=trainer_args,
+        train_dataset=train_set,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=callbacks,
+        engine_options=options,
+        patch_report=patch_report,
+    )
     # Every node's local main fetches the newest complete S3 checkpoint (in the callback's constructor), so
     # that all ranks resume from one step; only rank 0 uploads new ones. Added after the RNG callback
     # (callbacks run in the order they were added), so each upload holds every rank's RNG file.
