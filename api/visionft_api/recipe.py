@@ -16,8 +16,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.config import JsonDict
+
+from visionft_api.base import SpecModel, cel
+from visionft_api.evaluation import METRICS, EvaluationSettings, TrackingSettings
 
 # A bucket name as S3 allows it, then an optional key prefix.
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
@@ -38,9 +41,13 @@ DATASET_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|built
 BUILTIN_SCHEME = "builtin://"
 #: A tiny random-weight Qwen2-VL-family model with a working processor (visionft.testing.tiny).
 BUILTIN_MODELS = ("builtin://tiny-qwen2-vl",)
-#: The shapes task: name the colour of one shape, 400 training and 100 held-out 56x56 images
-#: (visionft.data.synthetic).
-BUILTIN_DATASETS = ("builtin://shapes",)
+#: Each generated dataset and the size of its held-out split (``test``), which evaluation counts are
+#: checked against at admission (visionft.job.builtin generates them; a test keeps the sizes honest):
+#: the shapes task (name the colour of one shape; 400 training and 100 held-out 56x56 images) and the
+#: shape-captions task (colour and shape in two words, e.g. "red triangle"; 600 training and 100
+#: held-out images; scored by the character error rate).
+BUILTIN_HELD_OUT = {"builtin://shapes": 100, "builtin://shape-captions": 100}
+BUILTIN_DATASETS = tuple(BUILTIN_HELD_OUT)
 
 
 def is_builtin(uri: str) -> bool:
@@ -59,40 +66,61 @@ def _builtin_rule(field: str, allowed: tuple[str, ...]) -> tuple[str, str]:
 
 _MODEL_BUILTIN_RULE, _MODEL_BUILTIN_MESSAGE = _builtin_rule("model.uri", BUILTIN_MODELS)
 _DATASET_BUILTIN_RULE, _DATASET_BUILTIN_MESSAGE = _builtin_rule("dataset.uri", BUILTIN_DATASETS)
+_EVAL_SAMPLES_SHORTHAND_MESSAGE = (
+    "dataset.evalSamples is a shorthand for evaluation.samples: set evaluation.samples and leave "
+    "dataset.evalSamples at 0"
+)
+_BUILTIN_SPLITS = ("auto", "test")
+_BUILTIN_SPLIT_MESSAGE = (
+    f"evaluation.split: a {BUILTIN_SCHEME} dataset has one held-out split, test: set split to auto or test"
+)
+_BUILTIN_JSON_MESSAGE = (
+    f"evaluation.metrics: jsonFieldMatch needs references that are JSON objects, and the answers of the "
+    f"{BUILTIN_SCHEME} datasets are plain text: choose another metric"
+)
+
+
+def _builtin_count_message(field: str, uri: str, held_out: int) -> str:
+    return f"{field} is more than the {held_out} held-out samples of {uri}: set it to at most {held_out}"
+
+
+def _evaluation_rules() -> list[JsonDict]:
+    """The recipe-level CEL rules that tie evaluation to the dataset (the pydantic check is
+    ``TrainingRecipe._evaluation_fits_the_dataset``)."""
+    builtin = f"self.dataset.uri.startsWith('{BUILTIN_SCHEME}')"
+    splits = ", ".join(f"'{s}'" for s in _BUILTIN_SPLITS)
+    json_metrics = [m.name for m in METRICS.values() if m.reference == "json"]
+    rules = [
+        cel(
+            "!has(self.evaluation) || !has(self.dataset.evalSamples) || self.dataset.evalSamples == 0",
+            _EVAL_SAMPLES_SHORTHAND_MESSAGE,
+            ".dataset.evalSamples",
+        ),
+        cel(
+            f"!has(self.evaluation) || !{builtin} || self.evaluation.split in [{splits}]",
+            _BUILTIN_SPLIT_MESSAGE,
+        ),
+        cel(
+            f"!has(self.evaluation) || !{builtin} || "
+            + " && ".join(f"!('{m}' in self.evaluation.metrics)" for m in json_metrics),
+            _BUILTIN_JSON_MESSAGE,
+        ),
+    ]
+    for uri, held_out in BUILTIN_HELD_OUT.items():
+        rules.append(
+            cel(
+                f"!has(self.evaluation) || !has(self.evaluation.samples) || self.dataset.uri != '{uri}' "
+                f"|| self.evaluation.samples <= {held_out}",
+                _builtin_count_message("evaluation.samples", uri, held_out),
+            )
+        )
+    return rules
+
+
 _OUTPUT_REQUIRED_MESSAGE = (
     f"output is required unless model.uri is a generated model ({BUILTIN_SCHEME}): set output.uri to "
     "where the results go"
 )
-
-
-def to_camel(name: str) -> str:
-    """snake_case to the camelCase of Kubernetes APIs, keeping digits with their word (load_in_4bit ->
-    loadIn4bit, as the design spells it; pydantic's own helper would give loadIn4Bit)."""
-    first, *rest = name.split("_")
-    return first + "".join(part[:1].upper() + part[1:] for part in rest)
-
-
-def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
-    """One CEL validation rule as the CRD expects it."""
-    entry: JsonDict = {"rule": rule, "message": message}
-    if field_path:
-        entry["fieldPath"] = field_path
-    return entry
-
-
-class SpecModel(BaseModel):
-    """Base of every schema model: camelCase in YAML, snake_case in Python, unknown fields rejected."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        validate_assignment=True,
-    )
-
-    def to_dict(self) -> dict:
-        """The camelCase form, as it appears in a resource or a config file, without unset optionals."""
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 class ModelSource(SpecModel):
@@ -248,8 +276,8 @@ class DatasetSource(SpecModel):
     uri: str = Field(
         description="uri is the dataset: s3://bucket/prefix or an absolute path, holding JSONL, JSON, "
         "parquet, a datasets save_to_disk folder, or an imagefolder with metadata.jsonl; or "
-        f"{' / '.join(BUILTIN_DATASETS)}, a generated imagefolder (name the colour of a shape; 400 "
-        "training and 100 held-out images).",
+        f"{' / '.join(BUILTIN_DATASETS)}, a generated imagefolder (name the colour of a shape; caption a "
+        "shape with its colour and shape), each with 100 held-out images.",
         pattern=DATASET_URI_PATTERN,
         max_length=1024,
     )
@@ -283,14 +311,24 @@ class DatasetSource(SpecModel):
         0,
         ge=0,
         le=100_000,
-        description="evalSamples is how many held-out samples (the dataset's test or validation split, or "
-        "the validationFraction share) are scored by exact-match accuracy before and after training; 0 "
-        "scores none.",
+        description="evalSamples is a shorthand for evaluation with samples set to this and the "
+        "normalizedExactMatch metric (scored before and after training); 0 scores none. Exclusive with "
+        "evaluation.",
     )
 
     model_config = ConfigDict(
         json_schema_extra={
-            "x-kubernetes-validations": [cel(_DATASET_BUILTIN_RULE, _DATASET_BUILTIN_MESSAGE, ".uri")]
+            "x-kubernetes-validations": [
+                cel(_DATASET_BUILTIN_RULE, _DATASET_BUILTIN_MESSAGE, ".uri"),
+                *(
+                    cel(
+                        f"self.uri != '{uri}' || self.evalSamples <= {held_out}",
+                        _builtin_count_message("dataset.evalSamples", uri, held_out),
+                        ".evalSamples",
+                    )
+                    for uri, held_out in BUILTIN_HELD_OUT.items()
+                ),
+            ]
         }
     )
 
@@ -300,6 +338,13 @@ class DatasetSource(SpecModel):
         if is_builtin(uri) and uri not in BUILTIN_DATASETS:
             raise ValueError(_DATASET_BUILTIN_MESSAGE)
         return uri
+
+    @model_validator(mode="after")
+    def _eval_samples_fit(self) -> DatasetSource:
+        held_out = BUILTIN_HELD_OUT.get(self.uri)
+        if held_out is not None and self.eval_samples > held_out:
+            raise ValueError(_builtin_count_message("dataset.evalSamples", self.uri, held_out))
+        return self
 
 
 class TrainingSettings(SpecModel):
@@ -454,6 +499,16 @@ class TrainingRecipe(SpecModel):
     storage: StorageSettings = Field(
         default_factory=StorageSettings, description="storage configures S3-compatible access."
     )
+    evaluation: EvaluationSettings | None = Field(
+        None,
+        description="evaluation scores held-out samples before, during and after training: metrics.json, "
+        "gallery.html and the loss plot in the output, status.evaluation on the resource.",
+    )
+    tracking: TrackingSettings | None = Field(
+        None,
+        description="tracking logs parameters, losses, metrics and reports to MLflow and/or TensorBoard "
+        "event files; default: TensorBoard event files in the output.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -462,7 +517,8 @@ class TrainingRecipe(SpecModel):
                     f"has(self.output) || (has(self.model) && self.model.uri.startsWith('{BUILTIN_SCHEME}'))",
                     _OUTPUT_REQUIRED_MESSAGE,
                     ".output",
-                )
+                ),
+                *_evaluation_rules(),
             ]
         }
     )
@@ -476,6 +532,36 @@ class TrainingRecipe(SpecModel):
         if output is None and isinstance(model, ModelSource) and not is_builtin(model.uri):
             raise ValueError(_OUTPUT_REQUIRED_MESSAGE)
         return output
+
+    @field_validator("evaluation")
+    @classmethod
+    def _evaluation_fits_the_dataset(
+        cls, evaluation: EvaluationSettings | None, info: ValidationInfo
+    ) -> EvaluationSettings | None:
+        dataset = info.data.get("dataset")  # absent when the dataset itself failed validation
+        if evaluation is None or not isinstance(dataset, DatasetSource):
+            return evaluation
+        if dataset.eval_samples:
+            raise ValueError(_EVAL_SAMPLES_SHORTHAND_MESSAGE)
+        if is_builtin(dataset.uri):
+            held_out = BUILTIN_HELD_OUT[dataset.uri]
+            if evaluation.samples is not None and evaluation.samples > held_out:
+                raise ValueError(_builtin_count_message("evaluation.samples", dataset.uri, held_out))
+            if evaluation.split not in _BUILTIN_SPLITS:
+                raise ValueError(_BUILTIN_SPLIT_MESSAGE)
+            json_metrics = [m for m in evaluation.metrics if METRICS[m].reference == "json"]
+            if json_metrics:
+                raise ValueError(_BUILTIN_JSON_MESSAGE)
+        return evaluation
+
+    def evaluation_settings(self) -> EvaluationSettings | None:
+        """What the run evaluates: ``evaluation``, or what the ``dataset.evalSamples`` shorthand stands for
+        (normalizedExactMatch on that many samples, before and after training), or None."""
+        if self.evaluation is not None:
+            return self.evaluation
+        if self.dataset.eval_samples:
+            return EvaluationSettings(samples=self.dataset.eval_samples, metrics=["normalizedExactMatch"])
+        return None
 
     def uses_s3(self) -> bool:
         """True when any location of the recipe is in object storage."""

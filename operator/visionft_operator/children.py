@@ -91,6 +91,7 @@ def trainer_config(owner: Owner, spec: VisionFineTuneSpec) -> TrainerConfig:
     runtime = RuntimeSettings(
         work_dir=f"{c.SCRATCH_MOUNT}/work",
         json_progress=True,
+        run_name=owner.name,
         status_target=StatusTarget(namespace=owner.namespace, name=owner.name),
     )
     return TrainerConfig.from_recipe(spec, runtime)

@@ -46,6 +46,11 @@ class ConfigError(ValueError):
     """The config cannot be run as written (a missing path, an impossible combination)."""
 
 
+class WorseThanBaseError(RuntimeError):
+    """The run finished and published its outputs, but ``evaluation.failIfWorseThanBase`` fails it: the
+    output's headline metric is worse than the base model's."""
+
+
 @dataclass
 class RunResult:
     """What a run produced.
@@ -54,26 +59,28 @@ class RunResult:
         output_dir (str): the local output folder.
         steps (int): optimizer steps done.
         final_loss (float | None): the last logged training loss.
-        accuracy_before (float | None): held-out accuracy before training (None when not scored).
-        accuracy_after (float | None): held-out accuracy after training.
-        eval_samples (int): how many held-out samples were scored.
+        eval_samples (int): how many held-out samples each evaluation scored (0: no evaluation).
+        evaluation (dict | None): ``status.evaluation`` at the end: the headline metric of the base model,
+            the output and the best evaluation, each with its step.
         skipped_samples (int): samples skipped under ``onBadSample: skip``.
         wall_seconds (float): the whole run's wall time.
         cpu_seconds (float): CPU time of the process (all threads): the work itself, whatever else shares
             the machine.
-        saved (dict[str, str]): what was saved where (``adapter``, ``merged``, ``lossCurve``).
+        saved (dict[str, str]): what was saved where (``adapter``, ``merged``, ``lossCurve``, ``metrics``,
+            ``gallery``).
+        tracking (dict | None): per tracker, how many calls failed and the first failure.
     """
 
     output_dir: str
     steps: int = 0
     final_loss: float | None = None
-    accuracy_before: float | None = None
-    accuracy_after: float | None = None
     eval_samples: int = 0
+    evaluation: dict[str, Any] | None = None
     skipped_samples: int = 0
     wall_seconds: float = 0.0
     cpu_seconds: float = 0.0
     saved: dict[str, str] = field(default_factory=dict)
+    tracking: dict[str, Any] | None = None
 
 
 def train(config: TrainerConfig, echo=print) -> RunResult:
@@ -85,13 +92,18 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
 
     Returns:
         RunResult: the run's summary (also written to ``run.json`` in the output folder).
+
+    Raises:
+        WorseThanBaseError: ``evaluation.failIfWorseThanBase`` is set and the output's headline metric is
+            worse than the base model's (raised after the outputs are published).
     """
     t0, cpu0 = time.monotonic(), time.process_time()
     from visionft.engine import distributed
     from visionft.engine.options import EngineOptions
     from visionft.job.reporting import ProgressCallback, StatusReporter
 
-    # Under torchrun every rank runs this function; only rank 0 reports, scores and writes outputs.
+    # Under torchrun every rank runs this function; only rank 0 reports, writes outputs and tracks; every
+    # rank takes its share of each evaluation.
     distributed.setup()
     main = distributed.is_main_process()
     target = config.runtime.status_target
@@ -104,60 +116,92 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     progress.stage("Downloading")
     output_uri = config.output.uri if config.output else None
     output_dir = work / "output" if output_uri is None or output_uri.startswith("s3://") else Path(output_uri)
+    to_s3 = output_uri is not None and output_uri.startswith("s3://")
     with distributed.local_main_first():
         if output_uri is None and distributed.is_local_main_process():
             # No output to resume into: a scratch run (the quickstart) trains from the first step each time,
             # instead of resuming the previous run's last checkpoint (which would train zero steps).
             shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(output_dir / "best", ignore_errors=True)
         dataset_dir = _local_input(config.dataset.uri, work / "dataset", config, "dataset")
         model_dir = _local_input(config.model.uri, work / "model", config, "model")
     output_dir.mkdir(parents=True, exist_ok=True)
 
     progress.stage("Loading")
+    # The data first: a held-out split that can't serve the evaluation fails before the model loads.
+    train_set, stage = _load_data(config, dataset_dir, output_dir)
     model, processor, patch_report = _load_model(config, model_dir, options)
-    train_set, eval_set = _load_data(config, dataset_dir)
     collator = _collator(config, model, processor, dataset_dir, options)
     result = RunResult(output_dir=str(output_dir))
+    tracking = _tracking(config, output_dir) if main else None
 
-    n_eval = min(config.dataset.eval_samples, len(eval_set)) if eval_set is not None else 0
-    if config.dataset.eval_samples and eval_set is None:
-        echo(
-            "visionft: dataset.evalSamples is set but there is no held-out split; set dataset.validationFraction"
+    def report(status: dict, where: str, state) -> None:
+        progress.evaluation(status, where, state)
+
+    if stage is not None:
+        from visionft.job.reporting import console_line
+
+        stage.attach(
+            collator,
+            report=report if main else None,
+            log_metrics=tracking.log_metrics if tracking is not None else None,
+            # Above the progress bar when printing to the terminal.
+            echo=(console_line if echo is print else echo) if main else (lambda line: None),
+            is_main=main,
         )
-    if n_eval and main:
-        before = _score(model, collator, eval_set, n_eval)
-        result.accuracy_before, result.eval_samples = before.value, before.total
-        echo(f"held-out accuracy before training: {before}")
 
     trainer = _trainer(
-        config, model, processor, train_set, collator, output_dir, progress, options, patch_report
+        config, model, processor, train_set, collator, output_dir, progress, options, patch_report, stage, tracking
     )
     distributed.barrier()  # each node's local main has fetched the newest S3 checkpoint by now
     resume = _newest_checkpoint(output_dir / "checkpoints")
     if resume:
         echo(f"visionft: resuming from {resume}")
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if stage is not None and to_s3 and distributed.is_local_main_process():
+            _sync_best(config, output_dir)
+        distributed.barrier()
+    if tracking is not None:
+        from visionft.tracking import flat_params, load_state
+
+        tracking.start(flat_params(_recipe_params(config)), resume=load_state(resume))
+    if stage is not None:
+        # The base model, also on a resumed run: the gallery's "before" answers and the comparison that
+        # failIfWorseThanBase makes (greedy decoding gives the same answers each time).
+        progress.stage("Evaluating")
+        stage.evaluate_base(model)
+        result.eval_samples = len(stage.samples)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except BaseException:
+        if tracking is not None:
+            tracking.finish("FAILED")
+        raise
     result.steps = trainer.state.global_step
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result.final_loss = losses[-1] if losses else None
     result.skipped_samples = collator.skipped
+    if stage is not None:
+        stage.finish(model, trainer.state.global_step)
 
     if not main:
         distributed.barrier()  # rank 0 saves and uploads below, then releases the others
         return result
-    if n_eval:
-        after = _score(model, collator, eval_set, n_eval)
-        result.accuracy_after = after.value
-        echo(f"held-out accuracy after training: {after}")
 
-    to_s3 = output_uri is not None and output_uri.startswith("s3://")
     progress.stage("Uploading" if to_s3 else "Saving", trainer.state)
-    result.saved = _save(config, model, processor, output_dir, trainer.state.log_history)
+    result.saved = _save(config, model, processor, output_dir, trainer.state.log_history, stage)
+    if stage is not None:
+        result.evaluation = stage.record.status()
+        result.saved.update(stage.write_reports(title=_run_name(config, output_dir)))
+    if tracking is not None:
+        result.tracking = {"failures": dict(tracking.failures), "problems": dict(tracking.problems)}
     result.wall_seconds = round(time.monotonic() - t0, 1)
     result.cpu_seconds = round(time.process_time() - cpu0, 1)
     (output_dir / "run.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     if to_s3:
         _upload(config, output_dir)
+    if tracking is not None:
+        tracking.log_artifacts(_artifacts(config, output_dir))
+        tracking.finish("FINISHED")
     progress.stage("Done", trainer.state)
     distributed.barrier()
     if collator.skipped:
@@ -165,10 +209,20 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
             f"visionft: skipped {collator.skipped} bad samples (onBadSample: skip); last: "
             f"{collator.last_skip_reasons[-1]}"
         )
+    if stage is not None:
+        echo(stage.summary_table())
+        echo(f"gallery: {result.saved['gallery']}")
     echo(
         f"done: {result.steps} steps, final loss {result.final_loss}, output in {output_dir}, "
         f"wall time {result.wall_seconds:.1f} s (CPU time {result.cpu_seconds:.1f} s)"
     )
+    if stage is not None and stage.settings.fail_if_worse_than_base and stage.record.worse_than_base():
+        record = stage.record
+        raise WorseThanBaseError(
+            f"the output's {record.metric} ({record.final.values[record.metric]:.4g}) is worse than the base "
+            f"model's ({record.base.values[record.metric]:.4g}) and evaluation.failIfWorseThanBase is set; "
+            f"the outputs are published in {output_uri or output_dir} for a look"
+        )
     return result
 
 
@@ -275,14 +329,20 @@ def _check_packing(options, model) -> None:
         raise ConfigError(f"training.packing: {reason}; set training.packing to false")
 
 
-def _load_data(config: TrainerConfig, dataset_dir: Path):
-    from visionft.data.formats import load_local_dataset, split_validation
+def _load_data(config: TrainerConfig, dataset_dir: Path, output_dir: Path):
+    """The training split and the evaluation stage (None without ``evaluation``), its held-out samples
+    chosen and checked."""
+    from visionft.data.formats import MessagesFormatter, load_local_dataset
+    from visionft.job.evaluation import EvaluationStage
 
-    splits = load_local_dataset(dataset_dir, config.dataset.format)
-    train_set, eval_set = split_validation(splits, config.dataset.validation_fraction, config.training.seed)
+    d = config.dataset
+    splits = load_local_dataset(dataset_dir, d.format)
+    stage, train_set, _ = EvaluationStage.prepare(
+        config, splits, output_dir, MessagesFormatter(d.columns, d.instruction)
+    )
     # The dataset index travels with each record so that a bad sample's error names it.
     train_set = train_set.add_column("__index__", list(range(len(train_set))))
-    return train_set, eval_set
+    return train_set, stage
 
 
 def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, options):
@@ -302,12 +362,6 @@ def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, option
         formatter=MessagesFormatter(d.columns, d.instruction),
         packing=options.packing,
     )
-
-
-def _score(model, collator, eval_set, n: int):
-    from visionft.job.evaluation import answer_accuracy
-
-    return answer_accuracy(model, collator, eval_set, limit=n)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -340,6 +394,8 @@ def _trainer(
     progress,
     options,
     patch_report,
+    stage,
+    tracking,
 ):
     import torch
     from trl import SFTConfig
@@ -379,10 +435,18 @@ def _trainer(
         dataloader_num_workers=0,  # the collator's skip counts live in this process
         include_num_input_tokens_seen=True,
         report_to="none",
+        # A pod prints JSON lines (runtime.jsonProgress); a terminal gets the progress bar, with the loss in it.
+        disable_tqdm=config.runtime.json_progress,
         use_cpu=not cuda,
         **distributed.ddp_training_kwargs(),
     )
     callbacks: list[Any] = [progress]
+    if stage is not None:
+        callbacks.append(stage.callback())
+    if tracking is not None:
+        from visionft.job.reporting import TrackingCallback
+
+        callbacks.append(TrackingCallback(tracking))
     if distributed.is_distributed():
         from visionft.engine.checkpoint_rng import GatherRngStatesCallback
 
@@ -398,6 +462,7 @@ def _trainer(
         engine_options=options,
         patch_report=patch_report,
     )
+    _console(trainer, json_lines=config.runtime.json_progress)
     # Every node's local main fetches the newest complete S3 checkpoint (in the callback's constructor), so
     # that all ranks resume from one step; only rank 0 uploads new ones. Added after the RNG callback
     # (callbacks run in the order they were added), so each upload holds every rank's RNG file.
@@ -405,6 +470,20 @@ def _trainer(
     if storage_callback is not None and distributed.is_main_process():
         trainer.add_callback(storage_callback)
     return trainer
+
+
+def _console(trainer, json_lines: bool) -> None:
+    """The Trainer prints each log dict (its PrinterCallback, or its progress bar's ``write``); this run's
+    own reports say the same once: JSON lines in a pod, a progress bar with the loss in it in a terminal."""
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as BarCallback
+
+    from visionft.job.reporting import LossBar
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(BarCallback)
+    if not json_lines:
+        trainer.add_callback(LossBar())
 
 
 def _storage_callback(config: TrainerConfig, output_dir: Path):
@@ -437,7 +516,7 @@ def _newest_checkpoint(folder: Path) -> Path | None:
 
 
 def _save(
-    config: TrainerConfig, model, processor, output_dir: Path, log_history: list[dict]
+    config: TrainerConfig, model, processor, output_dir: Path, log_history: list[dict], stage=None
 ) -> dict[str, str]:
     from visionft.job.plotting import save_loss_curve
 
@@ -455,7 +534,63 @@ def _save(
         patching.revert_optimizations(model)
         model.save_pretrained_merged(str(output_dir / "merged"), processor, save_method=method)
         saved["merged"] = str(output_dir / "merged")
-    curve = save_loss_curve(log_history, output_dir / "loss.png")
+    metric = stage.record.metric if stage is not None else None
+    base = stage.record.base.values.get(metric) if stage is not None and stage.record.base else None
+    curve = save_loss_curve(log_history, output_dir / "loss.png", metric=metric, base=base)
     if curve is not None:
         saved["lossCurve"] = str(curve)
     return saved
+
+
+def _sync_best(config: TrainerConfig, output_dir: Path) -> None:
+    """A resumed run's best evaluation so far (``<output>/best/``, published at each new best) comes back
+    from S3 with the checkpoint, so that keepBest still knows it."""
+    from visionft import storage
+
+    assert config.output is not None
+    try:
+        storage.sync_down(config.output.uri.rstrip("/") + "/best/", output_dir / "best", config.storage)
+    except storage.StorageError as err:
+        logger.warning("visionft: no earlier best evaluation to resume from (%s)", err)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Tracking
+# ------------------------------------------------------------------------------------------------------
+
+
+def _run_name(config: TrainerConfig, output_dir: Path) -> str:
+    target = config.runtime.status_target
+    return config.runtime.run_name or (target.name if target else None) or output_dir.parent.name
+
+
+def _tracking(config: TrainerConfig, output_dir: Path):
+    """The run's trackers (``visionft.tracking``), not started yet."""
+    from visionft.tracking import Tracking, sinks_for
+
+    target = config.runtime.status_target
+    tags = {"visionft.model": config.model.uri, "visionft.dataset": config.dataset.uri}
+    if target is not None:
+        tags["visionft.resource"] = f"{target.namespace}/{target.name}"
+    return Tracking(
+        sinks_for(config.tracking, output_dir, _run_name(config, output_dir), tags, config.storage)
+    )
+
+
+def _recipe_params(config: TrainerConfig) -> dict[str, Any]:
+    """The recipe as tracked parameters: everything but where the trainer runs and the tracking itself."""
+    raw = config.to_dict()
+    for key in ("runtime", "tracking"):
+        raw.pop(key, None)
+    return raw
+
+
+def _artifacts(config: TrainerConfig, output_dir: Path) -> list[tuple[Path, str]]:
+    """``(local file, artifact path)`` for the tracker: the reports, and the adapter unless
+    ``tracking.mlflow.logAdapter`` is off."""
+    files = [(output_dir / name, name) for name in ("gallery.html", "metrics.json", "loss.png", "run.json")]
+    mlflow = config.tracking.mlflow if config.tracking else None
+    adapter = output_dir / "adapter"
+    if mlflow is not None and mlflow.log_adapter and adapter.is_dir():
+        files += [(f, f"adapter/{f.relative_to(adapter)}") for f in sorted(adapter.rglob("*")) if f.is_file()]
+    return files
