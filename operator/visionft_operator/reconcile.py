@@ -462,8 +462,10 @@ async def reconcile_key(key: Key) -> float | None:
     else:
         _waiting.get(namespace, set()).discard(name)
     REGISTRY.set_phase(namespace, name, outcome.derived.status.get("phase"))
-    if outcome.derived.event:
-        kind, reason, message = outcome.derived.event
+    for event in (outcome.derived.event, outcome.derived.evaluation_event):
+        if event is None:
+            continue
+        kind, reason, message = event
         try:
             await asyncio.to_thread(kube.post_event, outcome.body, kind, reason, message)
         except Exception:  # an Event is for people; a failed post must not fail the reconcile

@@ -20,6 +20,7 @@ from typing import Any
 from visionft_api import conditions as cond
 from visionft_api.resource import FINAL_PHASES
 
+from visionft_operator import evaluation
 from visionft_operator.constants import ANNOTATION_ATTEMPTS
 
 
@@ -61,6 +62,8 @@ class Derived:
 
     status: dict[str, Any]
     event: tuple[str, str, str] | None = None  # (type Normal|Warning, reason, message)
+    # A new best evaluation (status.evaluation.best at a step not announced yet), posted besides `event`.
+    evaluation_event: tuple[str, str, str] | None = None
 
 
 @dataclass
@@ -241,6 +244,12 @@ def _state(obs: Observation) -> _State:
         return _State(phase, message, reason, stalled=phase == "Failed", admitted=admitted)
     job = obs.job
     if job is not None:
+        worse = evaluation.fails_run(obs.spec, obs.status)
+        if worse is not None and (_job_condition(job, "Complete") or _job_condition(job, "Failed")):
+            message = (
+                f"{worse.message} and spec.evaluation.failIfWorseThanBase is set; the outputs are published"
+            )
+            return _State("Failed", message, cond.REASON_WORSE_THAN_BASE, stalled=True)
         if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
             done = "training finished and the outputs are published"
             if not obs.spec.get("output"):
@@ -367,6 +376,9 @@ def derive(obs: Observation, now: str | None = None) -> Derived:
         put(cond.STALLED, "True" if st.stalled else "False", st.reason, st.message if st.stalled else "")
         put(cond.COMPLETE, "False", cond.REASON_IN_PROGRESS, "")
         put(cond.FAILED, "False", cond.REASON_IN_PROGRESS, "")
+    degraded = evaluation.degraded_condition(old)
+    if degraded is not None:
+        put(cond.DEGRADED, *degraded)
     if st.admitted:
         admitted_msg = (
             st.message if st.admitted[0] == "False" else "policy, quota and queue let the run start"
@@ -390,7 +402,8 @@ def derive(obs: Observation, now: str | None = None) -> Derived:
             status["startTime"] = job_start
     if final and not old.get("completionTime"):
         status["completionTime"] = ((job or {}).get("status") or {}).get("completionTime") or now
-    if st.phase == "Succeeded" and outputs(obs.spec):
+    published = st.phase == "Succeeded" or st.reason == cond.REASON_WORSE_THAN_BASE
+    if published and outputs(obs.spec):
         status["outputs"] = outputs(obs.spec)
     if obs.restarts:
         status["restarts"] = obs.restarts
@@ -404,7 +417,12 @@ def derive(obs: Observation, now: str | None = None) -> Derived:
         event = (kind, st.reason if st.stalled or st.phase == "Failed" else st.phase, st.message)
     if obs.group and status["message"] != old.get("message"):
         event = ("Warning", st.reason, st.message)  # each group restart, also one within the same phase
-    return Derived(status=status, event=event)
+    best = evaluation.new_best(old)
+    best_event = None
+    if best is not None:
+        status["announcedBestStep"] = best[0]
+        best_event = ("Normal", cond.REASON_NEW_BEST_METRIC, best[1])
+    return Derived(status=status, event=event, evaluation_event=best_event)
 
 
 def changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
