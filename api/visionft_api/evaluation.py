@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from visionft_api.base import SpecModel, cel
 
@@ -200,10 +200,15 @@ class EvaluationSettings(SpecModel):
         }
     )
 
+    @field_validator("metrics")
+    @classmethod
+    def _each_once(cls, metrics: list[MetricName]) -> list[MetricName]:
+        if len(set(metrics)) != len(metrics):
+            raise ValueError("evaluation.metrics lists a metric twice: name each once")
+        return metrics
+
     @model_validator(mode="after")
     def _consistent(self) -> EvaluationSettings:
-        if len(set(self.metrics)) != len(self.metrics):
-            raise ValueError("evaluation.metrics lists a metric twice: name each once")
         if self.keep_best is not None:
             metric = self.keep_best.metric
             if metric is not None and metric != EVAL_LOSS and metric not in self.metrics:

@@ -97,13 +97,16 @@ def _evaluation_rules() -> list[JsonDict]:
             ".dataset.evalSamples",
         ),
         cel(
-            f"!has(self.evaluation) || !{builtin} || self.evaluation.split in [{splits}]",
+            f"!has(self.evaluation) || !{builtin} || !has(self.evaluation.split) "
+            f"|| self.evaluation.split in [{splits}]",
             _BUILTIN_SPLIT_MESSAGE,
+            ".evaluation.split",
         ),
         cel(
-            f"!has(self.evaluation) || !{builtin} || "
+            f"!has(self.evaluation) || !{builtin} || !has(self.evaluation.metrics) || "
             + " && ".join(f"!('{m}' in self.evaluation.metrics)" for m in json_metrics),
             _BUILTIN_JSON_MESSAGE,
+            ".evaluation.metrics",
         ),
     ]
     for uri, held_out in BUILTIN_HELD_OUT.items():
@@ -112,6 +115,7 @@ def _evaluation_rules() -> list[JsonDict]:
                 f"!has(self.evaluation) || !has(self.evaluation.samples) || self.dataset.uri != '{uri}' "
                 f"|| self.evaluation.samples <= {held_out}",
                 _builtin_count_message("evaluation.samples", uri, held_out),
+                ".evaluation.samples",
             )
         )
     return rules
@@ -339,12 +343,14 @@ class DatasetSource(SpecModel):
             raise ValueError(_DATASET_BUILTIN_MESSAGE)
         return uri
 
-    @model_validator(mode="after")
-    def _eval_samples_fit(self) -> DatasetSource:
-        held_out = BUILTIN_HELD_OUT.get(self.uri)
-        if held_out is not None and self.eval_samples > held_out:
-            raise ValueError(_builtin_count_message("dataset.evalSamples", self.uri, held_out))
-        return self
+    @field_validator("eval_samples")
+    @classmethod
+    def _eval_samples_fit(cls, eval_samples: int, info: ValidationInfo) -> int:
+        uri = info.data.get("uri")  # absent when the uri itself failed validation
+        held_out = BUILTIN_HELD_OUT.get(uri) if isinstance(uri, str) else None
+        if held_out is not None and eval_samples > held_out:
+            raise ValueError(_builtin_count_message("dataset.evalSamples", str(uri), held_out))
+        return eval_samples
 
 
 class TrainingSettings(SpecModel):
