@@ -1,6 +1,6 @@
-"""Progress reporting: the status write is a server-side apply of status.progress only, under the
-visionft-trainer field manager (on the real control plane); an unreachable apiserver never stops
-training; writes are throttled; the loss-curve PNG."""
+"""Progress reporting: the status write is a server-side apply of status.progress (and status.evaluation,
+kept in every later write) only, under the visionft-trainer field manager (on the real control plane); an
+unreachable apiserver never stops training; writes are throttled; the loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -118,6 +118,62 @@ def test_status_progress_is_applied_with_the_trainer_field_manager(kube_client, 
     assert not reporter.report({"step": 5, "totalSteps": 30})
     progress = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)["status"]["progress"]
     assert progress["step"] == 4 and "loss" not in progress
+
+
+@pytest.mark.cluster
+def test_status_evaluation_is_kept_by_later_progress_writes(kube_client, kubeconfig, namespace):
+    from kubernetes import client, dynamic
+
+    crd = yaml.safe_load((REPO / "crds" / "visionft.io_visionfinetunes.yaml").read_text())
+    dyn = dynamic.DynamicClient(kube_client)
+    crds = dyn.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
+    crds.server_side_apply(body=crd, field_manager="test", force_conflicts=True)
+    _wait_established(kube_client, crd["metadata"]["name"])
+    name = f"eval-{uuid.uuid4().hex[:6]}"
+    body = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"uri": "s3://models/tiny/"},
+            "dataset": {"uri": "s3://data/shapes/"},
+            "output": {"uri": "s3://out/shapes/"},
+            "evaluation": {"metrics": ["cer"], "everySteps": 10},
+        },
+    }
+    api = client.CustomObjectsApi(kube_client)
+    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    evaluation = {
+        "metric": "cer",
+        "higherIsBetter": False,
+        "samples": 24,
+        "base": {"step": 0, "value": 0.91, "values": {"cer": 0.91, "evalLoss": 6.2}},
+        "latest": {"step": 10, "value": 0.4, "values": {"cer": 0.4, "evalLoss": 1.1}},
+        "best": {"step": 10, "value": 0.4, "metric": "cer", "values": {"cer": 0.4}},
+        "summary": "cer 0.910 -> 0.400 (best 0.400 @ 10)",
+    }
+    callback = ProgressCallback(reporter=StatusReporter(namespace, name, min_interval_s=0, api=api))
+    callback.evaluation(evaluation, "Training")
+    # A later progress write does not carry the evaluation in its arguments: it must not drop it.
+    assert callback.reporter is not None
+    assert callback.reporter.report({"step": 11, "totalSteps": 30, "stage": "Training"}, force=True)
+    obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    assert obj["status"]["evaluation"] == evaluation
+    assert obj["status"]["progress"]["step"] == 11
+    mine = [m for m in obj["metadata"]["managedFields"] if m["manager"] == TRAINER_FIELD_MANAGER]
+    assert set(mine[0]["fieldsV1"]["f:status"]) == {"f:progress", "f:evaluation"}
+    # The printer column shows the headline metric.
+    response = kube_client.call_api(
+        f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}",
+        "GET",
+        header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
+        auth_settings=["BearerToken"],
+        _return_http_data_only=True,
+        _preload_content=False,
+    )
+    table = json.loads(response.data)
+    columns = [c["name"] for c in table["columnDefinitions"]]
+    assert table["rows"][0]["cells"][columns.index("Eval")] == "cer 0.910 -> 0.400 (best 0.400 @ 10)"
 
 
 def _wait_established(kube_client, name: str, timeout: float = 30.0) -> None:

@@ -128,10 +128,11 @@ class EvaluationStage:
 
     # -- the three evaluations ----------------------------------------------------------------------------
 
-    def _evaluate(self, model, step: int) -> Evaluation:
+    def _evaluate(self, model, step: int, track: bool = True) -> Evaluation:
         assert self.evaluator is not None, "attach() first"
         evaluation = self.evaluator.evaluate(model, step)
-        self.log_metrics(tracked(evaluation), step)
+        if track:
+            self.log_metrics(tracked(evaluation), step)
         return evaluation
 
     def evaluate_base(self, model) -> Evaluation:
@@ -174,7 +175,8 @@ class EvaluationStage:
             assert last is not None
             final = last
         else:
-            final = self._evaluate(model, step)
+            # The best weights were tracked at their own step; the last step's are new to the trackers.
+            final = self._evaluate(model, step, track=not swapped)
         self.record.final = final
         if self.record.output_from == "best" and self.record.best is not None:
             where = f"the best checkpoint (step {self.record.best.step})"

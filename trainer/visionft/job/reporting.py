@@ -236,7 +236,9 @@ class TrackingCallback(TrainerCallback):
         logs = logs or {}
         if "loss" in logs:
             values = {
-                name: logs[key] for key, name in self._KEYS.items() if isinstance(logs.get(key), int | float)
+                name: logs[key]
+                for key, name in _TRACKED_KEYS.items()
+                if isinstance(logs.get(key), int | float)
             }
             self.tracking.log_metrics(values, state.global_step)
 

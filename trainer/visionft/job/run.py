@@ -5,17 +5,23 @@ The steps, top to bottom in ``train``:
 1. locate inputs: local paths are used in place; ``s3://`` dataset/model URIs are synced into
    ``runtime.workDir`` (``visionft.storage``); ``builtin://`` ones are generated there
    (``visionft.job.builtin``);
-2. load the model (``FastVisionModel.from_pretrained``) and add LoRA (``get_peft_model``) as the recipe says,
-   then the optional fused kernels; the engine's switches (``EngineOptions``: ``training.optimizations``,
-   ``training.packing`` and the environment) are resolved once, before, and passed on from here;
-3. load the dataset, split off validation, build the ``VisionDataCollator`` (with ``training.packing``, one
-   row per batch without padding: decided right after loading, refused for architectures whose family does
-   not pack, and the packed attention installed once the kernels are in);
-4. score ``dataset.evalSamples`` held-out samples (exact-match accuracy), train with TRL's ``SFTTrainer``
-   (checkpoints every ``checkpointEverySteps``, resuming from the newest complete one), score again;
-5. save adapters or merged weights, the loss curve (``loss.png``) and ``run.json`` (the summary, written
-   last, so that its presence means the output folder is complete), then upload to S3 when the output is
-   an ``s3://`` URI.
+2. load the dataset, pick the held-out split and, with ``evaluation`` (or the ``dataset.evalSamples``
+   shorthand), choose and check its samples (``visionft.job.evaluation``; a setting the data can't serve
+   fails here, before the model loads); then the model (``FastVisionModel.from_pretrained``), LoRA
+   (``get_peft_model``), the optional fused kernels and the ``VisionDataCollator``. The engine's switches
+   (``EngineOptions``: ``training.optimizations``, ``training.packing`` and the environment) are resolved
+   once, before, and passed on from here; with ``training.packing`` (one row per batch without padding),
+   architectures whose family does not pack are refused right after loading, and the packed attention is
+   installed once the kernels are in;
+3. start the trackers (``visionft.tracking``: MLflow and/or TensorBoard event files), evaluate the base
+   model, train with TRL's ``SFTTrainer`` (checkpoints every ``checkpointEverySteps``, resuming from the
+   newest complete one; evaluations every ``evaluation.everySteps``, the best one's checkpoint kept), and
+   evaluate the output (the best checkpoint's weights with ``keepBest.useForOutput``);
+4. save adapters or merged weights, the loss plot (``loss.png``), ``metrics.json``, ``gallery.html`` and
+   ``run.json`` (the summary, written last, so that its presence means the output folder is complete),
+   upload to S3 when the output is an ``s3://`` URI, log the reports to the trackers, and print the summary
+   table. With ``evaluation.failIfWorseThanBase`` and an output worse than the base model,
+   ``WorseThanBaseError`` follows (the CLI's exit code 3).
 
 Without ``output`` (allowed for a generated model only), the output folder is ``<workDir>/output`` and each
 run starts from the first step: its checkpoints are a scratch copy, not a run to resume.
