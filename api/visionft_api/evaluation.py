@@ -171,7 +171,8 @@ class EvaluationSettings(SpecModel):
     )
     keep_best: KeepBest | None = Field(
         None,
-        description="keepBest keeps the best evaluated checkpoint (never rotated away by keepCheckpoints).",
+        description="keepBest keeps the best evaluation's adapter in the output's best/ folder, which "
+        "keepCheckpoints never rotates away.",
     )
     fail_if_worse_than_base: bool = Field(
         False,

@@ -4,8 +4,9 @@ training, and
 
 - the metric improves;
 - gallery.html shows exactly the predictions and scores of metrics.json, worst first;
-- the best checkpoint is the best evaluation by keepBest's metric, kept past keepCheckpoints, and the
-  published adapter holds its weights;
+- the best checkpoint is the best evaluation by keepBest's metric, kept in <output>/best/ past
+  keepCheckpoints, and the published adapter holds its weights (test_evaluation_stage.py covers a best
+  that is not the last step);
 - a plain transformers + PEFT reload of the published adapter answers exactly as metrics.json says;
 - the console shows the summary table and the progress bar, and no raw Trainer log dict;
 - TensorBoard event files (the default tracker) hold the training loss and the evaluations.
@@ -149,19 +150,21 @@ def test_evaluated_run(tmp_path, capsys, name):
     assert [e["step"] for e in doc["history"]] == evaluated
 
     # The best checkpoint: the best evaluation during training (strictly better wins, so the earliest
-    # of equals), kept past keepCheckpoints 1, and the published adapter is its weights.
+    # of equals), kept in <output>/best/ (outside checkpoints/, which keepCheckpoints 1 rotates), and the
+    # published adapter is its weights.
     higher = doc["higherIsBetter"][metric]
     values = [(e["values"][metric], e["step"]) for e in doc["history"]]
     best_value = max(v for v, _ in values) if higher else min(v for v, _ in values)
     best_step = min(s for v, s in values if v == best_value)
     assert doc["best"]["step"] == best_step and doc["outputFrom"] == "best"
     assert doc["final"]["values"][metric] == pytest.approx(best_value)
-    kept = out / "checkpoints" / f"checkpoint-{best_step}" / "adapter_model.safetensors"
-    assert kept.is_file(), sorted(p.name for p in (out / "checkpoints").iterdir())
+    kept = json.loads((out / "best" / "best.json").read_text())
+    assert kept["step"] == best_step and kept["values"][metric] == pytest.approx(best_value)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"checkpoint-{task['steps']}"]
     published = load_file(out / "adapter" / "adapter_model.safetensors")
-    checkpoint = load_file(kept)
-    assert published.keys() == checkpoint.keys()
-    assert all(torch.equal(published[k], checkpoint[k]) for k in published)
+    best = load_file(out / "best" / "adapter" / "adapter_model.safetensors")
+    assert published.keys() == best.keys()
+    assert all(torch.equal(published[k], best[k]) for k in published)
 
     # The gallery shows metrics.json's predictions and per-sample scores, worst first.
     per_sample = {entry["index"]: entry for entry in doc["perSample"]}

@@ -7,9 +7,11 @@ training, and the output at the end; the best checkpoint; the reports.
 
 1. ``evaluate_base``: the base model (step 0; LoRA starts as a no-op), on every rank;
 2. ``callback``: a ``TrainerCallback`` that evaluates at each multiple of ``everySteps``. A new best (by
-   ``keepBest.metric``) is copied (the adapter weights, in memory on every rank, and to ``<output>/best/``
-   by rank 0), its step is saved as a checkpoint that ``keepCheckpoints`` never rotates away (the
-   Trainer's ``best_global_step``), and an Event-worthy ``status.evaluation.best`` is reported;
+   ``keepBest.metric``) is kept: its adapter weights in memory on every rank, and on rank 0 as the
+   checkpoint ``<output>/best/`` (``adapter/`` as PEFT saves it, and ``best.json``: the step and its
+   values), outside ``checkpoints/`` and so never rotated away by ``keepCheckpoints``; with an ``s3://``
+   output it is published at once, for a restarted pod to find. ``status.evaluation.best`` is reported
+   (the operator posts an Event);
 3. ``finish``: with ``keepBest.useForOutput``, the best weights go back into the model; the output is
    evaluated (reusing the last evaluation when the weights are the same); ``metrics.json`` and
    ``gallery.html`` are written.
@@ -88,6 +90,7 @@ class EvaluationStage:
         self.report: Callable[[dict[str, Any], str, Any], None] = lambda status, stage, state: None
         self.log_metrics: Callable[[dict[str, float], int], None] = lambda values, step: None
         self.echo: Callable[[str], None] = print
+        self.publish_best: Callable[[Path], None] = lambda folder: None
         self.is_main = True
 
     # -- before the model ----------------------------------------------------------------------------------
@@ -114,8 +117,11 @@ class EvaluationStage:
         batch = config.training.per_device_batch_size
         return cls(settings, samples, name, output_dir, seed, batch), train, held_out
 
-    def attach(self, collator, report=None, log_metrics=None, echo=None, is_main: bool = True) -> None:
-        """Gives the stage the collator and where results go (status, trackers, console)."""
+    def attach(
+        self, collator, report=None, log_metrics=None, echo=None, publish_best=None, is_main: bool = True
+    ) -> None:
+        """Gives the stage the collator and where results go (status, trackers, console, and the output's
+        storage for ``<output>/best``)."""
         self.collator = collator
         self.evaluator = Evaluator(self.settings, self.samples, collator, self.seed, self.batch_size)
         if report is not None:
@@ -124,6 +130,8 @@ class EvaluationStage:
             self.log_metrics = log_metrics
         if echo is not None:
             self.echo = echo
+        if publish_best is not None:
+            self.publish_best = publish_best
         self.is_main = is_main
 
     # -- the three evaluations ----------------------------------------------------------------------------
@@ -152,7 +160,7 @@ class EvaluationStage:
         state.log_history.append(history_entry(evaluation))
         keep = self.settings.keep_best is not None
         if keep and new_best:
-            self._keep_best(model, evaluation, state)
+            self._keep_best(model, evaluation)
         mark = " (new best)" if keep and new_best else ""
         self.echo(f"step {state.global_step}: {self._line(evaluation)}{mark}")
         self.report(self.record.status(), "Training", state)
@@ -188,26 +196,18 @@ class EvaluationStage:
 
     # -- the best checkpoint ------------------------------------------------------------------------------
 
-    def _keep_best(self, model, evaluation: Evaluation, state) -> None:
+    def _keep_best(self, model, evaluation: Evaluation) -> None:
         from peft import get_peft_model_state_dict
 
-        self.best_weights = {
-            k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()
-        }
-        # The Trainer saves this step's checkpoint and never rotates it away (best_global_step).
-        state.best_global_step = evaluation.step
-        state.best_metric = evaluation.values[self.record.best_by]
-        checkpoints = self.output_dir / "checkpoints"
-        self.record.best_checkpoint = str(checkpoints / f"checkpoint-{evaluation.step}")
+        weights = get_peft_model_state_dict(model)
+        self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+        folder = self.output_dir / BEST_FOLDER
+        self.record.best_checkpoint = str(folder / "adapter")
         if self.is_main:
-            folder = self.output_dir / BEST_FOLDER
             model.save_pretrained(str(folder / "adapter"))
-            (folder / BEST_RECORD).write_text(
-                json.dumps(
-                    {"metric": self.record.best_by, "step": evaluation.step, "values": evaluation.values}
-                )
-                + "\n"
-            )
+            record = {"metric": self.record.best_by, "step": evaluation.step, "values": evaluation.values}
+            (folder / BEST_RECORD).write_text(json.dumps(record) + "\n")
+            self.publish_best(folder)
 
     def _load_best(self, model) -> None:
         from peft import set_peft_model_state_dict
@@ -234,7 +234,7 @@ class EvaluationStage:
         if self.settings.keep_best is not None and best.is_file():
             data = json.loads(best.read_text())
             self.record.best = Evaluation(int(data["step"]), dict(data["values"]))
-            self.record.best_checkpoint = str(self.output_dir / "checkpoints" / f"checkpoint-{data['step']}")
+            self.record.best_checkpoint = str(best.parent / "adapter")
 
     def callback(self) -> TrainerCallback:
         """The TrainerCallback that evaluates at each multiple of ``everySteps``."""
@@ -305,5 +305,4 @@ class _EvaluationCallback(TrainerCallback):
         every = self.stage.settings.every_steps
         if not every or state.global_step % every:
             return
-        if self.stage.evaluate_step(model, state) and self.stage.settings.keep_best is not None:
-            control.should_save = True
+        self.stage.evaluate_step(model, state)

@@ -153,6 +153,7 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
             log_metrics=tracking.log_metrics if tracking is not None else None,
             # Above the progress bar when printing to the terminal.
             echo=(console_line if echo is print else echo) if main else (lambda line: None),
+            publish_best=(lambda folder: _publish_best(config, folder)) if to_s3 else None,
             is_main=main,
         )
 
@@ -546,6 +547,25 @@ def _save(
     if curve is not None:
         saved["lossCurve"] = str(curve)
     return saved
+
+
+def _publish_best(config: TrainerConfig, folder: Path) -> None:
+    """Uploads ``<output>/best/`` (a new best evaluation's adapter) to the output URI at once."""
+    from visionft import storage
+
+    assert config.output is not None
+    try:
+        storage.upload_folder(folder, config.output.uri.rstrip("/") + "/best/", client=_client(config))
+    except storage.StorageError as err:
+        logger.warning(
+            "visionft: could not publish the best checkpoint yet (%s); the final upload has it", err
+        )
+
+
+def _client(config: TrainerConfig):
+    from visionft import storage
+
+    return storage.make_client(storage.settings_from_spec(config.storage))
 
 
 def _sync_best(config: TrainerConfig, output_dir: Path) -> None:
