@@ -7,6 +7,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 from pydantic.config import JsonDict
 
+#: A Kubernetes object name in the same namespace (a DNS subdomain): Secrets, ConfigMaps, classes, queues.
+K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
 
 def to_camel(name: str) -> str:
     """snake_case to the camelCase of Kubernetes APIs, keeping digits with their word (load_in_4bit ->

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from visionft_api.base import SpecModel, cel
+from visionft_api.base import K8S_NAME_PATTERN, SpecModel, cel
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ class MlflowTracking(SpecModel):
     token_secret: str | None = Field(
         None,
         max_length=253,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        pattern=K8S_NAME_PATTERN,
         description="tokenSecret names a Secret in the same namespace whose tokenKey holds a bearer token "
         "for the server; it reaches the pod as MLFLOW_TRACKING_TOKEN, never through the config.",
     )

@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.config import JsonDict
 
-from visionft_api.base import SpecModel, cel
+from visionft_api.base import K8S_NAME_PATTERN, SpecModel, cel
 from visionft_api.evaluation import METRICS, EvaluationSettings, TrackingSettings
 
 # A bucket name as S3 allows it, then an optional key prefix.
@@ -448,13 +448,13 @@ class StorageSettings(SpecModel):
     ca_bundle_config_map: str | None = Field(
         None,
         max_length=253,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        pattern=K8S_NAME_PATTERN,
         description="caBundleConfigMap names a ConfigMap in the same namespace with key ca.crt.",
     )
     credentials_secret: str | None = Field(
         None,
         max_length=253,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        pattern=K8S_NAME_PATTERN,
         description="credentialsSecret names a Secret in the same namespace with the access keys; empty "
         "means the pod's own identity (IRSA, workload identity).",
     )

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.config import JsonDict
 
+from visionft_api.base import K8S_NAME_PATTERN
 from visionft_api.recipe import SpecModel, TrainingRecipe, cel
 
 GROUP = "visionft.io"
@@ -28,8 +29,6 @@ LABEL_PREFIX = "visionft.io/"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # The field manager the trainer pod uses for server-side apply of status.progress and status.evaluation.
 TRAINER_FIELD_MANAGER = "visionft-trainer"
-
-_K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
 
 class Toleration(SpecModel):
@@ -70,7 +69,7 @@ class ResourceSettings(SpecModel):
         default_factory=list, max_length=32, description="tolerations for the training pods."
     )
     priority_class_name: str | None = Field(
-        None, max_length=253, pattern=_K8S_NAME, description="priorityClassName for the training pods."
+        None, max_length=253, pattern=K8S_NAME_PATTERN, description="priorityClassName for the training pods."
     )
 
     model_config = ConfigDict(
@@ -141,7 +140,7 @@ class VisionFineTuneSpec(TrainingRecipe):
     queue_name: str | None = Field(
         None,
         max_length=63,
-        pattern=_K8S_NAME,
+        pattern=K8S_NAME_PATTERN,
         description="queueName is a Kueue LocalQueue; the Job then starts suspended until Kueue admits it.",
     )
     suspend: bool = Field(

@@ -1,5 +1,5 @@
 """Pytest fixtures for the MLflow tracking server: one server per session, its artifacts on the session's
-S3 server (tests/harness/mlflow.py)."""
+S3 server (tests/harness/mlflow_server.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness.mlflow import MlflowServer
+from tests.harness.mlflow_server import MlflowServer
 from tests.harness.s3 import SeaweedS3
 
 

@@ -1,4 +1,4 @@
-"""Reads one MLflow run back with MLflow's own client and prints it as JSON (run by tests/harness/mlflow.py
+"""Reads one MLflow run back with MLflow's own client and prints it as JSON (run by tests/harness/mlflow_server.py
 in the MLflow server's venv, so it imports nothing of the project).
 
     python mlflow_read.py TRACKING_URI EXPERIMENT RUN_NAME DOWNLOAD_DIR

@@ -13,19 +13,14 @@ import yaml
 from visionft.data.synthetic import make_shapes_dataset
 from visionft.job.cli import EXIT_CONFIG, main
 
+from tests.trainer.job.recipes import tiny_recipe
 
-def write(tmp_path, tiny_dir, evaluation, data=None, **dataset):
+
+def write(tmp_path, tiny_dir, evaluation, data=None):
     data = data or tmp_path / "shapes"
     if not data.exists():
         make_shapes_dataset(data, train_size=16, test_size=8, image_size=56)
-    raw = {
-        "model": {"uri": str(tiny_dir("qwen2_vl")), "loadIn4bit": False, "maxSeqLength": 256},
-        "dataset": {"uri": str(data), "format": "auto", **dataset},
-        "training": {"maxSteps": 2, "optimizer": "adamw_torch", "optimizations": False},
-        "evaluation": evaluation,
-        "output": {"uri": str(tmp_path / "out")},
-        "runtime": {"workDir": str(tmp_path / "work")},
-    }
+    raw = tiny_recipe(tiny_dir("qwen2_vl"), data, tmp_path, max_steps=2, evaluation=evaluation)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -80,18 +75,17 @@ def test_a_held_out_split_with_empty_references(tmp_path, tiny_dir, capsys, capl
 
 
 @pytest.mark.parametrize(
-    ("evaluation", "dataset", "expected"),
+    ("evaluation", "expected"),
     [
         (
             {"split": "validation"},
-            {},
             "evaluation.split validation is not a split of the dataset (it has train, test)",
         ),
-        ({"split": "train"}, {}, "evaluation.split is train, the split being trained on"),
+        ({"split": "train"}, "evaluation.split is train, the split being trained on"),
     ],
 )
-def test_a_split_that_can_not_serve(tmp_path, tiny_dir, capsys, caplog, evaluation, dataset, expected):
-    code, line, loaded = run(write(tmp_path, tiny_dir, evaluation, **dataset), capsys, caplog)
+def test_a_split_that_can_not_serve(tmp_path, tiny_dir, capsys, caplog, evaluation, expected):
+    code, line, loaded = run(write(tmp_path, tiny_dir, evaluation), capsys, caplog)
     assert code == EXIT_CONFIG and expected in line and not loaded
 
 

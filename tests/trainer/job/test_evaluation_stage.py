@@ -17,27 +17,12 @@ from visionft.job.cli import main
 from visionft.job.evaluation import EvaluationStage
 from visionft_api import TrainerConfig
 
+from tests.trainer.job.recipes import tiny_recipe
+
 
 def recipe(tmp_path, tiny_dir, data, **evaluation):
-    return {
-        "model": {"uri": str(tiny_dir("qwen2_vl")), "loadIn4bit": False, "maxSeqLength": 256},
-        "lora": {"r": 8, "alpha": 8},
-        "dataset": {"uri": str(data), "format": "auto"},
-        "training": {
-            "maxSteps": 4,
-            "perDeviceBatchSize": 4,
-            "learningRate": 5e-3,
-            "optimizer": "adamw_torch",
-            "gradientCheckpointing": "off",
-            "checkpointEverySteps": 100,
-            "keepCheckpoints": 1,
-            "loggingSteps": 2,
-            "optimizations": False,
-        },
-        "evaluation": {"samples": 4, "everySteps": 2, "generation": {"maxNewTokens": 4}, **evaluation},
-        "output": {"uri": str(tmp_path / "out")},
-        "runtime": {"workDir": str(tmp_path / "work")},
-    }
+    settings = {"samples": 4, "everySteps": 2, "generation": {"maxNewTokens": 4}, **evaluation}
+    return tiny_recipe(tiny_dir("qwen2_vl"), data, tmp_path, evaluation=settings)
 
 
 def lora_b(model) -> dict[str, torch.Tensor]:

@@ -77,8 +77,8 @@ def test_loss_curve_png(tmp_path):
     assert save_loss_curve([{"train_runtime": 1.0}], tmp_path / "none.png") is None
 
 
-@pytest.mark.cluster
-def test_status_progress_is_applied_with_the_trainer_field_manager(kube_client, kubeconfig, namespace):
+def _resource(kube_client, namespace: str, prefix: str, **spec):
+    """Installs the CRD, creates a VisionFineTune and returns ``(CustomObjectsApi, name)``."""
     from kubernetes import client, dynamic
 
     crd = yaml.safe_load((REPO / "crds" / "visionft.io_visionfinetunes.yaml").read_text())
@@ -86,8 +86,7 @@ def test_status_progress_is_applied_with_the_trainer_field_manager(kube_client, 
     crds = dyn.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
     crds.server_side_apply(body=crd, field_manager="test", force_conflicts=True)
     _wait_established(kube_client, crd["metadata"]["name"])
-
-    name = f"job-{uuid.uuid4().hex[:6]}"
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
     body = {
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -96,10 +95,17 @@ def test_status_progress_is_applied_with_the_trainer_field_manager(kube_client, 
             "model": {"uri": "s3://models/tiny/"},
             "dataset": {"uri": "s3://data/shapes/"},
             "output": {"uri": "s3://out/shapes/"},
+            **spec,
         },
     }
     api = client.CustomObjectsApi(kube_client)
     api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    return api, name
+
+
+@pytest.mark.cluster
+def test_status_progress_is_applied_with_the_trainer_field_manager(kube_client, kubeconfig, namespace):
+    api, name = _resource(kube_client, namespace, "job")
 
     reporter = StatusReporter(namespace, name, api=api)
     assert reporter.report({"step": 3, "totalSteps": 30, "percent": 10, "loss": 1.25, "stage": "Training"})
@@ -122,27 +128,7 @@ def test_status_progress_is_applied_with_the_trainer_field_manager(kube_client, 
 
 @pytest.mark.cluster
 def test_status_evaluation_is_kept_by_later_progress_writes(kube_client, kubeconfig, namespace):
-    from kubernetes import client, dynamic
-
-    crd = yaml.safe_load((REPO / "crds" / "visionft.io_visionfinetunes.yaml").read_text())
-    dyn = dynamic.DynamicClient(kube_client)
-    crds = dyn.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
-    crds.server_side_apply(body=crd, field_manager="test", force_conflicts=True)
-    _wait_established(kube_client, crd["metadata"]["name"])
-    name = f"eval-{uuid.uuid4().hex[:6]}"
-    body = {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "model": {"uri": "s3://models/tiny/"},
-            "dataset": {"uri": "s3://data/shapes/"},
-            "output": {"uri": "s3://out/shapes/"},
-            "evaluation": {"metrics": ["cer"], "everySteps": 10},
-        },
-    }
-    api = client.CustomObjectsApi(kube_client)
-    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    api, name = _resource(kube_client, namespace, "eval", evaluation={"metrics": ["cer"], "everySteps": 10})
     evaluation = {
         "metric": "cer",
         "higherIsBetter": False,

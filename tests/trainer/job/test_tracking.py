@@ -15,6 +15,7 @@ from visionft.job.cli import main
 from visionft.tracking.mlflow import MlflowClient
 
 from tests.harness.s3 import free_port
+from tests.trainer.job.recipes import tiny_recipe
 
 STEPS = 6
 
@@ -23,28 +24,15 @@ def write(tmp_path, tiny_dir, tracking, evaluation=True):
     data = tmp_path / "shapes"
     if not data.exists():
         make_shapes_dataset(data, train_size=24, test_size=6, image_size=56)
-    raw = {
-        "model": {"uri": str(tiny_dir("qwen2_vl")), "loadIn4bit": False, "maxSeqLength": 256},
-        "lora": {"r": 8, "alpha": 8},
-        "dataset": {"uri": str(data), "format": "auto"},
-        "training": {
-            "maxSteps": STEPS,
-            "perDeviceBatchSize": 4,
-            "learningRate": 5e-3,
-            "optimizer": "adamw_torch",
-            "gradientCheckpointing": "off",
-            "checkpointEverySteps": 100,
-            "keepCheckpoints": 1,
-            "loggingSteps": 2,
-            "optimizations": False,
-        },
-        "tracking": tracking,
-        "output": {"uri": str(tmp_path / "out")},
-        "runtime": {"workDir": str(tmp_path / "work"), "runName": "tracked-run"},
-    }
+    raw = tiny_recipe(tiny_dir("qwen2_vl"), data, tmp_path, max_steps=STEPS, tracking=tracking)
+    raw["runtime"]["runName"] = "tracked-run"
     if evaluation:
-        raw["evaluation"] = {"samples": 4, "metrics": ["cer", "exactMatch"], "everySteps": 3}
-        raw["evaluation"]["generation"] = {"maxNewTokens": 4}
+        raw["evaluation"] = {
+            "samples": 4,
+            "metrics": ["cer", "exactMatch"],
+            "everySteps": 3,
+            "generation": {"maxNewTokens": 4},
+        }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
