@@ -373,6 +373,13 @@ def publish_inputs(s3: SeaweedS3, bucket: str, folders: dict[str, Path]) -> None
             client.upload_file(str(path), bucket, prefix + path.relative_to(folder).as_posix())
 
 
+def _source_path() -> dict[str, str]:
+    """The test session's PYTHONPATH, when it has one: the sources under test (a second checkout whose
+    venv's editable install points at another one) are the ones the operator and the trainer run."""
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": path} if path else {}
+
+
 class Operator:
     """The real `visionft-operator` process, logging to a file."""
 
@@ -391,6 +398,7 @@ class Operator:
             # kwok ends a running pod after 1 s unless annotated: hold it Running until the test, as the
             # kubelet, reports the local process's exit.
             "VISIONFT_POD_ANNOTATIONS": json.dumps({"visionft.io/kwok-duration": "1h"}),
+            **_source_path(),
         }
         self.log = log
         self._out = log.open("wb")
@@ -601,6 +609,7 @@ def test_trainer_runs_as_the_pod_and_no_credential_leaks(
         # The projected token and CA, through a kubeconfig (see LocalPodRoot.in_cluster_kubeconfig).
         env["KUBECONFIG"] = str(fs.in_cluster_kubeconfig(plane.server))
         env.setdefault("PATH", f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin")  # the image's PATH
+        env.update(_source_path())
         argv = [fs.map_path(part) for part in [*container.get("command", []), *container.get("args", [])]]
         executable = shutil.which(argv[0], path=env["PATH"])
         assert executable, f"{argv[0]} is not on the image's PATH stand-in {env['PATH']}"

@@ -200,6 +200,7 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
         result.evaluation = stage.record.status()
         result.saved.update(stage.write_reports(title=_run_name(config, output_dir)))
     if tracking is not None:
+        tracking.finish("FINISHED", local_only=True)  # the event files are whole before they are published
         result.tracking = {"failures": dict(tracking.failures), "problems": dict(tracking.problems)}
     result.wall_seconds = round(time.monotonic() - t0, 1)
     result.cpu_seconds = round(time.process_time() - cpu0, 1)

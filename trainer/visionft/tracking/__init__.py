@@ -27,9 +27,10 @@ STATE_FILE = "tracking.json"
 
 
 class Sink(Protocol):
-    """One tracking destination."""
+    """One tracking destination; ``local`` ones write files into the output folder."""
 
     name: str
+    local: bool
 
     def start(self, params: Mapping[str, Any], resume: Mapping[str, Any]) -> None: ...
     def log_metrics(self, values: Mapping[str, float], step: int) -> None: ...
@@ -49,6 +50,7 @@ class MlflowSink:
     """
 
     name = "MLflow"
+    local = False
 
     def __init__(self, settings: Any, run_name: str, tags: Mapping[str, str], storage_spec: Any = None):
         from visionft.tracking.mlflow import MlflowClient
@@ -101,6 +103,7 @@ class TensorBoardSink:
     """TensorBoard event files in ``folder`` (tensorboardX: the event format without TensorFlow)."""
 
     name = "TensorBoard"
+    local = True
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -124,6 +127,7 @@ class TensorBoardSink:
     def finish(self, status: str) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
     def state(self) -> dict[str, Any]:
         return {}
@@ -177,9 +181,12 @@ class Tracking:
         for sink in self.sinks:
             self._guarded(sink, "could not upload the artifacts", lambda s=sink: s.log_artifacts(present))
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: str = "FINISHED", local_only: bool = False) -> None:
+        """Closes the runs; ``local_only`` closes only the sinks that write into the output folder (their
+        files must be whole before the folder is published)."""
         for sink in self.sinks:
-            self._guarded(sink, "could not close the run", lambda s=sink: s.finish(status))
+            if sink.local or not local_only:
+                self._guarded(sink, "could not close the run", lambda s=sink: s.finish(status))
 
     def state(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
