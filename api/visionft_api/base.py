@@ -1,6 +1,6 @@
 """The base of every schema model and the helpers the models are declared with (camelCase aliases, CEL
-rules), shared by the recipe (`visionft_api.recipe`), its evaluation and tracking parts
-(`visionft_api.evaluation`) and the resource (`visionft_api.resource`)."""
+rules), shared by the recipe (``visionft_api.recipe``), its evaluation and tracking parts
+(``visionft_api.evaluation``) and the resource (``visionft_api.resource``)."""
 
 from __future__ import annotations
 

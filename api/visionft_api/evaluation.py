@@ -1,9 +1,9 @@
 """Evaluation and tracking in the recipe: which held-out samples are scored, by which metrics, how often,
 which checkpoint is kept, and where the run's numbers and reports are logged.
 
-The metric table (`METRICS`) is the one list of metric names: the schema's enum, the trainer's scorers
-(`visionft.evaluation.metrics`) and the operator's comparison of a run with its base model
-(`worse_than`) all read it. Torch-free, like the rest of the schema.
+The metric table (``METRICS``) is the one list of metric names: the schema's enum, the trainer's scorers
+(``visionft.evaluation.metrics``) and the operator's comparison of a run with its base model
+(``worse_than``) all read it. Torch-free, like the rest of the schema.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class Metric:
     """One metric of the table.
 
     Attributes:
-        name (str): its name in `evaluation.metrics`.
+        name (str): its name in ``evaluation.metrics``.
         higher_is_better (bool): the direction the best checkpoint and the base comparison use.
         reference (str): what each held-out sample's reference answer must be: "text" (any non-empty
             answer), "json" (a JSON object) or "none" (the metric reads the prediction only).
@@ -76,17 +76,17 @@ BestMetricName = Literal[
 
 
 def higher_is_better(metric: str) -> bool:
-    """The direction of `metric` (a name of `METRICS`, or `evalLoss`)."""
+    """The direction of ``metric`` (a name of ``METRICS``, or ``evalLoss``)."""
     return False if metric == EVAL_LOSS else METRICS[metric].higher_is_better
 
 
 def better(a: float, b: float, metric: str) -> bool:
-    """Whether value `a` is strictly better than `b` for `metric`."""
+    """Whether value ``a`` is strictly better than ``b`` for ``metric``."""
     return a > b if higher_is_better(metric) else a < b
 
 
 def worse_than(final: float, base: float, metric: str) -> bool:
-    """Whether the fine-tuned model's `final` value is strictly worse than the base model's `base`."""
+    """Whether the fine-tuned model's ``final`` value is strictly worse than the base model's ``base``."""
     return better(base, final, metric)
 
 
@@ -220,7 +220,7 @@ class EvaluationSettings(SpecModel):
 
     @property
     def headline(self) -> str:
-        """The headline metric: the first of `metrics`."""
+        """The headline metric: the first of ``metrics``."""
         return self.metrics[0]
 
     @property
