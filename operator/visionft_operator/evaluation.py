@@ -1,8 +1,8 @@
-"""What the operator makes of `status.evaluation` (written by the trainer pod): the Degraded condition, the
-failure that `spec.evaluation.failIfWorseThanBase` asks for, and the Event for a new best evaluation.
+"""What the operator makes of ``status.evaluation`` (written by the trainer pod): the Degraded condition, the
+failure that ``spec.evaluation.failIfWorseThanBase`` asks for, and the Event for a new best evaluation.
 
-Pure functions of the spec and the status, used by `status.derive`. The comparison itself is the schema's
-(`visionft_api.evaluation.worse_than`), the one the trainer uses for its exit code.
+Pure functions of the spec and the status, used by ``status.derive``. The comparison itself is the schema's
+(``visionft_api.evaluation.worse_than``), the one the trainer uses for its exit code.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def _fmt(value: float) -> str:
 
 
 def verdict(status: dict[str, Any]) -> Verdict | None:
-    """The output against the base model, once the trainer reported both (`status.evaluation.final` and
-    `.base`); None before."""
+    """The output against the base model, once the trainer reported both (``status.evaluation.final`` and
+    ``.base``); None before."""
     evaluation = (status or {}).get("evaluation") or {}
     metric = evaluation.get("metric")
     final = (evaluation.get("final") or {}).get("value")
@@ -54,7 +54,7 @@ def verdict(status: dict[str, Any]) -> Verdict | None:
 
 
 def fails_run(spec: dict[str, Any], status: dict[str, Any]) -> Verdict | None:
-    """The verdict when it fails the run: worse than the base and `spec.evaluation.failIfWorseThanBase`."""
+    """The verdict when it fails the run: worse than the base and ``spec.evaluation.failIfWorseThanBase``."""
     found = verdict(status)
     asked = bool(((spec or {}).get("evaluation") or {}).get("failIfWorseThanBase"))
     return found if found is not None and found.worse and asked else None
@@ -71,8 +71,8 @@ def degraded_condition(status: dict[str, Any]) -> tuple[str, str, str] | None:
 
 
 def new_best(status: dict[str, Any]) -> tuple[int, str] | None:
-    """(step, Event message) when `status.evaluation.best` is at a step the operator has not announced
-    (`status.announcedBestStep`); None otherwise."""
+    """(step, Event message) when ``status.evaluation.best`` is at a step the operator has not announced
+    (``status.announcedBestStep``); None otherwise."""
     evaluation = (status or {}).get("evaluation") or {}
     best = evaluation.get("best") or {}
     step, value = best.get("step"), best.get("value")

@@ -14,7 +14,7 @@ from typing import Any
 
 from visionft_api.evaluation import METRICS, EvaluationSettings
 
-from visionft.data.images import BadSampleError
+from visionft.data.errors import BadSampleError
 from visionft.data.samples import to_conversation
 from visionft.evaluation.metrics import reference_problem
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from visionft_api.evaluation import GenerationSettings
 
-from visionft.data.images import BadSampleError
+from visionft.data.errors import BadSampleError
 from visionft.engine import distributed
 from visionft.evaluation.heldout import HeldOutSample
 
@@ -84,7 +84,7 @@ def generate_answers(
             try:
                 inputs, _ = collator.prompt_inputs(sample.record, index=sample.index)
             except BadSampleError as err:
-                logger.warning("visionft: no answer for held-out sample %d: %s", sample.index, err)
+                logger.warning("no answer for held-out sample %d: %s", sample.index, err)
                 answers[i] = ""
                 continue
             inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -107,7 +107,7 @@ def eval_loss(model, collator, samples: Sequence[HeldOutSample], batch_size: int
             try:
                 batch = collator(records)
             except BadSampleError as err:
-                logger.warning("visionft: no evaluation loss for a batch of held-out samples: %s", err)
+                logger.warning("no evaluation loss for a batch of held-out samples: %s", err)
                 continue
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             tokens = int((batch["labels"][..., 1:] != -100).sum())

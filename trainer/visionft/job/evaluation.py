@@ -257,7 +257,7 @@ class EvaluationStage:
         return {"metrics": str(metrics_path), "gallery": str(gallery_path)}
 
     def _image_of(self, position: int):
-        from visionft.data.images import BadSampleError
+        from visionft.data.errors import BadSampleError
         from visionft.data.samples import to_conversation
 
         sample = self.samples[position]

@@ -248,7 +248,7 @@ class TrackingCallback(TrainerCallback):
             try:
                 self.tracking.save_state(folder)
             except OSError as err:
-                logger.warning("visionft: could not record the tracking run in %s: %s", folder, err)
+                logger.warning("could not record the tracking run in %s: %s", folder, err)
 
 
 def _status_progress(record: dict[str, Any], stage: str) -> dict[str, Any]:

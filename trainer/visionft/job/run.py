@@ -158,7 +158,17 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
         )
 
     trainer = _trainer(
-        config, model, processor, train_set, collator, output_dir, progress, options, patch_report, stage, tracking
+        config,
+        model,
+        processor,
+        train_set,
+        collator,
+        output_dir,
+        progress,
+        options,
+        patch_report,
+        stage,
+        tracking,
     )
     distributed.barrier()  # each node's local main has fetched the newest S3 checkpoint by now
     resume = _newest_checkpoint(output_dir / "checkpoints")
@@ -578,7 +588,7 @@ def _sync_best(config: TrainerConfig, output_dir: Path) -> None:
     try:
         storage.sync_down(config.output.uri.rstrip("/") + "/best/", output_dir / "best", config.storage)
     except storage.StorageError as err:
-        logger.warning("visionft: no earlier best evaluation to resume from (%s)", err)
+        logger.warning("no earlier best evaluation to resume from (%s)", err)
 
 
 # ------------------------------------------------------------------------------------------------------

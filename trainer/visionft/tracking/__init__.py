@@ -69,14 +69,14 @@ class MlflowSink:
             info = self.client.get_run(str(previous))
             self.run_id, self.artifact_uri = info["run_id"], info["artifact_uri"]
             self.client.set_status(self.run_id, "RUNNING")
-            logger.info("visionft: MLflow run %s resumed on %s", self.run_id, self.client.uri)
+            logger.info("MLflow run %s resumed on %s", self.run_id, self.client.uri)
             return
         experiment = self.client.experiment_id(self.settings.experiment)
         info = self.client.create_run(experiment, self.run_name, self.tags)
         self.run_id, self.artifact_uri = info["run_id"], info["artifact_uri"]
         self.client.log_params(self.run_id, params)
         logger.info(
-            "visionft: MLflow run %s (%s) in experiment %s on %s",
+            "MLflow run %s (%s) in experiment %s on %s",
             self.run_id,
             self.run_name,
             self.settings.experiment,
@@ -155,9 +155,9 @@ class Tracking:
             message = f"{what}: {err}"
             if count == 1:
                 self.problems[sink.name] = message
-                logger.warning("visionft: %s tracking failed (%s); training continues", sink.name, message)
+                logger.warning("%s tracking failed (%s); training continues", sink.name, message)
             else:
-                logger.debug("visionft: %s tracking failed again (%s)", sink.name, message)
+                logger.debug("%s tracking failed again (%s)", sink.name, message)
             return False
 
     def start(self, params: Mapping[str, Any], resume: Mapping[str, Any] | None = None) -> None:
