@@ -41,6 +41,7 @@ def test_the_promised_examples_exist() -> None:
         "kueue-queue",
         "suspended",
         "shape-captions",
+        "receipt-fields",
     } <= names
 
 
@@ -95,6 +96,18 @@ def test_the_harder_generated_task_keeps_and_publishes_its_best_checkpoint() -> 
     assert spec.dataset.uri == "builtin://shape-captions" and not spec.uses_s3()
     assert spec.evaluation is not None and spec.evaluation.headline == "cer"
     assert spec.evaluation.keep_best is not None and spec.evaluation.keep_best.use_for_output
+
+
+def test_each_kind_of_task_is_scored_by_its_metrics() -> None:
+    headline = {}
+    for path in EXAMPLE_FILES:
+        spec = VisionFineTuneSpec.model_validate(documents(path)[0]["spec"])
+        if spec.evaluation is not None:
+            headline[path.stem] = spec.evaluation.metrics
+    assert headline["quickstart"][0] == "exactMatch"  # a colour name
+    assert headline["latex-ocr"][0] == "cer"  # transcription
+    assert headline["radiology-captioning"][:2] == ["rougeL", "bleu"]  # captioning
+    assert headline["receipt-fields"][:2] == ["jsonFieldMatch", "jsonValidity"]  # structured answers
 
 
 def test_the_tracking_token_is_documented_with_a_placeholder() -> None:
