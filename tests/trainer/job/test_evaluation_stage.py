@@ -12,6 +12,7 @@ import yaml
 from transformers import TrainerState
 from visionft.data.formats import MessagesFormatter, load_local_dataset
 from visionft.data.synthetic import make_shapes_dataset
+from visionft.engine.options import EngineOptions
 from visionft.job import run
 from visionft.job.cli import main
 from visionft.job.evaluation import EvaluationStage
@@ -40,8 +41,9 @@ def test_use_for_output_puts_the_best_weights_back_when_a_later_step_is_worse(tm
     out.mkdir()
     stage, _, _ = EvaluationStage.prepare(config, load_local_dataset(data), out, MessagesFormatter())
     assert stage is not None
-    model, processor = run._load_model(config, tiny_dir("qwen2_vl"))
-    stage.attach(run._collator(config, model, processor, data), echo=lambda line: None)
+    options = EngineOptions.from_recipe(config.training)
+    model, processor, _ = run._load_model(config, tiny_dir("qwen2_vl"), options)
+    stage.attach(run._collator(config, model, processor, data, options), echo=lambda line: None)
     stage.evaluate_base(model)
 
     state = TrainerState()

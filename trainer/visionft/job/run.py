@@ -568,9 +568,7 @@ def _publish_best(config: TrainerConfig, folder: Path) -> None:
     try:
         storage.upload_folder(folder, config.output.uri.rstrip("/") + "/best/", client=_client(config))
     except storage.StorageError as err:
-        logger.warning(
-            "visionft: could not publish the best checkpoint yet (%s); the final upload has it", err
-        )
+        logger.warning("could not publish the best checkpoint yet (%s); the final upload has it", err)
 
 
 def _client(config: TrainerConfig):
