@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from visionft.job.plotting import save_loss_curve
+from visionft.job.plotting import draw, save_loss_curve
 from visionft.job.reporting import ProgressCallback, StatusReporter, format_eta
 from visionft_api.resource import API_VERSION, GROUP, KIND, PLURAL, TRAINER_FIELD_MANAGER, VERSION
 
@@ -75,6 +75,31 @@ def test_loss_curve_png(tmp_path):
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 2000
     assert save_loss_curve([{"train_runtime": 1.0}], tmp_path / "none.png") is None
+
+
+def test_the_loss_plot_draws_training_and_eval_loss_and_the_metric_over_steps():
+    import matplotlib.pyplot as plt
+
+    # A log history as the evaluation stage leaves it: losses every 2 steps, evaluations at 4 and 8.
+    history = [{"step": s, "loss": 4.0 / s} for s in range(2, 9, 2)]
+    history += [
+        {"step": 4, "eval_loss": 1.5, "eval_cer": 0.6},
+        {"step": 8, "eval_loss": 1.0, "eval_cer": 0.3},
+    ]
+    fig = draw(history, metric="cer", base=0.9)
+    try:
+        losses, metric = fig.axes
+        lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in losses.lines}
+        assert lines["train"] == ([2, 4, 6, 8], [2.0, 1.0, 4.0 / 6, 0.5])
+        assert lines["eval"] == ([4, 8], [1.5, 1.0])
+        (cer,) = metric.lines
+        assert (list(cer.get_xdata()), list(cer.get_ydata())) == ([0, 4, 8], [0.9, 0.6, 0.3])
+        assert metric.get_ylabel() == "cer"
+    finally:
+        plt.close(fig)
+    alone = draw(history)  # without evaluation: the loss panel only
+    assert len(alone.axes) == 1
+    plt.close(alone)
 
 
 def _resource(kube_client, namespace: str, prefix: str, **spec):

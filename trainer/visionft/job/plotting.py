@@ -27,6 +27,23 @@ def save_loss_curve(
     Returns:
         Path | None: ``path``, or None when the history holds no loss to plot.
     """
+    import matplotlib.pyplot as plt
+
+    fig = draw(log_history, title, metric, base)
+    if fig is None:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def draw(log_history: list[dict], title: str = "training loss", metric: str | None = None, base=None):
+    """The figure ``save_loss_curve`` writes (arguments as there), or None when there is no loss to plot.
+    The caller closes it."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a pod or in CI
@@ -40,30 +57,24 @@ def save_loss_curve(
         scores.insert(0, (0, base))
     if not train and not evals:
         return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     panels = 2 if metric and scores else 1
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), dpi=100, squeeze=False)
-    try:
-        ax = axes[0][0]
-        if train:
-            ax.plot(*zip(*train, strict=True), label="train", linewidth=1.5)
-        if evals:
-            ax.plot(*zip(*evals, strict=True), "o-", label="eval", linewidth=1.5)
+    ax = axes[0][0]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", linewidth=1.5)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if panels == 2:
+        ax = axes[0][1]
+        ax.plot(*zip(*scores, strict=True), "o-", color="tab:green", label=str(metric), linewidth=1.5)
         ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(title)
+        ax.set_ylabel(str(metric))
+        ax.set_title(f"held-out {metric} (step 0: the base model)")
         ax.grid(alpha=0.3)
-        ax.legend()
-        if panels == 2:
-            ax = axes[0][1]
-            ax.plot(*zip(*scores, strict=True), "o-", color="tab:green", linewidth=1.5)
-            ax.set_xlabel("step")
-            ax.set_ylabel(str(metric))
-            ax.set_title(f"held-out {metric} (step 0: the base model)")
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return path
+    fig.tight_layout()
+    return fig
