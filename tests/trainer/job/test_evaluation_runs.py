@@ -160,7 +160,7 @@ def test_evaluated_run(tmp_path, capsys, name):
     assert doc["final"]["values"][metric] == pytest.approx(best_value)
     kept = json.loads((out / "best" / "best.json").read_text())
     assert kept["step"] == best_step and kept["values"][metric] == pytest.approx(best_value)
-    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"checkpoint-{task['steps']}"]
+    assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == [f"checkpoint-{task['steps']}"]
     published = load_file(out / "adapter" / "adapter_model.safetensors")
     best = load_file(out / "best" / "adapter" / "adapter_model.safetensors")
     assert published.keys() == best.keys()
