@@ -27,8 +27,9 @@ from tests.harness.s3 import free_port
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("VISIONFT_MLFLOW_VENV", REPO / ".cache" / "mlflow-server"))
 READER = Path(__file__).with_name("mlflow_read.py")
-#: Seconds to wait for /health after the process starts.
-START_TIMEOUT_S = 120.0
+#: Seconds to wait for /health after the process starts: a bound, not an expectation (on a shared 2-core
+#: machine the server's imports alone took 90 s, and its start then went past 120 s).
+START_TIMEOUT_S = 300.0
 
 
 def ensure_installed() -> Path:
