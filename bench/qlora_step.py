@@ -312,22 +312,30 @@ def load_engine(engine: str, folder: Path):
             local_files_only=True,
             use_gradient_checkpointing="unsloth",
         )
-        model = FastVisionModel.get_peft_model(
-            model,
-            finetune_vision_layers=True,
-            finetune_language_layers=True,
-            finetune_attention_modules=True,
-            finetune_mlp_modules=True,
-            r=16,
-            lora_alpha=16,
-            lora_dropout=0,
-            bias="none",
-            random_state=0,
-            use_gradient_checkpointing="unsloth",
-        )
+        model = unsloth_lora(model, random_state=0)
         FastVisionModel.for_training(model)
         return model, info
     raise ValueError(f"engine={engine!r}")
+
+
+def unsloth_lora(model, random_state: int):
+    """Unsloth's documented vision LoRA: r=16, alpha 16, no dropout, vision and language, attention and
+    MLP, Unsloth's gradient checkpointing."""
+    from unsloth import FastVisionModel
+
+    return FastVisionModel.get_peft_model(
+        model,
+        finetune_vision_layers=True,
+        finetune_language_layers=True,
+        finetune_attention_modules=True,
+        finetune_mlp_modules=True,
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0,
+        bias="none",
+        random_state=random_state,
+        use_gradient_checkpointing="unsloth",
+    )
 
 
 def run_worker(args) -> dict:

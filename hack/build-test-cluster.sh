@@ -4,7 +4,7 @@
 #   hack/build-test-cluster.sh            # build what is missing or at another version
 #   hack/build-test-cluster.sh --force    # rebuild everything
 #
-# Output: .cache/bin/{etcd,kube-apiserver,kube-controller-manager,kube-scheduler,kwok,helm}, each with
+# Output: .cache/bin/{etcd,kube-apiserver,kube-controller-manager,kube-scheduler,kwok,helm,kstatus}, each with
 # a stamp file .cache/bin/.<name>.version holding the version it was built at. A binary whose stamp
 # matches is reused, so a warm run does nothing. Builds are CGO_ENABLED=0, -trimpath, stripped, and go
 # through the Go module proxy (GOPROXY from `go env`). Downloads land in the normal module cache
@@ -21,6 +21,8 @@ ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 KUBERNETES_VERSION="${KUBERNETES_VERSION:-v1.37.2}"
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+# kstatus (hack/kstatus/main.go) is a test tool on sigs.k8s.io/cli-utils' kstatus library.
+CLI_UTILS_VERSION="${CLI_UTILS_VERSION:-v0.37.2}"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${VISIONFT_BIN_DIR:-$ROOT/.cache/bin}"
@@ -136,6 +138,21 @@ build_tool() {
   stamp "$name" "$ver"
 }
 
+# build_kstatus: hack/kstatus/main.go on the pinned cli-utils; its stamp also holds the source's hash, so
+# that an edited checker is rebuilt.
+build_kstatus() {
+  local src="$ROOT/hack/kstatus/main.go" ver
+  ver="$CLI_UTILS_VERSION-$(sha256sum "$src" | cut -c1-12)"
+  if up_to_date kstatus "$ver"; then log "kstatus $ver: up to date"; return; fi
+  local dir="$WORK/kstatus"
+  rm -rf "$dir"
+  new_module "$dir" sigs.k8s.io/cli-utils "$CLI_UTILS_VERSION"
+  cp "$src" "$dir/main.go"
+  log "kstatus $ver: building"
+  (cd "$dir" && timed "kstatus $ver" go build -mod=mod -trimpath -ldflags "-s -w" -o "$BIN/kstatus" .)
+  stamp kstatus "$ver"
+}
+
 total_start=$(date +%s)
 log "Go $(go env GOVERSION), GOPROXY=$(go env GOPROXY), GOMODCACHE=$(go env GOMODCACHE), GOCACHE=$(go env GOCACHE)"
 build_etcd
@@ -144,4 +161,5 @@ build_kubernetes
 build_tool kwok sigs.k8s.io/kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok ""
 build_tool helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
   "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+build_kstatus
 log "all binaries ready in $BIN ($(($(date +%s) - total_start)) s)"

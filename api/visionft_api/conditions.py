@@ -40,8 +40,18 @@ REASON_QUEUED_BY_KUEUE = "QueuedByKueue"
 REASON_POLICY_LIMIT = "PolicyLimitReached"
 REASON_QUOTA_EXCEEDED = "ResourceQuotaExceeded"
 REASON_SUSPENDED = "Suspended"
+# No node can run the training pod yet (the scheduler's word): the run waits, and says what to change.
+REASON_UNSCHEDULABLE = "Unschedulable"
+# The run's Job name is held by another owner's Job (an earlier resource's, being deleted): the run waits.
+REASON_NAME_TAKEN = "NameTaken"
 # Reasons for Stalled / Failed.
 REASON_INVALID_SPEC = "InvalidSpec"
+# The apiserver refused a child that the operator creates or updates (validation, admission, quota, RBAC).
+REASON_CHILD_REJECTED = "ChildRejected"
+# The Job can't create its pod (the Job controller's FailedCreate Event: a PriorityClass, Pod Security).
+REASON_FAILED_CREATE = "FailedCreate"
+# The kubelet can't set up the trainer container for another reason than a missing Secret or key.
+REASON_CREATE_CONTAINER_CONFIG = "CreateContainerConfigError"
 REASON_POLICY_VIOLATION = "PolicyViolation"
 REASON_MISSING_SECRET = "MissingSecret"
 REASON_MISSING_SECRET_KEY = "MissingSecretKey"

@@ -105,10 +105,21 @@ def _structural(node: Any) -> Any:
     if "exclusiveMaximum" in node:
         node["maximum"] = node.pop("exclusiveMaximum")
         node["exclusiveMaximum"] = True
-    if node.get("type") == "array" and "maxItems" not in node and "maxLength" in node:
-        node["maxItems"] = node.pop("maxLength")
-    if node.get("type") == "object" and "maxProperties" not in node and "maxLength" in node:
-        node["maxProperties"] = node.pop("maxLength")
+    if node.get("type") == "array":
+        for length, items in (("maxLength", "maxItems"), ("minLength", "minItems")):
+            if items not in node and length in node:
+                node[items] = node.pop(length)
+    if node.get("type") == "object":
+        for length, props in (("maxLength", "maxProperties"), ("minLength", "minProperties")):
+            if props not in node and length in node:
+                node[props] = node.pop(length)
+    pattern_properties = node.pop("patternProperties", None)
+    if pattern_properties is not None:
+        # A map with constrained keys: structural schemas have no key patterns, so the values' schema
+        # becomes the map's, and the keys are checked by the field's CEL rule.
+        if len(pattern_properties) != 1 or "additionalProperties" in node:
+            raise ValueError(f"a CRD map needs one value schema: {pattern_properties}")
+        node["additionalProperties"] = next(iter(pattern_properties.values()))
     if "enum" in node and "type" not in node:
         node["type"] = "string"
     out: dict[str, Any] = {}
@@ -165,6 +176,8 @@ def build_crd() -> dict[str, Any]:
     }
     columns = [
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        # Why the run is in its phase (Ready's reason): Training, Unschedulable, ChildRejected, ...
+        {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason'},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
         {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},

@@ -35,6 +35,9 @@ DATA_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*)$"
 # Datasets: as outputs, or builtin://NAME.
 DATASET_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.*|builtin://[a-z0-9][a-z0-9\-]*)$"
 
+# A key of a Secret or ConfigMap, as the core API checks it.
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+
 # Generated sources: the trainer makes these in its work folder instead of reading them, so that a run
 # needs no bucket, download or GPU (the quickstart, and a smoke test of an install). The patterns above
 # accept any builtin://NAME; the rules below name the closed set, so that a typo gets a message listing it.
@@ -189,9 +192,10 @@ class LoraSettings(SpecModel):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="bias says which biases train.")
     target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         default_factory=lambda: ["all-linear"],
+        min_length=1,
         max_length=64,
-        description="targetModules lists module-name suffixes to adapt, or [all-linear] for every linear "
-        "layer that the four finetune switches select.",
+        description="targetModules lists module-name suffixes to adapt (at least one), or [all-linear] for "
+        "every linear layer that the four finetune switches select.",
     )
     target_modules_regex: str | None = Field(
         None,
@@ -362,7 +366,13 @@ class TrainingSettings(SpecModel):
     epochs: float | None = Field(
         None, gt=0, le=1000, description="epochs is the number of passes; exclusive with maxSteps."
     )
-    per_device_batch_size: int = Field(1, ge=1, le=1024, description="perDeviceBatchSize per GPU.")
+    per_device_batch_size: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="perDeviceBatchSize is the samples per GPU per step (with packing: on average; an "
+        "epoch keeps its number of steps).",
+    )
     gradient_accumulation_steps: int = Field(
         1, ge=1, le=1024, description="gradientAccumulationSteps per optimizer step."
     )
@@ -395,8 +405,10 @@ class TrainingSettings(SpecModel):
     )
     packing: bool = Field(
         False,
-        description="packing joins the samples of each perDeviceBatchSize batch into one row without "
-        "padding, each sample attending only to itself; Qwen2-VL and Qwen2.5-VL only.",
+        description="packing trains on rows of one fixed shape: each step's samples join a buffer, and a "
+        "row of fixed token and image budgets is filled from it (oldest sample first, then best fit), "
+        "each sample attending only to itself; a row holds perDeviceBatchSize samples on average, so "
+        "one captured CUDA graph serves every step. Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Gemma 3.",
     )
 
     model_config = ConfigDict(
@@ -459,12 +471,16 @@ class StorageSettings(SpecModel):
         "means the pod's own identity (IRSA, workload identity).",
     )
     access_key_id_key: str = Field(
-        "AWS_ACCESS_KEY_ID", max_length=253, description="accessKeyIdKey is the Secret key of the key id."
+        "AWS_ACCESS_KEY_ID",
+        max_length=253,
+        pattern=SECRET_KEY_PATTERN,
+        description="accessKeyIdKey is the Secret key of the key id (letters, digits, '-', '_', '.').",
     )
     secret_access_key_key: str = Field(
         "AWS_SECRET_ACCESS_KEY",
         max_length=253,
-        description="secretAccessKeyKey is the Secret key of the secret key.",
+        pattern=SECRET_KEY_PATTERN,
+        description="secretAccessKeyKey is the Secret key of the secret key (letters, digits, '-', '_', '.').",
     )
 
     model_config = ConfigDict(

@@ -8,13 +8,15 @@ server-side apply with its own field manager.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.config import JsonDict
 
-from visionft_api.base import K8S_NAME_PATTERN
+from visionft_api.base import K8S_NAME_PATTERN, to_camel
 from visionft_api.recipe import SpecModel, TrainingRecipe, cel
+from visionft_api.scheduling import NodeSelector, Toleration
 
 GROUP = "visionft.io"
 VERSION = "v1alpha1"
@@ -31,18 +33,17 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 TRAINER_FIELD_MANAGER = "visionft-trainer"
 
 
-class Toleration(SpecModel):
-    """A pod toleration, as in the core API."""
+# A quantity the pod needs more than none of (cpu, memory, a volume's size).
+_POSITIVE_QUANTITY = r"^[0-9]+(\.[0-9]+)?"
 
-    key: str | None = Field(None, max_length=316, description="key is the taint key.")
-    operator: Literal["Exists", "Equal"] | None = Field(None, description="operator is Exists or Equal.")
-    value: str | None = Field(None, max_length=63, description="value is the taint value.")
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
-        None, description="effect is the taint effect; empty matches all."
-    )
-    toleration_seconds: int | None = Field(
-        None, ge=0, description="tolerationSeconds bounds how long a NoExecute taint is tolerated."
-    )
+
+def _positive(value: str) -> bool:
+    number = re.match(_POSITIVE_QUANTITY, value)
+    return number is not None and float(number.group()) > 0
+
+
+# The quantities a pod can't run with none of (camelCase, as CEL and messages name them).
+_QUANTITIES = ("cpu", "memory", "scratchSize")
 
 
 class ResourceSettings(SpecModel):
@@ -50,20 +51,25 @@ class ResourceSettings(SpecModel):
 
     gpus_per_node: int = Field(1, ge=0, le=16, description="gpusPerNode is nvidia.com/gpu per pod.")
     nodes: int = Field(1, ge=1, le=64, description="nodes is the number of pods (torchrun nodes).")
-    cpu: str = Field("4", pattern=r"^[0-9]+(\.[0-9]+)?m?$", max_length=16, description="cpu request.")
+    cpu: str = Field(
+        "4", pattern=r"^[0-9]+(\.[0-9]+)?m?$", max_length=16, description="cpu request, more than 0."
+    )
     memory: str = Field(
-        "32Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$", max_length=16, description="memory."
+        "32Gi",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+        max_length=16,
+        description="memory request and limit, more than 0.",
     )
     scratch_size: str = Field(
         "100Gi",
         pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
         max_length=16,
-        description="scratchSize bounds the writable scratch volume for data, model and checkpoints.",
+        description="scratchSize bounds the writable scratch volume for data, model and checkpoints; more "
+        "than 0.",
     )
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+    node_selector: NodeSelector = Field(
         default_factory=dict,
-        max_length=32,
-        description="nodeSelector for the training pods; values are label values (at most 63 characters).",
+        description="nodeSelector for the training pods: label keys to label values (at most 63 characters).",
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="tolerations for the training pods."
@@ -83,9 +89,24 @@ class ResourceSettings(SpecModel):
                     "self.nodes == 1 || self.gpusPerNode >= 1",
                     "resources: multi-node training needs gpusPerNode >= 1",
                 ),
+                *(
+                    cel(
+                        f"quantity(self.{field}).isGreaterThan(quantity('0'))",
+                        f"resources.{field} must be more than 0",
+                        f".{field}",
+                    )
+                    for field in _QUANTITIES
+                ),
             ]
         }
     )
+
+    @field_validator("cpu", "memory", "scratch_size")
+    @classmethod
+    def _more_than_none(cls, value: str, info: ValidationInfo) -> str:
+        if not _positive(value):
+            raise ValueError(f"resources.{to_camel(str(info.field_name))} must be more than 0")
+        return value
 
     @model_validator(mode="after")
     def _sizes(self) -> ResourceSettings:
@@ -301,9 +322,11 @@ IMMUTABLE_AFTER_START = (
     "resources",
     "image",
     "runPolicy.backoffLimit",
+    "queueName",
 )
 """Spec fields that may not change once training has started (status.startTime is set): the recipe, and
-what is baked into the running Job's immutable pod template or spec (image, resources, backoffLimit).
+what is baked into the running Job's immutable pod template or spec (image, resources, backoffLimit), or
+what Kueue has acted on (queueName: the queue that admitted the Job).
 ``suspend``, ``runPolicy.activeDeadlineSeconds`` and ``runPolicy.ttlSecondsAfterFinished`` stay mutable; the
 operator applies them to the live Job."""
 

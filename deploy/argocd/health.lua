@@ -7,12 +7,15 @@
 --
 -- Mapping, first match wins:
 --   no status yet, or status.observedGeneration behind metadata.generation   -> Progressing
---   condition Stalled=True (invalid spec, missing Secret, policy violation)  -> Degraded
+--   condition Stalled=True: a run that can't start and needs a person (invalid spec, a child the
+--     apiserver refused, a pod the Job can't create, an image that can't be pulled, a missing
+--     Secret, a policy violation)                                            -> Degraded
 --   phase Failed (or condition Failed=True)                                  -> Degraded
 --   phase Succeeded (or condition Ready=True)                                -> Healthy
 --   phase Suspended                                                          -> Suspended
 --   spec.suspend true while the operator has not suspended the run yet       -> Progressing
---   phase Pending, Queued, Initializing, Training, Uploading                 -> Progressing
+--   phase Pending, Queued, Initializing, Training, Uploading (a Pending run that waits for a node or
+--     for quota says so: its message leads with Ready's reason, e.g. Unschedulable) -> Progressing
 --   anything else                                                            -> Unknown
 
 local function condition(o, wanted)
@@ -46,6 +49,11 @@ end
 
 local function progress_text(o, phase)
   local text = phase
+  local ready = condition(o, "Ready")
+  if phase == "Pending" and ready ~= nil and ready.reason ~= nil and ready.reason ~= ""
+      and ready.reason ~= "InProgress" then
+    text = text .. " (" .. ready.reason .. ")"
+  end
   local p = o.status.progress
   if p ~= nil then
     if p.summary ~= nil and p.summary ~= "" then

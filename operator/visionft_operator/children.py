@@ -1,5 +1,5 @@
 """Pure functions from a VisionFineTune to the objects it owns: ConfigMap, Job, ServiceAccount, Role and
-RoleBinding. No API calls here: `reconcile.py` creates (or adopts) what these return.
+RoleBinding. No API calls here: ``reconciler.py`` creates (or adopts) what these return.
 
 Every child carries an ownerReference to the resource (controller, blockOwnerDeletion), so the garbage
 collector removes it with the resource: the operator needs no finalizer.
@@ -29,9 +29,9 @@ from visionft_operator import deadline, names
 @dataclass(frozen=True)
 class Owner:
     """The VisionFineTune that owns the children, and what its run has used so far, which a new Job
-    carries: how many times its group was restarted (status.restarts; multi-node, see `gang.py`), how many
+    carries: how many times its group was restarted (status.restarts; multi-node, see ``gang.py``), how many
     trainer pods its earlier Jobs started (status.attempts) and how many seconds passed since it first
-    started (for the deadline, see `deadline.py`)."""
+    started (for the deadline, see ``deadline.py``)."""
 
     namespace: str
     name: str
@@ -66,9 +66,10 @@ def owner_reference(owner: Owner) -> dict[str, Any]:
 
 
 def labels(owner: Owner) -> dict[str, str]:
-    """Labels of every child (and of the pods)."""
+    """Labels of every child (and of the pods); the name's label value is shortened to fit
+    (``names.label_value``)."""
     return {
-        c.LABEL_NAME: owner.name,
+        c.LABEL_NAME: names.label_value(owner.name),
         c.LABEL_COMPONENT: "trainer",
         c.LABEL_MANAGED_BY: c.COMPONENT,
         c.LABEL_PART_OF: c.PART_OF,
@@ -86,8 +87,8 @@ def _metadata(owner: Owner, name: str, extra_labels: dict[str, str] | None = Non
 
 def trainer_config(owner: Owner, spec: VisionFineTuneSpec) -> TrainerConfig:
     """The trainer's config: the recipe part of the spec plus where to work and whom to report to (the
-    local `visionft-train MANIFEST` builds its config the same way). Without `spec.output` (a generated
-    model), the results stay in `<workDir>/output` on the scratch volume."""
+    local ``visionft-train MANIFEST`` builds its config the same way). Without ``spec.output`` (a generated
+    model), the results stay in ``<workDir>/output`` on the scratch volume."""
     runtime = RuntimeSettings(
         work_dir=f"{c.SCRATCH_MOUNT}/work",
         json_progress=True,
@@ -120,7 +121,7 @@ def service_account(owner: Owner) -> dict[str, Any]:
 
 
 def role(owner: Owner) -> dict[str, Any]:
-    """Only `get` and `patch` on this resource's status subresource (resourceNames)."""
+    """Only ``get`` and ``patch`` on this resource's status subresource (resourceNames)."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
@@ -210,8 +211,8 @@ def launch_command(owner: Owner, spec: VisionFineTuneSpec) -> list[str]:
     """The container's command: the trainer CLI itself on one GPU, else torchrun over it.
 
     One process per GPU. Several nodes use a static rendezvous at the index-0 pod, whose stable DNS name
-    the headless Service gives (`<job>-0.<service>`); each pod's node rank is its completion index. The
-    `$(VAR)` references are expanded by the kubelet from the container's env (see `_torchrun_env`).
+    the headless Service gives (``<job>-0.<service>``); each pod's node rank is its completion index. The
+    ``$(VAR)`` references are expanded by the kubelet from the container's env (see ``_torchrun_env``).
     """
     cli = ["--config", f"{c.CONFIG_MOUNT}/{c.CONFIG_FILE}"]
     res = spec.resources
@@ -253,7 +254,7 @@ def _one_pod_per_node(owner: Owner) -> dict[str, Any]:
         "podAntiAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": [
                 {
-                    "labelSelector": {"matchLabels": {c.LABEL_NAME: owner.name}},
+                    "labelSelector": {"matchLabels": {c.LABEL_NAME: names.label_value(owner.name)}},
                     "topologyKey": "kubernetes.io/hostname",
                 }
             ]
@@ -328,10 +329,9 @@ def pod_template(owner: Owner, spec: VisionFineTuneSpec, defaults: PodDefaults) 
     priority = res.priority_class_name or defaults.priority_class_name
     if priority:
         pod_spec["priorityClassName"] = priority
-    metadata: dict[str, Any] = {"labels": labels(owner)}
-    if defaults.pod_annotations:
-        metadata["annotations"] = dict(defaults.pod_annotations)
-    return {"metadata": metadata, "spec": pod_spec}
+    # The whole name, which the label may not hold: the operator finds a pod's run by it.
+    annotations = {**defaults.pod_annotations, c.ANNOTATION_NAME: owner.name}
+    return {"metadata": {"labels": labels(owner), "annotations": annotations}, "spec": pod_spec}
 
 
 def pod_failure_policy(multi_node: bool = False) -> dict[str, Any]:
@@ -341,10 +341,10 @@ def pod_failure_policy(multi_node: bool = False) -> dict[str, Any]:
 
     Several nodes: every pod failure fails the Job, so that the Job controller stops the peers at once
     (torchrun's static rendezvous can't take in one replaced rank). The rules still tell the three cases
-    apart in the Job's failure message (the rule index), and `gang.py` then restarts the whole group in
+    apart in the Job's failure message (the rule index), and ``gang.py`` then restarts the whole group in
     a new Job: uncounted after a disruption, counted against runPolicy.backoffLimit after another failure,
     never after a non-retryable exit code. A failure with no exit code (the pod never ran) matches no
-    rule and fails the Job through its backoffLimit 0; `gang.py` counts it like an exit code."""
+    rule and fails the Job through its backoffLimit 0; ``gang.py`` counts it like an exit code."""
     disrupted = [{"type": "DisruptionTarget", "status": "True"}]
     fatal = {"containerName": c.CONTAINER_NAME, "operator": "In", "values": list(c.NON_RETRYABLE_EXIT_CODES)}
     if not multi_node:
@@ -367,10 +367,10 @@ def pod_failure_policy(multi_node: bool = False) -> dict[str, Any]:
 
 
 def job(owner: Owner, spec: VisionFineTuneSpec, defaults: PodDefaults) -> dict[str, Any]:
-    """The batch/v1 Job. With `queueName` it carries Kueue's queue label and starts suspended (Kueue
-    unsuspends it on admission); with `suspend` it starts suspended too. Over several nodes it is one
-    attempt of the group: it fails on the first pod failure, and the operator replaces it (`gang.py`). A
-    Job that replaces an earlier one gets what is left of the run's deadline (`deadline.py`) and carries
+    """The batch/v1 Job. With ``queueName`` it carries Kueue's queue label and starts suspended (Kueue
+    unsuspends it on admission); with ``suspend`` it starts suspended too. Over several nodes it is one
+    attempt of the group: it fails on the first pod failure, and the operator replaces it (``gang.py``). A
+    Job that replaces an earlier one gets what is left of the run's deadline (``deadline.py``) and carries
     what the earlier Jobs used (annotations)."""
     extra = {KUEUE_QUEUE_LABEL: spec.queue_name} if spec.queue_name else {}
     nodes = spec.resources.nodes
@@ -415,7 +415,7 @@ def headless_service(owner: Owner) -> dict[str, Any]:
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": {c.LABEL_NAME: owner.name},
+            "selector": {c.LABEL_NAME: names.label_value(owner.name)},
             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
         },
     }

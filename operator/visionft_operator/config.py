@@ -1,7 +1,7 @@
 """The operator's settings, read once from environment variables (crate-operator style).
 
-Every attribute is documented with a `#:` comment and named after its variable, `VISIONFT_<ATTRIBUTE>`.
-Command-line options of `visionft-operator` override the namespace and peering settings.
+Every attribute is documented with a ``#:`` comment and named after its variable, ``VISIONFT_<ATTRIBUTE>``.
+Command-line options of ``visionft-operator`` override the namespace and peering settings.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _list(value: str) -> list[str]:
 class Config:
     """All settings of one operator process."""
 
-    #: The trainer image used when a VisionFineTune sets no `spec.image`.
+    #: The trainer image used when a VisionFineTune sets no ``spec.image``.
     trainer_image: str = "ghcr.io/visionft/trainer:0.1.0"
     #: Namespaces to watch (comma or space separated); empty means the whole cluster.
     namespaces: list[str] = field(default_factory=list)
@@ -41,9 +41,9 @@ class Config:
     peering_priority: int = 0
     #: Seconds after its last keep-alive that a silent peer counts as dead (Kopf's peering lifetime).
     peering_lifetime: int = 60
-    #: Port of the liveness endpoint (`/healthz`); 0 turns it off.
+    #: Port of the liveness endpoint (``/healthz``); 0 turns it off.
     liveness_port: int = 8080
-    #: Port of the Prometheus metrics endpoint (`/metrics`); 0 turns it off.
+    #: Port of the Prometheus metrics endpoint (``/metrics``); 0 turns it off.
     metrics_port: int = 9090
     #: Address the metrics endpoint listens on (0.0.0.0: every interface, as a Service needs; 127.0.0.1
     #: keeps it on the host).
@@ -73,9 +73,9 @@ class Config:
     shm_size: str = "8Gi"
     #: Extra annotations on every training pod, as a JSON object (e.g. an autoscaler's safe-to-evict hint).
     pod_annotations: str = ""
-    #: The per-namespace policy as YAML or JSON (see `policy.py`); empty means no limits.
+    #: The per-namespace policy as YAML or JSON (see ``policy.py``); empty means no limits.
     policy: str = ""
-    #: A file with the policy, read when `policy` is empty (e.g. a mounted ConfigMap).
+    #: A file with the policy, read when ``policy`` is empty (e.g. a mounted ConfigMap).
     policy_file: str = ""
 
     def pod_annotation_map(self) -> dict[str, str]:
@@ -88,7 +88,7 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
-        """Read every `VISIONFT_*` variable that is set; the rest keep their defaults."""
+        """Read every ``VISIONFT_*`` variable that is set; the rest keep their defaults."""
         env = os.environ if env is None else env
         config = cls()
         for name, current in list(vars(config).items()):
@@ -107,16 +107,3 @@ class Config:
                 value = raw
             setattr(config, name, value)
         return config
-
-
-_current = Config()
-
-
-def get() -> Config:
-    """The process's config (set by `main` at start-up; defaults before that)."""
-    return _current
-
-
-def set_current(config: Config) -> None:
-    global _current
-    _current = config

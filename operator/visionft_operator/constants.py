@@ -13,8 +13,11 @@ FIELD_MANAGER = "visionft-operator"
 # The component name on Events and in app.kubernetes.io/managed-by.
 COMPONENT = "visionft-operator"
 
-# Labels on every child object. `visionft.io/name` selects all children (and pods) of one resource.
+# Labels on every child object. ``visionft.io/name`` selects all children (and pods) of one resource; its
+# value is the resource's name, shortened to a label value's 63 characters (names.label_value).
 LABEL_NAME = f"{LABEL_PREFIX}name"
+# On every training pod: the resource's whole name (a label value may not hold it).
+ANNOTATION_NAME = f"{LABEL_PREFIX}name"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
@@ -37,8 +40,8 @@ ANNOTATION_ATTEMPTS = f"{LABEL_PREFIX}attempts"
 # ... and how many seconds of spec.runPolicy.activeDeadlineSeconds had passed by then (deadline.py).
 ANNOTATION_ELAPSED = f"{LABEL_PREFIX}elapsed-seconds"
 
-# Exit codes of `visionft-train` that no retry can fix: the Job fails at once (podFailurePolicy FailJob).
-# The CLI exits 2 on a config or data error (trainer/visionft/job/cli.py: EXIT_CONFIG) and 3 when
+# Exit codes of ``visionft-train`` that no retry can fix: the Job fails at once (podFailurePolicy FailJob).
+# The CLI exits 2 on a config or data error (visionft.job.cli: EXIT_CONFIG) and 3 when
 # evaluation.failIfWorseThanBase fails a finished run (EXIT_WORSE_THAN_BASE: training again would give the
 # same result); 1 (a crash, an infrastructure failure) and signals (OOM) are retried up to backoffLimit.
 NON_RETRYABLE_EXIT_CODES = (2, 3)

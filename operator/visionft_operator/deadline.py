@@ -1,15 +1,15 @@
 """spec.runPolicy.activeDeadlineSeconds bounds the whole run, not each of its Jobs.
 
 A Job's own activeDeadlineSeconds counts from that Job's start, and a run can have several Jobs: a
-multi-node run makes a new one for each group restart (`gang.py`), and any run makes a new one when its
+multi-node run makes a new one for each group restart (``gang.py``), and any run makes a new one when its
 Job was deleted by hand. So a Job gets only what is left of the run's deadline when it is made: the
 deadline minus the seconds since status.startTime, the run's first start (time spent suspended in
-between included). The Job carries that elapsed time (annotation `visionft.io/elapsed-seconds`), so the
-deadline, which stays mutable, is applied to the live Job again as `deadline - elapsed` without reading
+between included). The Job carries that elapsed time (annotation ``visionft.io/elapsed-seconds``), so the
+deadline, which stays mutable, is applied to the live Job again as ``deadline - elapsed`` without reading
 the clock, and the operator never rewrites it just because time passed.
 
 When nothing is left, no further Job is made: a group restart that would start another attempt fails the
-run instead (`gang.decide`), and so does a run found without a Job (`reconcile.py`), both with reason
+run instead (``gang.decide``), and so does a run found without a Job (``decision.py``), both with reason
 DeadlineExceeded. Within one Job, the Job controller enforces the deadline itself.
 """
 
@@ -36,13 +36,13 @@ def elapsed(status: dict[str, Any], now: datetime) -> int:
 
 
 def run_out(spec: VisionFineTuneSpec, seconds: int) -> bool:
-    """Whether the run's deadline has no whole second left after `seconds` (False without a deadline)."""
+    """Whether the run's deadline has no whole second left after ``seconds`` (False without a deadline)."""
     deadline = spec.run_policy.active_deadline_seconds
     return deadline is not None and seconds >= deadline
 
 
 def job_deadline(spec: VisionFineTuneSpec, seconds: int) -> int | None:
-    """A Job's activeDeadlineSeconds for a Job made `seconds` after the run's first start: what is left of
+    """A Job's activeDeadlineSeconds for a Job made ``seconds`` after the run's first start: what is left of
     the run's deadline, at least 1 (a deadline cut below what has passed ends the Job at once); None
     without a deadline."""
     deadline = spec.run_policy.active_deadline_seconds
@@ -61,7 +61,7 @@ def job_elapsed(job: dict[str, Any]) -> int:
 
 
 def message(spec: VisionFineTuneSpec, seconds: int) -> str:
-    """Why no further attempt starts, `seconds` after the run's first start."""
+    """Why no further attempt starts, ``seconds`` after the run's first start."""
     return (
         f"spec.runPolicy.activeDeadlineSeconds ({spec.run_policy.active_deadline_seconds} s) has run out: "
         f"the run started {seconds} s ago (status.startTime); no further attempt"

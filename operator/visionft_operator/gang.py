@@ -3,46 +3,41 @@
 torchrun's static rendezvous can't take in one replaced pod: its peers keep waiting on the dead rank (or
 hang in a collective until NCCL times out). So a run over several nodes restarts as a group:
 
-- Its Job fails as a whole on the first pod failure (`children.pod_failure_policy(multi_node=True)`:
+- Its Job fails as a whole on the first pod failure (``children.pod_failure_policy(multi_node=True)``:
   FailJob rules and backoffLimit 0), and the Job controller stops the peers at once.
-- `decide` (pure) reads the failed Job and its pods: a disruption (DisruptionTarget, as preemption or a
+- ``decide`` (pure) reads the failed Job and its pods: a disruption (DisruptionTarget, as preemption or a
   node drain set it) restarts the group without counting; an exit code in NON_RETRYABLE_EXIT_CODES ends
   the run at once; any other failure restarts the group and counts one restart against
   spec.runPolicy.backoffLimit, until the restarts are used up. A restart due once
-  spec.runPolicy.activeDeadlineSeconds has run out (counted from the run's first start, `deadline.py`)
+  spec.runPolicy.activeDeadlineSeconds has run out (counted from the run's first start, ``deadline.py``)
   ends the run with reason DeadlineExceeded instead. A suspended Job (spec.suspend, Kueue) normally
   doesn't fail, since the Job controller lets go of the pods it stops; should one of them still match a
   FailJob rule, the Job is replaced without counting.
-- `restart` writes the new count to status.restarts and the pods started so far to status.attempts,
-  then deletes the failed Job in the foreground: the Job stays until all of its pods are gone, so the
+- A restart (``reconciler.py``, from ``record``) writes the new count to status.restarts and the pods
+  started so far to status.attempts, then deletes the failed Job in the foreground: the Job stays until all of its pods are gone, so the
   next attempt's pods never meet the old ones (GPUs, the anti-affinity, the pods' DNS names). Once it is
   gone, the reconcile creates the Job again as for a new run, with the same name, ConfigMap and headless
   Service, and its pods resume from the newest complete checkpoint under spec.output.uri (the trainer
   does that on every start). The new Job gets only what is left of the deadline.
 
 Counting survives an operator restart and a reconcile that runs twice: each Job carries the restart count
-it was created with (annotation `visionft.io/restarts`), and a failed Job's restart is always that count
+it was created with (annotation ``visionft.io/restarts``), and a failed Job's restart is always that count
 plus one, so the same failure is never counted twice. Likewise for status.attempts: each new Job carries
-the pods that its run's earlier Jobs started (annotation `visionft.io/attempts`), and adds its own.
+the pods that its run's earlier Jobs started (annotation ``visionft.io/attempts``), and adds its own.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
-import kubernetes
-from kubernetes.client.exceptions import ApiException
 from visionft_api import VisionFineTuneSpec
 from visionft_api import conditions as cond
 
 from visionft_operator import constants as c
-from visionft_operator import deadline, kube
+from visionft_operator import deadline, jobs
 from visionft_operator import status as st
-
-log = logging.getLogger(__name__)
 
 # The pod that the Job controller names in a FailJob message ("... for pod <ns>/<name> ...", "Pod
 # <ns>/<name> has condition ...").
@@ -66,28 +61,12 @@ class Verdict:
 
 
 def job_restarts(job: dict[str, Any], default: int) -> int:
-    """The restart count a Job was created with (its annotation), else `default`."""
+    """The restart count a Job was created with (its annotation), else ``default``."""
     value = ((job.get("metadata") or {}).get("annotations") or {}).get(c.ANNOTATION_RESTARTS)
     try:
         return int(value) if value is not None else default
     except ValueError:
         return default
-
-
-def own_pods(job: dict[str, Any], pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The pods of `pods` that this Job made (not an earlier attempt's)."""
-    uid = job["metadata"].get("uid")
-    return [p for p in pods if any(o.get("uid") == uid for o in p["metadata"].get("ownerReferences") or [])]
-
-
-def _failure(job: dict[str, Any]) -> dict[str, Any] | None:
-    """The Job's Failed condition, or the FailureTarget one that comes first (its pods still stopping)."""
-    conditions = (job.get("status") or {}).get("conditions") or []
-    for type_ in ("Failed", "FailureTarget"):
-        for condition in conditions:
-            if condition.get("type") == type_ and condition.get("status") == "True":
-                return condition
-    return None
 
 
 def _disrupted(pod: dict[str, Any]) -> bool:
@@ -158,16 +137,16 @@ def decide(
         job (dict | None): the run's Job (wire form).
         pods (list[dict]): the run's pods; only those of this Job are looked at.
         restarts (int): status.restarts, for a Job made before it carried its own count.
-        elapsed (int): seconds since the run first started (`deadline.elapsed`), for the run's deadline.
+        elapsed (int): seconds since the run first started (``deadline.elapsed``), for the run's deadline.
             Default: 0.
     """
     if spec.resources.nodes <= 1 or job is None:
         return None
-    failure = _failure(job)
+    failure = jobs.failure(job)
     if failure is None:
         return None
     done = job_restarts(job, restarts)
-    pod = failed_pod(failure, own_pods(job, pods))
+    pod = failed_pod(failure, jobs.own_pods(job, pods))
     kind = _kind(failure, pod)
     if kind is None:
         return None
@@ -197,36 +176,16 @@ def decide(
     return Verdict(True, done + 1, ("Pending", cond.REASON_RESTARTING_GROUP, message))
 
 
-def restart(
-    namespace: str,
-    name: str,
-    job: dict[str, Any],
-    pods: list[dict[str, Any]],
-    verdict: Verdict,
-    status: dict[str, Any],
-) -> None:
-    """Record the restart count and the pods started so far, the failed Job's included (where they grew
-    past status.restarts and status.attempts: the next Job is made with those), then delete the failed
-    Job in the foreground, unless that already happened. Blocking API calls."""
+def record(
+    job: dict[str, Any], pods: list[dict[str, Any]], verdict: Verdict, status: dict[str, Any]
+) -> dict[str, int]:
+    """What a restart writes to the status before the failed Job goes: the restart count and the pods
+    started so far (the failed Job's included), where they grew past status.restarts and status.attempts
+    (the next Job is made with those)."""
     grew: dict[str, int] = {}
     if verdict.restarts > int(status.get("restarts") or 0):
         grew["restarts"] = verdict.restarts
-    attempts = st.attempts(job, status.get("attempts"), len(own_pods(job, pods)))
+    attempts = st.attempts(job, status.get("attempts"), len(jobs.own_pods(job, pods)))
     if attempts > int(status.get("attempts") or 0):
         grew["attempts"] = attempts
-    if grew:
-        kube.patch_status(namespace, name, grew)
-    meta = job["metadata"]
-    if meta.get("deletionTimestamp"):
-        return
-    log.info("restarting the group of %s/%s: deleting Job %s", namespace, name, meta["name"])
-    body = kubernetes.client.V1DeleteOptions(
-        propagation_policy="Foreground", preconditions=kubernetes.client.V1Preconditions(uid=meta["uid"])
-    )
-    try:
-        kubernetes.client.BatchV1Api(kube.api_client()).delete_namespaced_job(
-            meta["name"], namespace, body=body, _preload_content=False
-        )
-    except ApiException as err:
-        if err.status not in (404, 409):  # gone already; or the name now holds another Job
-            raise
+    return grew

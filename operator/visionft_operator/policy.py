@@ -1,6 +1,6 @@
 """Per-namespace policy: limits and defaults that a cluster admin sets for tenants.
 
-The policy is operator configuration (`VISIONFT_POLICY` as YAML/JSON, or `VISIONFT_POLICY_FILE`, e.g. a
+The policy is operator configuration (``VISIONFT_POLICY`` as YAML/JSON, or ``VISIONFT_POLICY_FILE``, e.g. a
 mounted ConfigMap), not a resource that tenants can edit:
 
 ```yaml
@@ -25,14 +25,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import Field
 from visionft_api import VisionFineTuneSpec
 from visionft_api.recipe import SpecModel
+from visionft_api.scheduling import NodeSelector, Toleration
 
-from visionft_operator.status import PolicyDecision
+
+@dataclass
+class PolicyDecision:
+    """What the policy says about starting the run: allowed, wait (capacity) or deny (a hard rule)."""
+
+    verdict: str = "allow"  # allow | wait | deny
+    rule: str = ""
+    message: str = ""
 
 
 class Rules(SpecModel):
@@ -50,8 +57,8 @@ class Rules(SpecModel):
         None,
         description="allowedStorageEndpoints are URL prefixes; an empty string allows AWS (no endpoint).",
     )
-    node_selector: dict[str, str] | None = Field(None, description="nodeSelector added to training pods.")
-    tolerations: list[dict[str, Any]] | None = Field(None, description="tolerations added to training pods.")
+    node_selector: NodeSelector | None = Field(None, description="nodeSelector added to training pods.")
+    tolerations: list[Toleration] | None = Field(None, description="tolerations added to training pods.")
     priority_class_name: str | None = Field(None, description="priorityClassName when the spec sets none.")
     allow_trust_remote_code: bool | None = Field(None, description="allowTrustRemoteCode; unset allows it.")
 

@@ -1,45 +1,37 @@
 """Status derivation: from what the operator observes (the Job, its pods, quota events, the trainer's
 progress, the spec's validity and the policy decision) to the status fields the operator owns.
 
-Pure functions, unit-tested without a cluster. The result never contains `progress`: that field belongs to
+Pure functions, unit-tested without a cluster. The result never contains ``progress``: that field belongs to
 the trainer (server-side apply, field manager visionft-trainer), and the operator's merge patch leaves it
 alone.
 
-Conditions follow metav1.Condition: `lastTransitionTime` changes only when a condition's status changes,
-and `observedGeneration` is the spec generation they were computed for. Ready, Reconciling and Stalled
-follow kstatus, so `kubectl wait --for=condition=Ready`, Flux and Argo CD understand the resource.
+Conditions follow metav1.Condition: ``lastTransitionTime`` changes only when a condition's status changes,
+and ``observedGeneration`` is the spec generation they were computed for. Ready, Reconciling and Stalled
+follow kstatus, so ``kubectl wait --for=condition=Ready``, Flux and Argo CD understand the resource.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from visionft_api import conditions as cond
 from visionft_api.resource import FINAL_PHASES
 
-from visionft_operator import evaluation
+from visionft_operator import diagnosis, evaluation, jobs
 from visionft_operator.constants import ANNOTATION_ATTEMPTS
+from visionft_operator.policy import PolicyDecision
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass
-class PolicyDecision:
-    """What the policy says about starting the run: allowed, wait (capacity) or deny (a hard rule)."""
-
-    verdict: str = "allow"  # allow | wait | deny
-    rule: str = ""
-    message: str = ""
+def iso(moment: datetime) -> str:
+    """A metav1.Time: RFC 3339 in UTC, whole seconds."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
 class Observation:
-    """Everything the derivation looks at, fetched by `reconcile.py`."""
+    """Everything the derivation looks at, gathered by ``decision.py``."""
 
     generation: int
     spec: dict[str, Any]
@@ -48,7 +40,12 @@ class Observation:
     policy: PolicyDecision = field(default_factory=PolicyDecision)
     job: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
-    quota_message: str | None = None
+    #: The message of the Job's newest FailedCreate Event (its pod could not be created).
+    failed_create: str | None = None
+    #: The apiserver refused a child the operator wrote: (which child, the apiserver's message).
+    rejected: tuple[str, str] | None = None
+    #: A child's name is held by another owner's object: (which child, its owner).
+    name_taken: tuple[str, str] | None = None
     # (phase, reason, message) to report instead of what the Job says: a multi-node run's group restart or
     # its end (gang.py), or a run whose deadline ran out before its next Job (deadline.py); and
     # status.restarts.
@@ -58,11 +55,13 @@ class Observation:
 
 @dataclass
 class Derived:
-    """The operator's part of the status, plus the Event to post when the phase changed."""
+    """The operator's part of the status, the Event to post, and what of the trainer's progress no longer
+    holds (``remove_progress``: "all" for an earlier attempt's report, else the names of fields to drop)."""
 
     status: dict[str, Any]
     event: tuple[str, str, str] | None = None  # (type Normal|Warning, reason, message)
-    # A new best evaluation (status.evaluation.best at a step not announced yet), posted besides `event`.
+    remove_progress: Literal["all"] | tuple[str, ...] = ()
+    # A new best evaluation (status.evaluation.best at a step not announced yet), posted besides ``event``.
     evaluation_event: tuple[str, str, str] | None = None
 
 
@@ -71,7 +70,10 @@ class _State:
     phase: str
     message: str
     reason: str
+    #: Progress stopped and needs a person (kstatus Failed).
     stalled: bool = False
+    #: Not stalled, but something users must see (an Event on each new reason).
+    warning: bool = False
     admitted: tuple[str, str] | None = None  # (status, reason)
 
 
@@ -110,13 +112,6 @@ def get_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any
 
 
 # --- reading the Job and pods -----------------------------------------------------------------------------
-
-
-def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    for c in (job.get("status") or {}).get("conditions") or []:
-        if c.get("type") == type_ and c.get("status") == "True":
-            return c
-    return None
 
 
 def _pod_time(pod: dict[str, Any]) -> str:
@@ -160,38 +155,6 @@ def pod_failure_reason(pods: list[dict[str, Any]]) -> str | None:
     return None
 
 
-_SECRET_MISSING = re.compile(r'secret "([^"]+)" not found')
-_KEY_MISSING = re.compile(r"couldn't find key (\S+) in Secret (\S+)")
-
-
-def waiting_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
-    """(reason, message) when the newest live pod is stuck before start: a missing Secret or key
-    (CreateContainerConfigError, as the kubelet reports it), or an image that can't be pulled."""
-    live = [p for p in pods if (p.get("status") or {}).get("phase") in (None, "Pending")]
-    if not live:
-        return None
-    pod = max(live, key=_pod_time)
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        reason, message = waiting.get("reason") or "", waiting.get("message") or ""
-        if reason == "CreateContainerConfigError":
-            key = _KEY_MISSING.search(message)
-            if key:
-                return cond.REASON_MISSING_SECRET_KEY, (
-                    f"the Secret {key.group(2)} has no key {key.group(1)} (spec.storage): {message}"
-                )
-            secret = _SECRET_MISSING.search(message)
-            if secret:
-                return cond.REASON_MISSING_SECRET, (
-                    f"the Secret {secret.group(1)} named in spec.storage.credentialsSecret does not exist "
-                    f"in this namespace: {message}"
-                )
-            return "CreateContainerConfigError", message
-        if reason in {"ErrImagePull", "ImagePullBackOff", "InvalidImageName"}:
-            return reason, f"the trainer image can't be pulled (spec.image): {message}"
-    return None
-
-
 def _running(pods: list[dict[str, Any]]) -> bool:
     return any((p.get("status") or {}).get("phase") == "Running" for p in pods)
 
@@ -201,9 +164,9 @@ def attempts(job: dict[str, Any] | None, previous: int | None, job_pods: int = 0
 
     The earlier Jobs' pods (a multi-node group restart or a Job deleted by hand made this one) come from
     this Job's annotation. This Job's are those the Job controller counts as failed, succeeded or active,
-    or `job_pods`, the number of its pods seen otherwise, where that is more (the Job's count lags while
-    it stops the pods of a failed group; its `terminating` count is left out, since it can overlap the
-    others for a moment). Never fewer than `previous` (status.attempts): the Job controller stops counting
+    or ``job_pods``, the number of its pods seen otherwise, where that is more (the Job's count lags while
+    it stops the pods of a failed group; its ``terminating`` count is left out, since it can overlap the
+    others for a moment). Never fewer than ``previous`` (status.attempts): the Job controller stops counting
     a pod that it lets go of without a failure (one that suspension deleted, or that a disruption stopped
     on a single node: its podFailurePolicy ignores it), so such a pod and its replacement count once.
     """
@@ -229,13 +192,53 @@ def outputs(spec: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+# --- the trainer's progress -------------------------------------------------------------------------------
+
+#: What a report says about the time left; meaningless once the run is over or stopped.
+ETA_FIELDS = ("eta", "etaSeconds")
+
+
+def _attempt_start(job: dict[str, Any], pods: list[dict[str, Any]]) -> str | None:
+    """When the Job's current attempt began: its oldest unfinished pod's creation (all pods of a group
+    start together), else its newest finished one's; None before it has a pod."""
+    own = [p for p in jobs.own_pods(job, pods) if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    unfinished = [p for p in own if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+    if unfinished:
+        return min(_pod_time(p) for p in unfinished)
+    return max((_pod_time(p) for p in own), default=None)
+
+
+def progress_is_stale(
+    progress: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]]
+) -> bool:
+    """Whether a report belongs to an earlier attempt than the live Job's: its pod is gone and the Job has
+    none yet (a resumed or re-created Job), or its time is before the current attempt's pod (a retry)."""
+    if not progress or job is None or jobs.finished(job) or jobs.suspended(job):
+        return False
+    start = _attempt_start(job, pods)
+    if start is None:
+        return True
+    reported = progress.get("updateTime")
+    return bool(reported) and str(reported) < start
+
+
 # --- the phase --------------------------------------------------------------------------------------------
 
 
-def _state(obs: Observation) -> _State:
-    """Which phase the run is in, and why."""
+def _stuck(problem: diagnosis.Problem, admitted: tuple[str, str] | None = None) -> _State:
+    return _State(
+        "Pending",
+        problem.message,
+        problem.reason,
+        stalled=problem.stalled,
+        warning=not problem.stalled,
+        admitted=admitted,
+    )
+
+
+def _state(obs: Observation, progress: dict[str, Any]) -> _State:
+    """Which phase the run is in, and why; ``progress`` is the current attempt's report."""
     previous = (obs.status or {}).get("phase")
-    progress = (obs.status or {}).get("progress") or {}
     if obs.spec_error:
         return _State("Failed", f"invalid spec: {obs.spec_error}", cond.REASON_INVALID_SPEC, stalled=True)
     if obs.group:
@@ -245,19 +248,19 @@ def _state(obs: Observation) -> _State:
     job = obs.job
     if job is not None:
         worse = evaluation.fails_run(obs.spec, obs.status)
-        if worse is not None and (_job_condition(job, "Complete") or _job_condition(job, "Failed")):
+        if worse is not None and (jobs.condition(job, "Complete") or jobs.failure(job)):
             message = (
                 f"{worse.message} and spec.evaluation.failIfWorseThanBase is set; the outputs are published"
             )
             return _State("Failed", message, cond.REASON_WORSE_THAN_BASE, stalled=True)
-        if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
+        if jobs.condition(job, "Complete") or jobs.condition(job, "SuccessCriteriaMet"):
             done = "training finished and the outputs are published"
             if not obs.spec.get("output"):
                 done = (
                     "training finished; with no spec.output, the results stayed in the pod's scratch volume"
                 )
             return _State("Succeeded", done, cond.REASON_SUCCEEDED)
-        failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
+        failed = jobs.failure(job)
         if failed:
             job_reason = failed.get("reason") or cond.REASON_JOB_FAILED
             reason = {
@@ -278,6 +281,10 @@ def _state(obs: Observation) -> _State:
         return _State(str(previous), str((obs.status or {}).get("message") or ""), str(previous))
     if obs.policy.verdict == "deny":
         return _State("Failed", obs.policy.message, cond.REASON_POLICY_VIOLATION, stalled=True)
+    if obs.rejected:
+        return _stuck(diagnosis.child_rejected(*obs.rejected))
+    if obs.name_taken:
+        return _stuck(diagnosis.name_taken(*obs.name_taken))
     if obs.spec.get("suspend"):
         return _State(
             "Suspended",
@@ -294,7 +301,7 @@ def _state(obs: Observation) -> _State:
                 admitted=("False", cond.REASON_POLICY_LIMIT),
             )
         return _State("Pending", "creating the trainer's Job", cond.REASON_CREATING)
-    if (job.get("spec") or {}).get("suspend"):
+    if jobs.suspended(job):
         queue = (obs.spec.get("queueName")) or ""
         return _State(
             "Queued",
@@ -302,19 +309,15 @@ def _state(obs: Observation) -> _State:
             cond.REASON_QUEUED_BY_KUEUE,
             admitted=("False", cond.REASON_QUEUED_BY_KUEUE),
         )
-    if obs.quota_message and not obs.pods:
-        return _State(
-            "Pending",
-            f"a ResourceQuota blocks the training pod: {obs.quota_message}",
-            cond.REASON_QUOTA_EXCEEDED,
-            admitted=("False", cond.REASON_QUOTA_EXCEEDED),
-        )
-    problem = waiting_problem(obs.pods)
-    if problem:
-        return _State(
-            "Pending", problem[1], problem[0], stalled=True, admitted=("True", cond.REASON_ADMITTED)
-        )
     admitted = ("True", cond.REASON_ADMITTED)
+    if obs.failed_create and not obs.pods:
+        creation = diagnosis.failed_create(obs.failed_create)
+        if creation.reason == cond.REASON_QUOTA_EXCEEDED:
+            return _stuck(creation, admitted=("False", cond.REASON_QUOTA_EXCEEDED))
+        return _stuck(creation, admitted=admitted)
+    problem = diagnosis.pod_problem(obs.pods)
+    if problem:
+        return _stuck(problem, admitted=admitted)
     if _running(obs.pods):
         stage = (progress.get("stage") or "").lower()
         if stage in {"uploading", "saving", "done"}:
@@ -323,7 +326,10 @@ def _state(obs: Observation) -> _State:
             return _State("Training", "training", cond.REASON_TRAINING, admitted=admitted)
         what = f" ({progress['stage']})" if progress.get("stage") else ""
         return _State(
-            "Initializing", f"the trainer is starting{what}", cond.REASON_WAITING_FOR_POD, admitted=admitted
+            "Initializing",
+            f"the trainer is starting{what}{_retry_note(job, obs.pods)}",
+            cond.REASON_WAITING_FOR_POD,
+            admitted=admitted,
         )
     if any((p.get("status") or {}).get("phase") == "Succeeded" for p in obs.pods):
         # The trainer exited 0; the Job controller has yet to mark the Job complete.
@@ -332,17 +338,29 @@ def _state(obs: Observation) -> _State:
         )
     return _State(
         "Initializing",
-        "waiting for the training pod to start",
+        f"waiting for the training pod to start{_retry_note(job, obs.pods)}",
         cond.REASON_WAITING_FOR_POD,
         admitted=admitted,
     )
 
 
-def derive(obs: Observation, now: str | None = None) -> Derived:
-    """The operator-owned status fields for one observation."""
-    now = now or now_iso()
+def _retry_note(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
+    """For a Job's retried pod: which retry, and why the pod before it failed."""
+    failed = [p for p in jobs.own_pods(job, pods) if (p.get("status") or {}).get("phase") == "Failed"]
+    if not failed:
+        return ""
+    limit = (job.get("spec") or {}).get("backoffLimit")
+    of = f" of {limit}" if limit is not None else ""
+    return f" (retry {len(failed)}{of}: {pod_failure(failed)})"
+
+
+def derive(obs: Observation, now: str) -> Derived:
+    """The operator-owned status fields for one observation, ``now`` (a metav1.Time) for the new condition
+    transitions and completionTime."""
     old = obs.status or {}
-    st = _state(obs)
+    progress = old.get("progress") or {}
+    stale = progress_is_stale(progress, obs.job, obs.pods)
+    st = _state(obs, {} if stale else progress)
     gen = obs.generation
     conds: list[dict[str, Any]] = list(old.get("conditions") or [])
 
@@ -364,9 +382,8 @@ def derive(obs: Observation, now: str | None = None) -> Derived:
         put(cond.COMPLETE, "False", st.reason, "")
         put(cond.FAILED, "True", st.reason, st.message)
     else:
-        put(
-            cond.READY, "False", cond.REASON_IN_PROGRESS if st.phase != "Suspended" else st.reason, st.message
-        )
+        # Ready's reason is the state's, so that ``kubectl get vft`` (its Reason column) says why.
+        put(cond.READY, "False", st.reason, st.message)
         put(
             cond.RECONCILING,
             "False" if st.phase == "Suspended" or st.stalled else "True",
@@ -408,13 +425,17 @@ def derive(obs: Observation, now: str | None = None) -> Derived:
     if obs.restarts:
         status["restarts"] = obs.restarts
 
+    remove: Literal["all"] | tuple[str, ...] = ()
+    if stale:
+        remove = "all"  # a new attempt starts with no progress until its pod reports
+    elif final or st.phase in {"Suspended", "Queued"}:
+        remove = tuple(f for f in ETA_FIELDS if f in progress)  # nothing is left to wait for
+
+    old_reason = (get_condition(old.get("conditions") or [], cond.READY) or {}).get("reason")
     event = None
-    if st.phase != old.get("phase") or (
-        st.stalled
-        and (get_condition(old.get("conditions") or [], cond.STALLED) or {}).get("reason") != st.reason
-    ):
-        kind = "Warning" if st.phase == "Failed" or st.stalled else "Normal"
-        event = (kind, st.reason if st.stalled or st.phase == "Failed" else st.phase, st.message)
+    if st.phase != old.get("phase") or ((st.stalled or st.warning) and old_reason != st.reason):
+        kind = "Warning" if st.phase == "Failed" or st.stalled or st.warning else "Normal"
+        event = (kind, st.reason if kind == "Warning" else st.phase, st.message)
     if obs.group and status["message"] != old.get("message"):
         event = ("Warning", st.reason, st.message)  # each group restart, also one within the same phase
     best = evaluation.new_best(old)
@@ -422,7 +443,7 @@ def derive(obs: Observation, now: str | None = None) -> Derived:
     if best is not None:
         status["announcedBestStep"] = best[0]
         best_event = ("Normal", cond.REASON_NEW_BEST_METRIC, best[1])
-    return Derived(status=status, event=event, evaluation_event=best_event)
+    return Derived(status=status, event=event, remove_progress=remove, evaluation_event=best_event)
 
 
 def changed(old: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -1,7 +1,9 @@
-"""One table of malformed VisionFineTune specs, each with the field its rejection must name.
+"""One table of malformed VisionFineTune specs, each with the field its rejection must name, and one table
+of the pod's scheduling fields with the core API's own verdict.
 
-`tests/api/test_rules.py` runs it through the pydantic models (what the operator and trainer check);
-`tests/operator/test_cluster_validation.py` runs it through the real apiserver (CRD schema and CEL rules).
+`tests/api/test_rules.py` runs both through the pydantic models (what the operator and trainer check);
+`tests/operator/test_cluster_validation.py` runs them through the real apiserver (CRD schema and CEL
+rules), and checks each SCHEDULING verdict against the core API itself on a Pod.
 """
 
 from __future__ import annotations
@@ -79,6 +81,68 @@ MALFORMED: list[tuple[str, dict[str, Any], str]] = [
         spec(**{"resources.tolerations": [{"key": "k", "operator": "Maybe"}]}),
         "spec.resources.tolerations[0].operator",
     ),
+    # What the core API refuses in the pod template the operator renders: refused at apply, not in the Job.
+    (
+        "resources-toleration-exists-with-value",
+        spec(
+            **{
+                "resources.tolerations": [
+                    {
+                        "key": "nvidia.com/gpu",
+                        "operator": "Exists",
+                        "value": "present",
+                        "effect": "NoSchedule",
+                    }
+                ]
+            }
+        ),
+        "spec.resources.tolerations[0]",
+    ),
+    (
+        "resources-toleration-seconds-without-no-execute",
+        spec(
+            **{
+                "resources.tolerations": [
+                    {"key": "k", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 60}
+                ]
+            }
+        ),
+        "spec.resources.tolerations[0]",
+    ),
+    (
+        "resources-toleration-key",
+        spec(**{"resources.tolerations": [{"key": "bad key!", "operator": "Exists"}]}),
+        "spec.resources.tolerations[0].key",
+    ),
+    (
+        "resources-toleration-empty-key-equal",
+        spec(**{"resources.tolerations": [{"operator": "Equal", "value": "x"}]}),
+        "spec.resources.tolerations[0]",
+    ),
+    (
+        "resources-toleration-value",
+        spec(**{"resources.tolerations": [{"key": "k", "value": "bad value!"}]}),
+        "spec.resources.tolerations[0].value",
+    ),
+    (
+        "resources-node-selector-value",
+        spec(**{"resources.nodeSelector": {"disktype": "bad value!"}}),
+        "spec.resources.nodeSelector",
+    ),
+    (
+        "resources-node-selector-key",
+        spec(**{"resources.nodeSelector": {"bad key!": "x"}}),
+        "spec.resources.nodeSelector",
+    ),
+    ("resources-cpu-zero", spec(**{"resources.cpu": "0"}), "spec.resources.cpu"),
+    ("resources-memory-zero", spec(**{"resources.memory": "0"}), "spec.resources.memory"),
+    ("resources-scratch-zero", spec(**{"resources.scratchSize": "0.0Gi"}), "spec.resources.scratchSize"),
+    ("lora-target-modules-empty", spec(**{"lora.targetModules": []}), "spec.lora.targetModules"),
+    (
+        "storage-secret-key-format",
+        spec(**{"storage.accessKeyIdKey": "AWS KEY"}),
+        "spec.storage.accessKeyIdKey",
+    ),
     ("run-policy-backoff-negative", spec(**{"runPolicy.backoffLimit": -1}), "spec.runPolicy.backoffLimit"),
     (
         "run-policy-deadline-short",
@@ -148,4 +212,66 @@ MALFORMED: list[tuple[str, dict[str, Any], str]] = [
         spec(tracking={"mlflow": {"uri": "http://mlflow:5000", "tokenSecret": "team-b/token"}}),
         "spec.tracking.mlflow.tokenSecret",
     ),
+]
+
+# (id, spec.resources fields, whether the core API accepts them in a pod). Each must be accepted by the
+# CRD and by pydantic exactly when the core API accepts it.
+SCHEDULING: list[tuple[str, dict[str, Any], bool]] = [
+    ("toleration-exists", {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]}, True),
+    (
+        "toleration-equal-no-execute-seconds",
+        {
+            "tolerations": [
+                {
+                    "key": "pool",
+                    "operator": "Equal",
+                    "value": "a100",
+                    "effect": "NoExecute",
+                    "tolerationSeconds": 60,
+                }
+            ]
+        },
+        True,
+    ),
+    ("toleration-of-everything", {"tolerations": [{"operator": "Exists"}]}, True),
+    ("toleration-empty-key", {"tolerations": [{"key": "", "operator": "Exists"}]}, True),
+    ("toleration-default-operator", {"tolerations": [{"key": "example.com/pool", "value": "x_1.y"}]}, True),
+    (
+        "toleration-exists-empty-value",
+        {"tolerations": [{"key": "k", "operator": "Exists", "value": ""}]},
+        True,
+    ),
+    (
+        "toleration-exists-with-value",
+        {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "value": "present"}]},
+        False,
+    ),
+    (
+        "toleration-seconds-no-schedule",
+        {"tolerations": [{"key": "k", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 1}]},
+        False,
+    ),
+    ("toleration-seconds-no-effect", {"tolerations": [{"key": "k", "tolerationSeconds": 1}]}, False),
+    ("toleration-key-space", {"tolerations": [{"key": "bad key!", "operator": "Exists"}]}, False),
+    ("toleration-key-name-64", {"tolerations": [{"key": "k" * 64, "operator": "Exists"}]}, False),
+    ("toleration-key-name-63", {"tolerations": [{"key": "k" * 63, "operator": "Exists"}]}, True),
+    ("toleration-key-prefix-254", {"tolerations": [{"key": "p" * 254 + "/k", "operator": "Exists"}]}, False),
+    ("toleration-key-prefix-253", {"tolerations": [{"key": "p" * 253 + "/k", "operator": "Exists"}]}, True),
+    (
+        "toleration-key-uppercase-prefix",
+        {"tolerations": [{"key": "Example.com/k", "operator": "Exists"}]},
+        False,
+    ),
+    ("toleration-key-two-slashes", {"tolerations": [{"key": "a/b/c", "operator": "Exists"}]}, False),
+    ("toleration-empty-key-equal", {"tolerations": [{"operator": "Equal", "value": "x"}]}, False),
+    ("toleration-value-space", {"tolerations": [{"key": "k", "value": "bad value!"}]}, False),
+    ("toleration-value-64", {"tolerations": [{"key": "k", "value": "v" * 64}]}, False),
+    ("toleration-value-dash-end", {"tolerations": [{"key": "k", "value": "v-"}]}, False),
+    ("node-selector-prefixed", {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}, True),
+    ("node-selector-empty-value", {"nodeSelector": {"pool": ""}}, True),
+    ("node-selector-value-space", {"nodeSelector": {"disktype": "bad value!"}}, False),
+    ("node-selector-value-64", {"nodeSelector": {"pool": "v" * 64}}, False),
+    ("node-selector-key-space", {"nodeSelector": {"bad key!": "x"}}, False),
+    ("node-selector-key-dash-end", {"nodeSelector": {"pool-": "x"}}, False),
+    ("node-selector-key-prefix-254", {"nodeSelector": {"p" * 254 + "/k": "x"}}, False),
 ]

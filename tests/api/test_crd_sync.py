@@ -18,6 +18,7 @@ def test_crd_has_printer_columns_status_and_short_name() -> None:
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]][:6] == [
         "Phase",
+        "Reason",
         "Progress",
         "Loss",
         "ETA",

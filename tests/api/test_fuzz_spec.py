@@ -9,7 +9,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
-from visionft_operator.reconcile import validate
+from visionft_operator.decision import validate
 
 from tests.operator.specs import spec
 

@@ -7,9 +7,9 @@ import pytest
 from pydantic import ValidationError
 from visionft_api import VisionFineTuneSpec
 from visionft_api.recipe import BUILTIN_DATASETS, BUILTIN_MODELS
-from visionft_operator.reconcile import format_validation_error
+from visionft_operator.decision import format_validation_error, validate
 
-from tests.api.malformed import MALFORMED
+from tests.api.malformed import MALFORMED, SCHEDULING
 from tests.operator.specs import spec
 
 
@@ -64,3 +64,15 @@ def test_an_unknown_builtin_names_the_allowed_ones(field: str, typo: str, allowe
         VisionFineTuneSpec.model_validate(spec(**{field: typo}))
     message = format_validation_error(info.value)
     assert message.startswith(f"spec.{field}: ") and all(name in message for name in allowed), message
+
+
+@pytest.mark.parametrize(
+    ("fields", "core_accepts"), [(f, ok) for _, f, ok in SCHEDULING], ids=[i for i, _, _ in SCHEDULING]
+)
+def test_pydantic_takes_the_scheduling_fields_the_core_api_takes(fields: dict, core_accepts: bool) -> None:
+    body = spec(**{f"resources.{name}": value for name, value in fields.items()})
+    _, error = validate(body)
+    if core_accepts:
+        assert error is None, error
+    else:
+        assert error is not None and "spec.resources." in error

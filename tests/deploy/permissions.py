@@ -1,15 +1,15 @@
 """The API permissions the operator needs, derived from its code, and a checker for RBAC rules.
 
-The list is not written by hand: `required_permissions()` reads the operator's sources and collects
-  - every kubernetes-client call (`create_namespaced_job`, `read_namespaced_config_map`,
-    `patch_namespaced_custom_object_status`, ...), mapped to (API group, resource, verb);
-  - every Kopf handler decorator (`@kopf.on.create(GROUP, VERSION, PLURAL)`, `@kopf.on.event("batch", "v1",
+The list is not written by hand: ``required_permissions()`` reads the operator's sources and collects
+  - every kubernetes-client call (``create_namespaced_job``, ``read_namespaced_config_map``,
+    ``patch_namespaced_custom_object_status``, ...), mapped to (API group, resource, verb);
+  - every Kopf handler decorator (``@kopf.on.create(GROUP, VERSION, PLURAL)``, `@kopf.on.event("batch", "v1",
     "jobs")`, timers, daemons, indices), which need list and watch on their resource, and patch on it for
     Kopf's own finalizers, annotations and progress storage;
   - what Kopf itself does whatever the handlers are: posting Events.
 A client call on a resource the table below does not know fails the derivation: a new kind of API call in
 the operator can't slip past the chart's RBAC silently. tests/deploy/test_rbac.py checks the chart's rules
-against this set, offline and with `kubectl auth can-i` on the real apiserver.
+against this set, offline and with ``kubectl auth can-i`` on the real apiserver.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from visionft_api import resource as api_resource
-from visionft_operator import peering as operator_peering
+from visionft_operator.controller import peering as operator_peering
 
 REPO = Path(__file__).resolve().parents[2]
 OPERATOR_SOURCES = REPO / "operator" / "visionft_operator"
@@ -30,7 +30,7 @@ OPERATOR_SOURCES = REPO / "operator" / "visionft_operator"
 
 @dataclass(frozen=True, order=True)
 class Permission:
-    """One (API group, resource[/subresource], verb) triple, as RBAC and `kubectl auth can-i` see it."""
+    """One (API group, resource[/subresource], verb) triple, as RBAC and ``kubectl auth can-i`` see it."""
 
     group: str
     resource: str
@@ -41,7 +41,7 @@ class Permission:
         return (self.group, self.resource, self.verb)
 
     def can_i_args(self) -> list[str]:
-        """Arguments of `kubectl auth can-i` for this permission."""
+        """Arguments of ``kubectl auth can-i`` for this permission."""
         plural, _, sub = self.resource.partition("/")
         target = f"{plural}.{self.group}" if self.group else plural
         args = [self.verb, target]
@@ -68,7 +68,7 @@ CLIENT_RESOURCES: dict[str, tuple[str, str]] = {
     "role_binding": ("rbac.authorization.k8s.io", "rolebindings"),
     "lease": ("coordination.k8s.io", "leases"),
     # The operator's only custom objects are its own resources (the call's group/plural arguments are
-    # checked to be the schema's constants in `_custom_object_target`).
+    # checked to be the schema's constants in ``_custom_object_target``).
     "custom_object": (api_resource.GROUP, api_resource.PLURAL),
     "custom_object_status": (api_resource.GROUP, f"{api_resource.PLURAL}/status"),
 }
@@ -81,9 +81,9 @@ CLIENT_VERBS = {
     "delete": "delete",
     "list": "list",
 }
-# kubernetes-client methods on namespaced resources say so (`create_namespaced_job`, `list_job_for_all_namespaces`,
-# `get_namespaced_custom_object`); cluster-scoped ones are matched by name (CLUSTER_RESOURCES). Other calls
-# with these verbs (`asyncio.create_task`, the operator's own `read_job` wrappers) are not API calls.
+# kubernetes-client methods on namespaced resources say so (``create_namespaced_job``, ``list_job_for_all_namespaces``,
+# ``get_namespaced_custom_object``); cluster-scoped ones are matched by name (CLUSTER_RESOURCES). Other calls
+# with these verbs (``asyncio.create_task``, the operator's own ``read_job`` wrappers) are not API calls.
 _CLIENT_CALL = re.compile(
     r"^(?P<verb>create|read|get|patch|replace|delete|list)_(?P<scope>namespaced_|cluster_)?(?P<what>[a-z_]+?)"
     r"(?P<all>_for_all_namespaces)?$"
@@ -191,8 +191,8 @@ def _kopf_resource(decorator: ast.Call) -> tuple[str, str] | None:
 
 
 def _kopf_handler(node: ast.AST) -> ast.Call | None:
-    """`kopf.on.event(...)`, `kopf.timer(...)`, `kopf.daemon(...)`, `kopf.index(...)` with a resource selector,
-    whether used as a decorator or called as `kopf.on.event(...)(fn)`."""
+    """``kopf.on.event(...)``, ``kopf.timer(...)``, ``kopf.daemon(...)``, ``kopf.index(...)`` with a resource selector,
+    whether used as a decorator or called as ``kopf.on.event(...)(fn)``."""
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
         return None
     if node.func.attr not in _KOPF_HANDLERS or not ast.unparse(node.func).startswith("kopf."):

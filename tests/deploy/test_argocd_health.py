@@ -16,6 +16,8 @@ import yaml
 from visionft_api import PHASES
 from visionft_api import conditions as cond
 
+from tests.operator.objects import STATES, derived_resource
+
 REPO = Path(__file__).resolve().parents[2]
 HEALTH_LUA = REPO / "deploy" / "argocd" / "health.lua"
 ARGOCD_CM = REPO / "deploy" / "argocd" / "argocd-cm-health.yaml"
@@ -36,7 +38,7 @@ def _runtimes() -> list[str]:
 
 
 def run_health(obj: dict[str, Any], module: str = "lupa") -> dict[str, str]:
-    """Evaluate the health script as Argo CD does: `obj` is a global, the chunk returns a table."""
+    """Evaluate the health script as Argo CD does: ``obj`` is a global, the chunk returns a table."""
     runtime = importlib.import_module(module).LuaRuntime(unpack_returned_tuples=True)
     runtime.globals().obj = runtime.table_from(obj, recursive=True)
     result = runtime.execute(HEALTH_LUA.read_text())
@@ -197,3 +199,20 @@ def test_argocd_cm_snippet_embeds_the_script_verbatim() -> None:
     assert cm["kind"] == "ConfigMap"
     assert cm["metadata"]["name"] == "argocd-cm"
     assert cm["data"][HEALTH_KEY] == HEALTH_LUA.read_text()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"), [(i, a) for _, i, _, _, a in STATES], ids=[s[0] for s in STATES]
+)
+def test_each_derived_state_reads_right(inputs: dict, expected: str) -> None:
+    # The statuses the operator really writes, for every phase and every run that can't start.
+    body, derived = derived_resource(inputs)
+    health = run_health(body, "lupa.lua51")
+    assert health["status"] == expected, health
+    if expected == "Healthy":
+        return
+    assert derived.status["message"] in health["message"], health
+    if derived.status["phase"] == "Pending":
+        # Why a Pending run waits (or is stuck) leads the message: Unschedulable, ChildRejected, ...
+        ready = next(c for c in derived.status["conditions"] if c["type"] == cond.READY)
+        assert ready["reason"] in health["message"], health

@@ -1,5 +1,5 @@
 """Fixtures of the operator's cluster tests: the CRD on the session's control plane, one namespace per test
-module, and the real `visionft-operator` process watching it."""
+module, and the real ``visionft-operator`` process watching it."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def kube(control_plane: object) -> Kube:
     """kubectl as the cluster admin, with the VisionFineTune CRD installed and established."""
     k = Kube(_kubeconfig_of(control_plane))
     k.run("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    # (`kubectl wait` errors out while the CRD has no status yet, so poll.)
+    # (``kubectl wait`` errors out while the CRD has no status yet, so poll.)
     wait_for(
         lambda: (
             k.run(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from visionft_operator.names import label_value
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "visionft.io_visionfinetunes.yaml"
@@ -120,12 +121,14 @@ class Kube:
     def report_progress(
         self, name: str, namespace: str, progress: dict[str, Any], service_account: str
     ) -> None:
-        """What the trainer does: server-side apply of status.progress as the trainer's ServiceAccount."""
+        """What the trainer does: server-side apply of status.progress as the trainer's ServiceAccount,
+        stamped with the time of the report unless it has one."""
+        stamped = {"updateTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **progress}
         body = {
             "apiVersion": "visionft.io/v1alpha1",
             "kind": "VisionFineTune",
             "metadata": {"name": name, "namespace": namespace},
-            "status": {"progress": progress},
+            "status": {"progress": stamped},
         }
         self.run(
             "apply",
@@ -140,7 +143,7 @@ class Kube:
         )
 
     def started_ago(self, name: str, namespace: str, seconds: int) -> None:
-        """Make the run look as if it first started `seconds` ago: status.startTime moved back (a status
+        """Make the run look as if it first started ``seconds`` ago: status.startTime moved back (a status
         write as the cluster admin), so that its deadline can run out without waiting for it. Waits until
         the operator has set startTime, which it never moves once set."""
         wait_for(
@@ -154,7 +157,7 @@ class Kube:
     # --- pods ------------------------------------------------------------------------------------------
 
     def pods(self, name: str, namespace: str) -> list[dict[str, Any]]:
-        return self.list("pods", namespace, f"visionft.io/name={name}")
+        return self.list("pods", namespace, f"visionft.io/name={label_value(name)}")
 
     def wait_pod(
         self,
@@ -182,7 +185,7 @@ class Kube:
         message: str = "",
         disrupted: bool = False,
     ) -> None:
-        """The kubelet's report of a finished container; `disrupted` adds the DisruptionTarget condition
+        """The kubelet's report of a finished container; ``disrupted`` adds the DisruptionTarget condition
         that preemption, eviction or node loss sets."""
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         container = pod["spec"]["containers"][0]
@@ -285,7 +288,7 @@ def free_port() -> int:
 
 
 class OperatorProcess:
-    """The real `visionft-operator` console script as a subprocess, scoped to some namespaces."""
+    """The real ``visionft-operator`` console script as a subprocess, scoped to some namespaces."""
 
     def __init__(
         self,

@@ -17,7 +17,7 @@ BASE_SPEC: dict[str, Any] = {
 
 
 def edited(doc: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of `doc` with dotted-path overrides, e.g. {"training.maxSteps": 5}; None deletes."""
+    """A copy of ``doc`` with dotted-path overrides, e.g. {"training.maxSteps": 5}; None deletes."""
     out = copy.deepcopy(doc)
     for path, value in overrides.items():
         node = out

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pytest
 import yaml
 from visionft_api import TrainerConfig, VisionFineTuneSpec
 from visionft_operator import children, names
@@ -19,12 +21,56 @@ def _spec(**kw: object) -> VisionFineTuneSpec:
     return VisionFineTuneSpec.model_validate(spec(**kw))
 
 
+DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
 def test_names_are_deterministic_and_fit_a_label() -> None:
     assert names.job_name("latex-ocr") == "latex-ocr-trainer"
+    assert names.label_value("latex-ocr") == "latex-ocr"  # names that fit are kept as they are
     long = "x" * 200
     assert names.job_name(long) == names.job_name(long)
     assert len(names.job_name(long)) <= 63
     assert names.job_name(long) != names.job_name("x" * 199)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a" * 253,
+        "a" * 62 + "." + "b" * 190,  # a dot where the label value is cut
+        "0run",  # a leading digit: no Service or multi-node host name takes it as it is
+        "run.v2",  # a dot: neither
+        "a-" * 31 + "b",  # a dash where the child name is cut
+        ("x." * 126) + "y",
+    ],
+)
+def test_any_resource_name_gives_valid_child_names_and_label_values(name: str) -> None:
+    for suffix in ("trainer", "config"):
+        child = names.child_name(name, suffix)
+        assert DNS_1035_LABEL.match(child), child
+        assert child == names.child_name(name, suffix)
+    assert LABEL_VALUE.match(names.label_value(name)), names.label_value(name)
+    # Names that differ give different children and label values, even where their heads agree.
+    other = name[:-1] + ("c" if name[-1] != "c" else "d")
+    assert names.job_name(other) != names.job_name(name)
+    assert names.label_value(other) != names.label_value(name) or (len(name) <= 63 and other == name)
+
+
+def test_a_long_name_runs_under_its_shortened_label() -> None:
+    owner = children.Owner(namespace="team-a", name="n" * 253, uid="1234")
+    spec_ = _spec(**{"resources.nodes": 2, "resources.gpusPerNode": 8})
+    short = names.label_value(owner.name)
+    for obj in children.all_children(owner, spec_, children.PodDefaults()):
+        assert obj["metadata"]["labels"]["visionft.io/name"] == short
+    job = children.job(owner, spec_, children.PodDefaults())
+    template = job["spec"]["template"]
+    assert template["metadata"]["labels"]["visionft.io/name"] == short
+    assert template["metadata"]["annotations"]["visionft.io/name"] == owner.name  # the whole name
+    anti = template["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["labelSelector"]["matchLabels"] == {"visionft.io/name": short}
+    assert children.headless_service(owner)["spec"]["selector"] == {"visionft.io/name": short}
+    assert children.role(owner)["rules"][0]["resourceNames"] == [owner.name]
 
 
 def test_every_child_is_owned_and_labelled() -> None:

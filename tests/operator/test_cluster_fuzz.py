@@ -1,5 +1,5 @@
 """Fuzzing against the real apiserver (issue 8): a sample of hypothesis-mutated specs goes through
-`kubectl apply --dry-run=server`; the apiserver never fails internally, every rejection has a message, and
+``kubectl apply --dry-run=server``; the apiserver never fails internally, every rejection has a message, and
 every spec that the CRD admits is either valid for the operator or flagged by it with a message."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from visionft_operator.reconcile import validate
+from visionft_operator.decision import validate
 
 from tests.api.test_fuzz_spec import mutate, mutations
 from tests.operator.kube import Kube

@@ -1,5 +1,5 @@
 """Issue 5's lifecycle on the real control plane (kwok nodes with fake GPUs), with the real
-`visionft-operator` process: success with outputs, a failing pod, a retry, suspend and resume, spec
+``visionft-operator`` process: success with outputs, a failing pod, a retry, suspend and resume, spec
 changes while running, deletion with garbage collection, TTL, Kueue's queueName, metrics and liveness.
 
 The trainer's status reports are made as the trainer would make them: server-side apply of
@@ -39,7 +39,6 @@ def _progress(step: int, total: int, loss: float, stage: str = "Training") -> di
         "etaSeconds": (total - step) * 3,
         "eta": f"{(total - step) * 3}s",
         "stage": stage,
-        "updateTime": "2026-11-26T22:00:00Z",
     }
 
 

@@ -56,7 +56,7 @@ def _running(kube: Kube, name: str, namespace: str) -> list[dict]:
 def _group(
     kube: Kube, name: str, namespace: str, replacing: dict[str, dict] | None = None
 ) -> dict[str, dict]:
-    """The run's two Running pods by completion index, once neither is one of the pods in `replacing`;
+    """The run's two Running pods by completion index, once neither is one of the pods in ``replacing``;
     each attempt's pods land one per node (the scheduler honours the anti-affinity)."""
     old = {p["metadata"]["uid"] for p in (replacing or {}).values()}
 
@@ -81,7 +81,7 @@ def _status(kube: Kube, name: str, namespace: str) -> dict:
 
 
 def _failed(kube: Kube, name: str, namespace: str, reason: str) -> dict:
-    """The status once the run failed, for `reason` (the Failed and Stalled conditions')."""
+    """The status once the run failed, for ``reason`` (the Failed and Stalled conditions')."""
     status = kube.wait_phase(name, namespace, "Failed", timeout=60)["status"]
     conds = {c["type"]: c for c in status["conditions"]}
     assert conds["Failed"]["reason"] == conds["Stalled"]["reason"] == reason, conds

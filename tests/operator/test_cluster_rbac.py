@@ -8,7 +8,7 @@ from pathlib import Path
 import kubernetes
 import pytest
 import yaml
-from visionft_operator.kube import send_bearer_token
+from visionft_operator.controller.kube import send_bearer_token
 
 from tests.operator.kube import Kube, OperatorProcess, wait_for
 from tests.operator.specs import resource

@@ -1,4 +1,4 @@
-"""Gang restarts of a multi-node run (no cluster): the Job's failure rules, and `gang.decide` on failed
+"""Gang restarts of a multi-node run (no cluster): the Job's failure rules, and ``gang.decide`` on failed
 Jobs as the Job controller reports them, through to the status the operator writes."""
 
 from __future__ import annotations
@@ -324,7 +324,7 @@ def test_attempts_add_up_over_the_runs_jobs() -> None:
     job: dict[str, Any] = {"metadata": {"name": "gang-trainer", "annotations": annotations}}
     assert st.attempts({**job, "status": {"active": 2}}, 2) == 4
     assert st.attempts({**job, "status": {"failed": 2}}, 3) == 4
-    # While the Job controller stops a failed group, its count lags (and `terminating` may overlap the
+    # While the Job controller stops a failed group, its count lags (and ``terminating`` may overlap the
     # others): the Job's pods seen in the cache count instead, and the total never shrinks.
     stopping = {"failed": 1, "terminating": 1, "uncountedTerminatedPods": {"failed": ["pod-0-uid"]}}
     assert st.attempts({**job, "status": stopping}, 2) == 3

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from visionft_operator import config, logs, main, metrics
+from visionft_operator import config, main
+from visionft_operator.controller import logs, metrics
 
 from tests.test_layout import _BLOCK_TORCH
 
@@ -101,7 +102,7 @@ def test_every_operator_module_imports_without_torch() -> None:
 def test_peering_leadership() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from visionft_operator import peering
+    from visionft_operator.controller import peering
 
     now = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
     live = (now - timedelta(seconds=2)).isoformat()

@@ -225,6 +225,9 @@ def test_packing_is_refused_for_other_architectures():
     model, processor = build_tiny_vlm("llava")
     with pytest.raises(ValueError, match=r"qwen2_vl and qwen2_5_vl only.*model_type='llava'"):
         enable_packing(model)
+    gemma, _ = build_tiny_vlm("gemma3")
+    with pytest.raises(ValueError, match=r"model_type='gemma3' \(its family trains on fixed-shape rows"):
+        enable_packing(gemma)
     with pytest.raises(ValueError, match=r"training\.packing.*llava model.*set packing to false"):
         VisionDataCollator(model, processor, packing=True)
     qwen, qwen_processor = build_tiny_vlm("qwen2_vl")

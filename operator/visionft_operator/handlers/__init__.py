@@ -1,1 +1,1 @@
-"""One module per event source; `main.py` registers them with Kopf."""
+"""One module per event source; ``main.py`` registers them with Kopf."""

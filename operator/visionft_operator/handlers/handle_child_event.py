@@ -8,16 +8,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from visionft_operator import cache, reconcile
-from visionft_operator.metrics import REGISTRY
-from visionft_operator.workqueue import QUEUE
+from visionft_operator import jobs
+from visionft_operator.controller import cache as cache_mod
+from visionft_operator.controller.cache import Cache
+from visionft_operator.controller.metrics import REGISTRY
+from visionft_operator.controller.workqueue import WorkQueue
+from visionft_operator.reconciler import Reconciler
 
 
 def _track(
-    store: cache.Store,
-    owner_of: Callable[[Mapping[str, Any]], cache.Key | None],
+    store: cache_mod.Store,
+    owner_of: Callable[[Mapping[str, Any]], cache_mod.Key | None],
     event: dict[str, Any],
     body: Any,
+    queue: WorkQueue,
 ) -> None:
     """Both kinds alike: the event updates the cache, and the run the object belongs to is queued."""
     if event.get("type") == "DELETED":
@@ -26,25 +30,23 @@ def _track(
         store.upsert(body)
     owner = owner_of(body)
     if owner is not None:
-        QUEUE.add(owner)
+        queue.add(owner)
 
 
 def _frees_capacity(event: dict[str, Any], body: Any) -> bool:
-    return (
-        event.get("type") == "DELETED"
-        or reconcile.job_finished(body)
-        or bool((body.get("spec") or {}).get("suspend"))
-    )
+    return event.get("type") == "DELETED" or jobs.finished(body) or jobs.suspended(body)
 
 
-async def handle_job_event(event: dict[str, Any], body: Any, **_: Any) -> None:
+async def handle_job_event(
+    event: dict[str, Any], body: Any, *, cache: Cache, queue: WorkQueue, reconciler: Reconciler
+) -> None:
     with REGISTRY.timed("job_event"):
-        _track(cache.JOBS, cache.job_owner, event, body)
+        _track(cache.jobs, cache_mod.job_owner, event, body, queue)
         if _frees_capacity(event, body):
-            for key in reconcile.capacity_waiters((body.get("metadata") or {}).get("namespace", "")):
-                QUEUE.add(key)
+            for key in reconciler.capacity_waiters((body.get("metadata") or {}).get("namespace", "")):
+                queue.add(key)
 
 
-async def handle_pod_event(event: dict[str, Any], body: Any, **_: Any) -> None:
+async def handle_pod_event(event: dict[str, Any], body: Any, *, cache: Cache, queue: WorkQueue) -> None:
     with REGISTRY.timed("pod_event"):
-        _track(cache.PODS, cache.pod_owner, event, body)
+        _track(cache.pods, cache_mod.pod_owner, event, body, queue)

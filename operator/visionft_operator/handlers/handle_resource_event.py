@@ -6,23 +6,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from visionft_operator import cache, reconcile
-from visionft_operator.metrics import REGISTRY
-from visionft_operator.workqueue import QUEUE
+from visionft_operator.controller.cache import Cache
+from visionft_operator.controller.metrics import REGISTRY
+from visionft_operator.controller.workqueue import WorkQueue
+from visionft_operator.reconciler import Reconciler
 
 HANDLER_ID = "resource_event"
 
 
-async def handle_resource_event(event: dict[str, Any], body: Any, **_: Any) -> None:
+async def handle_resource_event(
+    event: dict[str, Any], body: Any, *, cache: Cache, queue: WorkQueue, reconciler: Reconciler
+) -> None:
     meta = body.get("metadata") or {}
     namespace, name = meta.get("namespace", ""), meta.get("name", "")
     with REGISTRY.timed(HANDLER_ID):
         if event.get("type") == "DELETED":
-            cache.RESOURCES.delete(body)
+            cache.resources.delete(body)
         else:
-            cache.RESOURCES.upsert(body)
-        if event.get("type") != "DELETED" and reconcile.is_own_write(
+            cache.resources.upsert(body)
+        if event.get("type") != "DELETED" and reconciler.is_own_write(
             namespace, name, meta.get("resourceVersion")
         ):
             return  # the echo of the operator's own status write
-        QUEUE.add((namespace, name))
+        queue.add((namespace, name))

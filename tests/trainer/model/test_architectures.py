@@ -1,5 +1,6 @@
-"""The architecture families: each entry's patch set and modeling modules exist, its packing and graph-step
-flags match what the patch modules cover, and every per-architecture lookup reads the one table."""
+"""The architecture families: each entry's patch set, row module and modeling modules exist, its packing,
+row and graph-step flags match what the patch modules cover, and every per-architecture lookup reads the
+one table."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import importlib
 import pytest
 import torch
 from visionft.engine.cuda_graphs import model_reason
+from visionft.engine.options import EngineOptions
 from visionft.model.architectures import (
     FAMILIES,
     ArchSpec,
@@ -17,8 +19,9 @@ from visionft.model.architectures import (
     register_arch,
     unregister_arch,
 )
-from visionft.patching import patch_set
+from visionft.patching import patch_set, revert_optimizations
 from visionft.patching.packed_attention import TEXT_ATTENTION_CLASSES
+from visionft.patching.rows import enable_rows, row_module
 from visionft.testing.tiny import TINY_ARCHS, build_tiny_vlm
 
 FAMILY_IDS = [spec.model_types[0] for spec in FAMILIES]
@@ -42,8 +45,32 @@ def test_the_packing_flag_is_what_the_packed_attention_covers(arch):
     model, _ = build_tiny_vlm(arch)
     spec = get_arch_spec(model.config.model_type)
     covered = any(type(m).__name__ in TEXT_ATTENTION_CLASSES for m in model.modules())
-    assert spec.packing == covered
-    assert (packing_unsupported_reason(model.config.model_type) is None) == spec.packing
+    # Qwen3-VL's text attention is covered for its fixed-shape rows only (``rows``), not per-batch packing.
+    assert spec.packing <= covered and covered <= (spec.packing or spec.rows is not None)
+    packs = spec.packing or spec.rows is not None
+    assert (packing_unsupported_reason(model.config.model_type) is None) == packs
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_the_rows_entry_decides_which_families_get_fixed_shape_rows(arch):
+    model, _ = build_tiny_vlm(arch)
+    model_type = model.config.model_type
+    spec = get_arch_spec(model_type)
+    options = EngineOptions(packing=True).for_model_type(model_type)
+    assert options.rows == (spec.rows is not None)
+    assert not EngineOptions(packing=False).for_model_type(model_type).rows
+    try:
+        if spec.rows is None:
+            assert row_module(model_type) is None
+            with pytest.raises(ValueError, match=f"model_type={model_type!r}"):
+                enable_rows(model, pad_id=0)
+            return
+        module = row_module(model_type)
+        assert module is not None and module.__name__ == spec.rows
+        family = enable_rows(model, pad_id=0, fused=False)
+        assert isinstance(family, module.FAMILY)
+    finally:
+        revert_optimizations(model)
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
@@ -61,7 +88,7 @@ def test_the_graph_step_flag_decides_whether_a_family_takes_graph_steps(arch):
 def test_packing_refusal_names_the_families_that_pack():
     reason = packing_unsupported_reason("llava")
     assert reason is not None
-    assert "qwen2_vl and qwen2_5_vl only" in reason and "model_type='llava'" in reason
+    assert "qwen2_vl, qwen2_5_vl, qwen3_vl, gemma3 only" in reason and "model_type='llava'" in reason
 
 
 def test_a_registered_family_is_seen_by_every_lookup():

@@ -194,6 +194,16 @@ class VisionDataCollator:
     # ---------------------------------------------------------------------------------------------
 
     def __call__(self, features: Sequence[dict]) -> dict[str, Any]:
+        encoded = self.encode_batch(features)
+        return self.pack(encoded) if self.packing else self.pad(encoded)
+
+    def encode_batch(self, features: Sequence[dict]) -> list[dict[str, torch.Tensor]]:
+        """Encodes a batch's records under the bad-sample rules (module docstring); at least one sample.
+
+        Raises:
+            BadSampleError: a bad sample under ``on_bad_sample="error"``, or every sample was bad before
+                any good one was seen.
+        """
         encoded = []
         for position, record in enumerate(features):
             index = record.get("__index__", position) if isinstance(record, dict) else position
@@ -217,7 +227,14 @@ class VisionDataCollator:
             )
             encoded = [self._last_good]
         self._last_good = encoded[-1]
-        return self.pack(encoded) if self.packing else self.pad(encoded)
+        return encoded
+
+    def uncount(self, skipped: int, substituted: int = 0) -> None:
+        """Takes back counts of batches that were built but never trained (``visionft.data.prefetch``)."""
+        self.skipped -= skipped
+        self.substituted -= substituted
+        if skipped > 0:
+            del self.last_skip_reasons[max(0, len(self.last_skip_reasons) - skipped) :]
 
     def _note_skip(self, err: BadSampleError) -> None:
         self.skipped += 1

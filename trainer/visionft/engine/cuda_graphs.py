@@ -13,6 +13,11 @@ How one step runs (``CudaGraphTrainStep.__call__``):
    cuBLAS and the allocator settle). The next one captures forward + backward into a graph.
 3. Every later step of that signature copies the batch into the graph's input buffers and replays.
 
+Fixed-shape rows (``visionft.data.rows``, ``visionft.patching.rows``) skip step 1: a row already carries
+its layout as tensors of its tier's shapes, so its signature is the tier, one warm-up step per tier is
+enough, and a run of varied data has at most two signatures. The row's forward is its family's own
+(``RowPlan.loss``), eager where graphs are off (on the CPU, ``VISIONFT_CUDA_GRAPHS=0``).
+
 Gradients: the graph is captured with every ``.grad`` unset, so backward allocates them inside
 the graph's memory pool, late in the backward, where the activations were (as eager backward
 does); a replay overwrites them and re-attaches them as ``.grad``. Where a gradient is pending at a
@@ -45,6 +50,7 @@ from torch import nn
 from visionft.engine.options import EngineOptions
 from visionft.model.architectures import get_arch_spec
 from visionft.patching import PatchReport, hf_model, static_inputs
+from visionft.patching.rows.base import ROW_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -66,30 +72,58 @@ def _report_syncs() -> Iterator[None]:
             torch.cuda.set_sync_debug_mode(previous)
 
 
-def model_reason(model: nn.Module, patch_report: PatchReport | None) -> str | None:
+def model_reason(model: nn.Module, patch_report: PatchReport | None, rows: bool = False) -> str | None:
     """Why ``model`` can't use graphed steps at all (None when it can).
 
     Args:
         model (nn.Module): the model being trained (PEFT wrapper or HF model).
         patch_report (PatchReport | None): what ``visionft.patching.apply_optimizations`` did to it; None
             when it did not run.
+        rows (bool): the batches are fixed-shape rows (``visionft.patching.rows``), whose forward needs
+            no static-input hooks. Default: False.
     """
     hf = hf_model(model)
     model_type = getattr(getattr(hf, "config", None), "model_type", type(hf).__name__)
     spec = get_arch_spec(model_type)
-    if spec is None or not spec.graph_steps:
+    if not rows and (spec is None or not spec.graph_steps):
         return f"no static-input preparation for model_type={model_type!r}"
     param = next((p for p in model.parameters() if p.requires_grad), None)
     if param is None:
         return "no trainable parameters"
     if param.device.type != "cuda":
         return f"parameters are on {param.device.type}, and CUDA graphs need CUDA"
-    if patch_report is None or not patch_report.counts.get("static_inputs"):
+    if not rows and (patch_report is None or not patch_report.counts.get("static_inputs")):
         return "the optimizations are off (visionft.patching did not install the static-input hooks)"
     dropouts = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
     if dropouts:
         return f"dropout is on ({dropouts[0]} p={model.get_submodule(dropouts[0]).p}; set it to 0)"
     return None
+
+
+@dataclass
+class RowPlan:
+    """One fixed-shape row batch on the device (``visionft.patching.rows``): what a graph copies in,
+    and the family forward that computes its loss.
+
+    Attributes:
+        signature (tuple): the row's tier and host ints (equal for every row of a tier).
+        dynamic (dict[str, torch.Tensor]): the row's device tensors (and ``num_items_in_batch``).
+        info (RowInfo): the row's host side.
+        family: the family whose ``forward`` runs the row.
+    """
+
+    signature: tuple
+    dynamic: dict[str, torch.Tensor]
+    info: Any
+    family: Any
+
+    def loss(self, model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        tensors = tensors if tensors is not None else self.dynamic
+        return self.family.forward(model, tensors, self.info, tensors.get("num_items_in_batch"))
+
+
+#: Row-batch keys the forward does not read (the Trainer counts with them).
+_ROW_HOST_ONLY = {"labels", "attention_mask"}
 
 
 @dataclass
@@ -100,7 +134,7 @@ class _Signature:
     loss: torch.Tensor | None = None
     grads: list[torch.Tensor] | None = None
     scale: torch.Tensor | None = None
-    plan: static_inputs.StaticPlan | None = None
+    plan: static_inputs.StaticPlan | RowPlan | None = None
 
 
 class CudaGraphTrainStep:
@@ -117,6 +151,10 @@ class CudaGraphTrainStep:
         max_graphs (int): signatures to capture; later ones run eagerly. Default: 4.
         autocast_dtype (torch.dtype | None): the autocast dtype of the forward, None for none.
             Default: torch.bfloat16.
+        rows: the row family (``visionft.patching.rows``) whose fixed-shape batches this step takes;
+            None for batches of their own shapes. Default: None.
+        capture_guard (Callable[[], ContextManager] | None): entered around each capture, e.g. to hold
+            a data loader thread off the device while the graph is recorded. Default: None.
     """
 
     def __init__(
@@ -128,6 +166,8 @@ class CudaGraphTrainStep:
         warmup: int = 2,
         max_graphs: int = 4,
         autocast_dtype: torch.dtype | None = torch.bfloat16,
+        rows: Any = None,
+        capture_guard: Any = None,
     ) -> None:
         if warmup < 1:
             raise ValueError(f"warmup={warmup} must be at least 1 (the first step settles autotuning)")
@@ -137,7 +177,9 @@ class CudaGraphTrainStep:
         self.max_graphs = max_graphs
         self.autocast_dtype = autocast_dtype
         self.options = options or EngineOptions()
-        self.disabled = model_reason(model, patch_report)
+        self.rows = rows
+        self.capture_guard = capture_guard
+        self.disabled = model_reason(model, patch_report, rows=rows is not None)
         self.captured = 0
         self.replays = 0
         self.eager_steps = 0
@@ -171,6 +213,13 @@ class CudaGraphTrainStep:
                 between steps, e.g. ``num_items_in_batch`` (copied into the graph like the batch).
         """
         extra = extra or {}
+        if self.rows is not None and ROW_KEY in batch:
+            start = time.perf_counter()
+            row = self._row_plan(batch, extra)
+            self.host_seconds["prepare"] += time.perf_counter() - start
+            if self.disabled:
+                return self._eager(batch, row, loss_scale)
+            return self._graphed(row, loss_scale)
         if self.disabled:
             return self._eager({**batch, **extra}, None, loss_scale)
         start = time.perf_counter()
@@ -183,21 +232,50 @@ class CudaGraphTrainStep:
             self.host_seconds["prepare"] += time.perf_counter() - start
         plan.dynamic.update(extra)
         plan.signature += tuple(sorted(extra))
+        return self._graphed(plan, loss_scale, batch)
+
+    @property
+    def replay_share(self) -> float:
+        """Replayed steps / all steps so far (0 before the first step)."""
+        total = self.replays + self.eager_steps
+        return self.replays / total if total else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for logs and the run summary."""
+        return {
+            "captured": self.captured,
+            "replays": self.replays,
+            "eager_steps": self.eager_steps,
+            "replay_share": round(self.replay_share, 4),
+            "off": self.disabled,
+        }
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _row_plan(self, batch: dict[str, Any], extra: dict[str, torch.Tensor]) -> RowPlan:
+        info = batch[ROW_KEY]
+        host = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in _ROW_HOST_ONLY}
+        host = self.rows.host_inputs(self.model, host)
+        device = self._params[0].device if self._params else torch.device("cpu")
+        tensors = {k: v.to(device, non_blocking=True) for k, v in host.items()}
+        tensors.update(extra)
+        signature = (*info.signature, tuple(sorted(tensors)))
+        return RowPlan(signature=signature, dynamic=tensors, info=info, family=self.rows)
+
+    def _graphed(self, plan, loss_scale: float, batch: dict[str, Any] | None = None) -> torch.Tensor:
         sig = self._signatures.setdefault(plan.signature, _Signature())
         if sig.graph is None:
             if self.captured >= self.max_graphs:
                 self._say(f"CUDA graphs: {self.max_graphs} signatures captured; later ones run eagerly")
-                return self._eager({**batch, **extra}, None, loss_scale)
+                return self._eager(batch or {}, plan, loss_scale)
             if sig.warm < self.warmup:
                 sig.warm += 1
                 if sig.warm == self.warmup and self.options.sync_debug:
                     with _report_syncs():
-                        return self._eager(batch, plan, loss_scale)
-                return self._eager(batch, plan, loss_scale)
+                        return self._eager(batch or {}, plan, loss_scale)
+                return self._eager(batch or {}, plan, loss_scale)
             self._capture(sig, plan)
         return self._replay(sig, plan, loss_scale)
-
-    # -- internals -------------------------------------------------------------------------------------
 
     def _say(self, msg: str) -> None:
         if msg not in self._said:
@@ -210,10 +288,13 @@ class CudaGraphTrainStep:
         return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=cache_enabled)
 
     def _eager(
-        self, batch: dict[str, Any], plan: static_inputs.StaticPlan | None, scale: float
+        self, batch: dict[str, Any], plan: static_inputs.StaticPlan | RowPlan | None, scale: float
     ) -> torch.Tensor:
         self.eager_steps += 1
-        if plan is None:
+        if isinstance(plan, RowPlan):
+            with self._autocast():
+                loss = plan.loss(self.model)
+        elif plan is None:
             with self._autocast():
                 loss = self.model(**batch).loss
         else:
@@ -237,7 +318,9 @@ class CudaGraphTrainStep:
                 ):
                     module._gradient_checkpointing_func = func
 
-    def _replay(self, sig: _Signature, plan: static_inputs.StaticPlan, scale: float) -> torch.Tensor:
+    def _replay(
+        self, sig: _Signature, plan: static_inputs.StaticPlan | RowPlan, scale: float
+    ) -> torch.Tensor:
         start = time.perf_counter()
         assert sig.graph is not None and sig.buffers is not None and sig.grads is not None
         assert sig.loss is not None and sig.scale is not None
@@ -272,7 +355,7 @@ class CudaGraphTrainStep:
             self._accumulators = [torch.empty_like(p) for p in self._params]
         return self._accumulators
 
-    def _capture(self, sig: _Signature, plan: static_inputs.StaticPlan) -> None:
+    def _capture(self, sig: _Signature, plan: static_inputs.StaticPlan | RowPlan) -> None:
         sig.buffers = {k: v.clone() for k, v in plan.dynamic.items()}
         sig.scale = torch.ones((), dtype=torch.float32, device=self._params[0].device)
         # From here on the plan holds the buffers, not this batch's tensors (no second copy alive
@@ -287,9 +370,15 @@ class CudaGraphTrainStep:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         peak_so_far = torch.cuda.max_memory_allocated()
-        with torch.cuda.graph(graph, pool=self._pool):
-            with static_inputs.active(plan, sig.buffers), self._autocast(cache_enabled=False):
-                loss = self.model(**plan.model_kwargs(sig.buffers)).loss
+        guard = self.capture_guard() if self.capture_guard is not None else contextlib.nullcontext()
+        # thread_local: other threads (the data loader's) may use CUDA while this one records.
+        with guard, torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            if isinstance(plan, RowPlan):
+                with self._autocast(cache_enabled=False):
+                    loss = plan.loss(self.model, sig.buffers)
+            else:
+                with static_inputs.active(plan, sig.buffers), self._autocast(cache_enabled=False):
+                    loss = self.model(**plan.model_kwargs(sig.buffers)).loss
             (loss.float() * sig.scale).backward()
         sig.grads = [p.grad for p in self._params]
         if any(g is None for g in sig.grads):
@@ -312,4 +401,4 @@ class CudaGraphTrainStep:
         )
 
 
-__all__ = ["CudaGraphTrainStep", "model_reason"]
+__all__ = ["CudaGraphTrainStep", "RowPlan", "model_reason"]

@@ -1,6 +1,7 @@
 """``EngineOptions``: the switches of the training engine, resolved once from the recipe and the environment.
 
-The run resolves them before loading the model and passes them on explicitly: ``optimizations`` to
+The run resolves them before loading the model, settles the row layout once the model type is known
+(``for_model_type``), and passes them on explicitly: ``optimizations`` to
 ``visionft.patching.apply_optimizations``, the whole object to the trainer (``visionft.engine.trainer``),
 which hands it to the graph step (``visionft.engine.cuda_graphs``). Nothing below reads the environment.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,13 +45,18 @@ class EngineOptions:
             ``optimizations``). Default: True.
         sync_debug (bool): log the host-device syncs of the last eager step before each capture.
             Default: False.
-        packing (bool): train on packed rows (``visionft.data.packing``). Default: False.
+        packing (bool): train on packed rows (``training.packing``). Default: False.
+        rows (bool): the packed rows have one fixed shape per tier (``visionft.data.rows``,
+            ``visionft.patching.rows``): set by ``for_model_type`` where ``packing`` is on and the family has
+            them (``ArchSpec.rows``); otherwise packed rows take each batch's own shape
+            (``visionft.data.packing``). Default: False.
     """
 
     optimizations: bool = True
     cuda_graphs: bool = True
     sync_debug: bool = False
     packing: bool = False
+    rows: bool = False
 
     @classmethod
     def resolve(
@@ -83,6 +89,13 @@ class EngineOptions:
     def from_recipe(cls, training: TrainingSettings, env: Mapping[str, str] | None = None) -> EngineOptions:
         """The options of a recipe's ``training`` (its ``optimizations`` and ``packing``)."""
         return cls.resolve(optimizations=training.optimizations, packing=training.packing, env=env)
+
+    def for_model_type(self, model_type: str | None) -> EngineOptions:
+        """These options with the row layout settled for a model of ``model_type`` (``rows``)."""
+        from visionft.model.architectures import get_arch_spec
+
+        spec = get_arch_spec(model_type)
+        return replace(self, rows=self.packing and spec is not None and spec.rows is not None)
 
 
 __all__ = ["DISABLE_KERNELS_ENV", "GRAPHS_ENV", "SYNC_DEBUG_ENV", "EngineOptions"]

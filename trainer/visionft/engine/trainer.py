@@ -19,6 +19,12 @@ Two changes, both decided by what the run passes in: the engine's switches (``en
   when ``VISIONFT_CUDA_GRAPHS=0``; in a single process also where graphs are unavailable (e.g. on CPU).
 - where kernels were swapped in, bitsandbytes' 8-bit AdamW becomes ``visionft.engine.optim``'s, which
   skips the device sync after every parameter (same updates and state).
+
+With a ``RowCollator`` (fixed-shape rows, ``training.packing``) the row step always runs, with or without
+the optimizations (eagerly where graphs are off), since only the row's family forward can read a row;
+the data loader runs in a prefetch thread (``visionft.data.prefetch``) that builds the next rows while
+the device runs this one and pauses while a graph is captured; tokens seen are counted on the host from
+each row; and ``graph_summary`` / ``row_summary`` report the replay share and how full the rows were.
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ def vision_sft_trainer_class() -> type:
         _graph_step: Any = None
         _graph_off: str | None = None
         _grad_sync: Any = None
+        _prefetch: Any = None
+        _row_stats: Any = None
 
         def __init__(
             self,
@@ -80,11 +88,25 @@ def vision_sft_trainer_class() -> type:
                     )
             return optimizer
 
+        def _rows(self) -> Any:
+            """The row family when the collator builds fixed-shape rows (``visionft.data.rows``)."""
+            return getattr(self.data_collator, "family", None)
+
         def _own_step(self) -> Any:
             """This engine's step object, or None where the Trainer's own step runs (module docstring)."""
+            rows = self._rows()
+            eager_only = None
             if self._graph_off is None:
-                self._graph_off = self._own_step_unavailable()
-                if self._graph_off:
+                self._graph_off = self._own_step_unavailable() or ""
+                if self._graph_off and rows is not None:
+                    # Row batches only run through the row forward: this step, eagerly.
+                    if self.compute_loss_func is not None:
+                        raise ValueError(
+                            "fixed-shape rows (training.packing) run this engine's own forward, which a "
+                            "compute_loss_func cannot replace; set training.packing to false"
+                        )
+                    eager_only, self._graph_off = self._graph_off, ""
+                elif self._graph_off:
                     logger.info("the Trainer's own training steps: %s", self._graph_off)
             if self._graph_off:
                 return None
@@ -92,9 +114,18 @@ def vision_sft_trainer_class() -> type:
                 from visionft.engine.cuda_graphs import CudaGraphTrainStep
 
                 dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+                # One warm-up step per row tier: rows have at most two signatures.
                 self._graph_step = CudaGraphTrainStep(
-                    self.model, self.patch_report, options=self.engine_options, autocast_dtype=dtype
+                    self.model,
+                    self.patch_report,
+                    options=self.engine_options,
+                    autocast_dtype=dtype,
+                    rows=rows,
+                    warmup=1 if rows is not None else 2,
+                    capture_guard=self._prefetch.paused if self._prefetch is not None else None,
                 )
+                if eager_only and not self._graph_step.disabled:
+                    self._graph_step.disabled = eager_only
                 if self.accelerator.num_processes > 1:
                     from visionft.engine.grad_sync import FlatGradientAllReduce
 
@@ -106,10 +137,70 @@ def vision_sft_trainer_class() -> type:
                         "eager steps" if self._graph_step.disabled else "CUDA-graph steps",
                         self._grad_sync.numel,
                     )
-                elif self._graph_step.disabled:
+                elif self._graph_step.disabled and rows is None:
                     self._graph_off = self._graph_step.disabled
                     return None
+                elif self._graph_step.disabled:
+                    logger.info("row steps run eagerly: %s", self._graph_step.disabled)
             return self._graph_step
+
+        def row_summary(self) -> dict[str, Any] | None:
+            """What the trained rows held (rows per tier, samples per row, budget fill); None without rows."""
+            return None if self._row_stats is None else self._row_stats.summary()
+
+        def graph_summary(self) -> dict[str, Any] | None:
+            """Graph captures, replays and the replay share of this run's steps (None if the Trainer's
+            own steps ran)."""
+            return None if self._graph_step is None else self._graph_step.summary()
+
+        def get_train_dataloader(self):
+            loader = super().get_train_dataloader()
+            if self._rows() is None:
+                return loader
+            from visionft.data.prefetch import Prefetching
+
+            # Rows are assembled on the host (images decoded, positions and layouts computed): a thread
+            # does it for the next steps while the GPU runs this one.
+            self._prefetch = Prefetching(loader, self.data_collator, depth=2)
+            # Host-side inputs of the row forward (an embedding table kept in host memory) are built
+            # in that thread too.
+            self.data_collator.prepare = functools.partial(self._rows().host_inputs, self.model)
+            return self._prefetch
+
+        def train(self, *args, **kwargs):
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                if self._prefetch is not None:
+                    self._prefetch.close()
+                summary = self.graph_summary()
+                if summary is not None:
+                    logger.info(
+                        "%d steps replayed from CUDA graphs, %d eager (replay share %.1f%%), "
+                        "%d graphs captured%s",
+                        summary["replays"],
+                        summary["eager_steps"],
+                        100 * summary["replay_share"],
+                        summary["captured"],
+                        f"; graphs off: {summary['off']}" if summary["off"] else "",
+                    )
+
+        def _track_num_input_tokens(self, inputs):
+            from visionft.patching.rows.base import ROW_KEY
+
+            info = inputs.get(ROW_KEY) if isinstance(inputs, dict) else None
+            if (
+                info is None
+                or self.args.include_num_input_tokens_seen == "no"
+                or self.accelerator.num_processes > 1
+            ):
+                return super()._track_num_input_tokens(inputs)
+            # The row says on the host how many of its tokens are real: no device read per step.
+            self.state.num_input_tokens_seen += (
+                info.real_tokens
+                if self.args.include_num_input_tokens_seen == "non_padding"
+                else info.budget.tokens
+            )
 
         def _own_step_unavailable(self) -> str | None:
             if not self.engine_options.cuda_graphs:
@@ -134,7 +225,16 @@ def vision_sft_trainer_class() -> type:
 
                 detach_ddp_reducer(model)
             model.train()
-            inputs = self._prepare_inputs(inputs)
+            from visionft.patching.rows.base import ROW_KEY
+
+            if ROW_KEY in inputs:  # a row's tensors go to the device inside the step, asynchronously
+                if self._row_stats is None:
+                    from visionft.data.row_collator import RowStats
+
+                    self._row_stats = RowStats(self.data_collator.tiers)
+                self._row_stats.add(inputs[ROW_KEY])
+            else:
+                inputs = self._prepare_inputs(inputs)
             world = self.accelerator.num_processes
             if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
                 # The model divides by the batch's token count (over all micro-batches, and over all

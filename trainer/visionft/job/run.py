@@ -10,13 +10,15 @@ The steps, top to bottom in ``train``:
    fails here, before the model loads); then the model (``FastVisionModel.from_pretrained``), LoRA
    (``get_peft_model``), the optional fused kernels and the ``VisionDataCollator``. The engine's switches
    (``EngineOptions``: ``training.optimizations``, ``training.packing`` and the environment) are resolved
-   once, before, and passed on from here; with ``training.packing`` (one row per batch without padding),
-   architectures whose family does not pack are refused right after loading, and the packed attention is
-   installed once the kernels are in;
+   once, before, and passed on from here; with ``training.packing``, architectures whose family does not
+   pack are refused right after loading; families with fixed-shape rows (``ArchSpec.rows``) get a
+   ``RowCollator`` whose rows keep one shape per tier, the others one row per batch without padding, with
+   the packed attention installed once the kernels are in;
 3. start the trackers (``visionft.tracking``: MLflow and/or TensorBoard event files), evaluate the base
-   model, train with TRL's ``SFTTrainer`` (checkpoints every ``checkpointEverySteps``, resuming from the
-   newest complete one; evaluations every ``evaluation.everySteps``, the best one's checkpoint kept), and
-   evaluate the output (the best checkpoint's weights with ``keepBest.useForOutput``);
+   model, train with TRL's ``SFTTrainer`` (checkpoints every ``checkpointEverySteps``, each with a
+   fingerprint of the model and recipe; resuming from the newest complete one, refused when it belongs to
+   another model or recipe: ``visionft.job.resume``; evaluations every ``evaluation.everySteps``, the best
+   one's adapter kept), and evaluate the output (the best adapter's weights with ``keepBest.useForOutput``);
 4. save adapters or merged weights, the loss plot (``loss.png``), ``metrics.json``, ``gallery.html`` and
    ``run.json`` (the summary, written last, so that its presence means the output folder is complete),
    upload to S3 when the output is an ``s3://`` URI, log the reports to the trackers, and print the summary
@@ -69,6 +71,10 @@ class RunResult:
         evaluation (dict | None): ``status.evaluation`` at the end: the headline metric of the base model,
             the output and the best evaluation, each with its step.
         skipped_samples (int): samples skipped under ``onBadSample: skip``.
+        graphs (dict | None): CUDA-graph captures, replays, eager steps and the replay share of the
+            training steps (None where the Trainer's own steps ran).
+        rows (dict | None): with fixed-shape packing, the rows built, per tier, and the share of the
+            token and vision budgets that samples filled.
         wall_seconds (float): the whole run's wall time.
         cpu_seconds (float): CPU time of the process (all threads): the work itself, whatever else shares
             the machine.
@@ -83,6 +89,8 @@ class RunResult:
     eval_samples: int = 0
     evaluation: dict[str, Any] | None = None
     skipped_samples: int = 0
+    graphs: dict | None = None
+    rows: dict | None = None
     wall_seconds: float = 0.0
     cpu_seconds: float = 0.0
     saved: dict[str, str] = field(default_factory=dict)
@@ -136,8 +144,8 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     progress.stage("Loading")
     # The data first: a held-out split that can't serve the evaluation fails before the model loads.
     train_set, stage = _load_data(config, dataset_dir, output_dir)
-    model, processor, patch_report = _load_model(config, model_dir, options)
-    collator = _collator(config, model, processor, dataset_dir, options)
+    model, processor, patch_report, options = _load_model(config, model_dir, options)
+    collator = _collator(config, model, processor, dataset_dir, options, patch_report, train_set)
     result = RunResult(output_dir=str(output_dir))
     tracking = _tracking(config, output_dir) if main else None
 
@@ -148,7 +156,8 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
         from visionft.job.reporting import console_line
 
         stage.attach(
-            collator,
+            # Evaluation batches padded samples, not fixed-shape rows: the sample collator of a RowCollator.
+            collator.collator if options.rows else collator,
             report=report if main else None,
             log_metrics=tracking.log_metrics if tracking is not None else None,
             # Above the progress bar when printing to the terminal.
@@ -173,6 +182,10 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     distributed.barrier()  # each node's local main has fetched the newest S3 checkpoint by now
     resume = _newest_checkpoint(output_dir / "checkpoints")
     if resume:
+        from visionft.job.resume import check_resume, fingerprint
+
+        # Before any scoring or training: a checkpoint of another run is refused at once.
+        check_resume(resume, fingerprint(config, model), model, output_uri or str(output_dir))
         echo(f"visionft: resuming from {resume}")
         if stage is not None and to_s3 and distributed.is_local_main_process():
             _sync_best(config, output_dir)
@@ -199,6 +212,8 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     result.skipped_samples = collator.skipped
     if stage is not None:
         stage.finish(model, trainer.state.global_step)
+    result.graphs = trainer.graph_summary()
+    result.rows = trainer.row_summary()
 
     if not main:
         distributed.barrier()  # rank 0 saves and uploads below, then releases the others
@@ -222,6 +237,20 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
         tracking.finish("FINISHED")
     progress.stage("Done", trainer.state)
     distributed.barrier()
+    if result.graphs is not None:
+        g = result.graphs
+        echo(
+            f"visionft: {g['replays']} of {g['replays'] + g['eager_steps']} training steps replayed from "
+            f"CUDA graphs ({100 * g['replay_share']:.1f}%), {g['captured']} captured"
+            + (f"; graphs off: {g['off']}" if g["off"] else "")
+        )
+    if result.rows is not None:
+        r = result.rows
+        echo(
+            f"visionft: {r['rows']} packed rows (per tier {r['tier_rows']}, {r['samples_per_row']} samples "
+            f"each on average), budgets filled {100 * r['token_fill']:.1f}% (tokens) and "
+            f"{100 * r['patch_fill']:.1f}% (vision)"
+        )
     if collator.skipped:
         echo(
             f"visionft: skipped {collator.skipped} bad samples (onBadSample: skip); last: "
@@ -291,7 +320,8 @@ def _upload(config: TrainerConfig, output_dir: Path) -> None:
 
 def _load_model(config: TrainerConfig, model_dir: Path, options):
     """The model with LoRA and (as ``options`` say) the kernels and the packed attention, its processor,
-    and the ``PatchReport`` of the kernels."""
+    the ``PatchReport`` of the kernels, and ``options`` with the row layout settled for the model
+    (``EngineOptions.for_model_type``)."""
     from visionft import FastVisionModel
     from visionft.engine import distributed
 
@@ -306,6 +336,7 @@ def _load_model(config: TrainerConfig, model_dir: Path, options):
         trust_remote_code=m.trust_remote_code,
     )
     _check_packing(options, model)
+    options = options.for_model_type(getattr(model.config, "model_type", None))
     targets: Any = lora.target_modules_regex or (
         "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
     )
@@ -330,14 +361,16 @@ def _load_model(config: TrainerConfig, model_dir: Path, options):
 
     patch_report = patching.apply_optimizations(model, optimizations=options.optimizations)
     logger.info("optimizations=%s: %s", options.optimizations, patch_report)
-    if options.packing:
-        # Without it each sample of a packed row would attend to the samples before it.
+    if options.packing and not options.rows:
+        # Without it each sample of a packed row would attend to the samples before it. Fixed-shape rows
+        # install their own attentions (``_collator``).
         patching.enable_packing(model)
-    return model, processor, patch_report
+    return model, processor, patch_report, options
 
 
 def _check_packing(options, model) -> None:
-    """training.packing needs an architecture whose family packs: refused right after loading."""
+    """training.packing needs an architecture whose family packs (fixed-shape rows or a packed attention):
+    refused right after loading."""
     if not options.packing:
         return
     from visionft.model.architectures import packing_unsupported_reason
@@ -363,13 +396,17 @@ def _load_data(config: TrainerConfig, dataset_dir: Path, output_dir: Path):
     return train_set, stage
 
 
-def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, options):
+def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, options, patch_report, train_set):
+    """The batch builder: ``VisionDataCollator``, or with fixed-shape rows (``options.rows``) a
+    ``RowCollator`` around it (rows sized from a probe of the training set; the row forward takes the
+    fused kernels where ``patch_report`` says they were swapped in)."""
     from visionft.data.collator import VisionDataCollator
     from visionft.data.formats import MessagesFormatter
+    from visionft.patching.rows import enable_rows
 
     d = config.dataset
     root = dataset_dir if dataset_dir.is_dir() else dataset_dir.parent
-    return VisionDataCollator(
+    collator = VisionDataCollator(
         model,
         processor,
         max_seq_length=config.model.max_seq_length,
@@ -378,8 +415,15 @@ def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, option
         on_bad_sample=d.on_bad_sample,
         dataset_root=root,
         formatter=MessagesFormatter(d.columns, d.instruction),
-        packing=options.packing,
+        packing=options.packing and not options.rows,
     )
+    if not options.rows:
+        return collator
+    from visionft.data.row_collator import RowCollator, plan_rows
+
+    family = enable_rows(model, collator.pad_token_id, fused=patch_report.enabled)
+    tiers = plan_rows(collator, family, train_set, config.training.per_device_batch_size)
+    return RowCollator(collator, family, tiers)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -452,13 +496,19 @@ def _trainer(
         max_length=None,
         dataloader_num_workers=0,  # the collator's skip counts live in this process
         include_num_input_tokens_seen=True,
+        # The NaN filter reads each step's loss on the host right after backward, so the optimizer's
+        # launches would wait for the device instead of queueing behind a graph replay.
+        logging_nan_inf_filter=getattr(collator, "family", None) is None,
         report_to="none",
         # A pod prints JSON lines (runtime.jsonProgress); a terminal gets the progress bar, with the loss in it.
         disable_tqdm=config.runtime.json_progress,
         use_cpu=not cuda,
         **distributed.ddp_training_kwargs(),
     )
-    callbacks: list[Any] = [progress]
+    from visionft.job.resume import fingerprint, fingerprint_callback
+
+    # Before the storage callback (added below), so that every uploaded checkpoint carries it.
+    callbacks: list[Any] = [progress, fingerprint_callback(fingerprint(config, model))]
     if stage is not None:
         callbacks.append(stage.callback())
     if tracking is not None:

@@ -2,10 +2,11 @@
 
 An ``ArchSpec`` names a family's module paths (where the vision tower, language model and projector live,
 which LoRA selection and quantization read), its patch set in ``visionft.patching``, the transformers
-modeling module of each of its model types, and whether it trains on packed rows and runs graphed steps.
-``FAMILIES`` is the one table; every other per-architecture lookup (``get_arch_spec``,
-``packing_unsupported_reason``, the patch sets and graph steps of ``visionft.patching`` and
-``visionft.engine.cuda_graphs``) reads it.
+modeling module of each of its model types, whether it trains on packed rows, whether it has rows of one
+fixed shape (its module in ``visionft.patching.rows``) and whether it runs graphed steps. ``FAMILIES`` is
+the one table; every other per-architecture lookup (``get_arch_spec``, ``packing_unsupported_reason``,
+the patch sets, row layouts and graph steps of ``visionft.patching`` and ``visionft.engine.cuda_graphs``)
+reads it.
 
 The paths were read off the module trees transformers 5.17-5.23 build;
 ``tests/trainer/model/test_selection.py`` checks every path against the tiny models, so a rename upstream
@@ -61,8 +62,12 @@ class ArchSpec:
             in; None leaves the family's models plain. Default: None.
         modeling (Mapping[str, str]): model type -> its transformers modeling module, whose module-level
             functions (the rotary embedding) the patch set swaps. Default: none.
-        packing (bool): trains on packed rows (``visionft.patching.packed_attention`` covers its text
-            attention). Default: False.
+        packing (bool): trains on packed rows of each batch's own shape (``visionft.patching.packed_attention``
+            covers its text attention). Default: False.
+        rows (str | None): the module of ``visionft.patching.rows`` that lays the family's samples out in
+            rows of one fixed shape per tier (its ``FAMILY`` class and ``install``), so that one captured
+            graph serves every step; with ``training.packing`` such a family trains on these rows. None:
+            no fixed-shape rows. Default: None.
         graph_steps (bool): runs CUDA-graph steps (``visionft.patching.static_inputs`` prepares its
             forward). Default: False.
 
@@ -82,6 +87,7 @@ class ArchSpec:
     patches: str | None = None
     modeling: Mapping[str, str] = field(default_factory=dict)
     packing: bool = False
+    rows: str | None = None
     graph_steps: bool = False
 
     def __post_init__(self) -> None:
@@ -121,6 +127,7 @@ FAMILIES: tuple[ArchSpec, ...] = (
             "qwen2_5_vl": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
         },
         packing=True,
+        rows="visionft.patching.rows.qwen2_vl",
         graph_steps=True,
         **_QWEN_VL,
     ),
@@ -133,6 +140,8 @@ FAMILIES: tuple[ArchSpec, ...] = (
             "model.visual.deepstack_merger_list",
             "lm_head",
         ),
+        # The Qwen2-VL row layout covers it: resampled position table, DeepStack features, q/k norms.
+        rows="visionft.patching.rows.qwen2_vl",
         **_QWEN_VL,
     ),
     ArchSpec(
@@ -157,6 +166,7 @@ FAMILIES: tuple[ArchSpec, ...] = (
         chat=_GEMMA,
         patches="visionft.patching.gemma3",
         modeling={"gemma3": "transformers.models.gemma3.modeling_gemma3"},
+        rows="visionft.patching.rows.gemma3",
     ),
     # LLaVA 1.5 and LLaVA-NeXT (CLIP tower) and Pixtral-12B (model_type "llava" with a Pixtral tower,
     # whose blocks call their parts "attention" and "feed_forward").
@@ -192,17 +202,27 @@ def supported_model_types() -> list[str]:
 
 
 def packing_model_types() -> list[str]:
-    """The model types that train on packed rows, in table order."""
+    """The model types that train on packed rows (of their own shapes or fixed-shape ones), in table order."""
+    return [t for t, s in _BY_TYPE.items() if s.packing or s.rows is not None]
+
+
+def packing_attention_model_types() -> list[str]:
+    """The model types whose text attention the packed attention covers (``ArchSpec.packing``)."""
     return [t for t, s in _BY_TYPE.items() if s.packing]
+
+
+def row_model_types() -> list[str]:
+    """The model types that have rows of one fixed shape (``ArchSpec.rows``), in table order."""
+    return [t for t, s in _BY_TYPE.items() if s.rows is not None]
 
 
 def packing_unsupported_reason(model_type: str | None) -> str | None:
     """Why a model of ``model_type`` can't train on packed rows (None when it can)."""
     spec = get_arch_spec(model_type)
-    if spec is not None and spec.packing:
+    if spec is not None and (spec.packing or spec.rows is not None):
         return None
     return (
-        f"packing is supported for {' and '.join(packing_model_types())} only, and this model is "
+        f"packing is supported for {', '.join(packing_model_types())} only, and this model is "
         f"model_type={model_type!r}"
     )
 

@@ -42,7 +42,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from visionft.model.architectures import get_arch_spec, packing_unsupported_reason
+from visionft.model.architectures import get_arch_spec, packing_attention_model_types
 from visionft.patching import packed_attention
 from visionft.patching.core import (
     PatchReport,
@@ -63,6 +63,7 @@ def patch_set(model_type: str | None) -> Callable[..., None] | None:
 
 _REPORT_ATTR = "_visionft_patch_report"
 _PACKING_REPORT_ATTR = "_visionft_packing_report"
+_ROWS_REPORT_ATTR = "_visionft_rows_report"  # visionft.patching.rows
 
 
 def hf_model(model: nn.Module) -> nn.Module:
@@ -140,13 +141,21 @@ def enable_packing(model: nn.Module) -> PatchReport:
         PatchReport: the report that holds the packed attention.
 
     Raises:
-        ValueError: the architecture has no packed attention (see ``packing_unsupported_reason``).
+        ValueError: the architecture's family has no packed attention (``ArchSpec.packing``).
     """
     hf = _hf_model(model)
     model_type = getattr(getattr(hf, "config", None), "model_type", None)
-    reason = packing_unsupported_reason(model_type)
-    if reason:
-        raise ValueError(reason)
+    spec = get_arch_spec(model_type)
+    if spec is None or not spec.packing:
+        rows = (
+            " (its family trains on fixed-shape rows: visionft.patching.rows.enable_rows)"
+            if spec and spec.rows
+            else ""
+        )
+        raise ValueError(
+            f"the packed attention covers {' and '.join(packing_attention_model_types())} only, and this model "
+            f"is model_type={model_type!r}{rows}"
+        )
     main, own = getattr(hf, _REPORT_ATTR, None), getattr(hf, _PACKING_REPORT_ATTR, None)
     if packed_attention.installed(hf):
         holder = main if main is not None and main.counts.get("packed_attn") else own
@@ -164,11 +173,11 @@ def enable_packing(model: nn.Module) -> PatchReport:
 
 
 def revert_optimizations(model: nn.Module) -> bool:
-    """Undoes ``apply_optimizations`` (and ``enable_packing``) on ``model``. Returns whether there was
+    """Undoes ``apply_optimizations`` (and ``enable_packing``, ``rows.enable_rows``) on ``model``. Returns whether there was
     anything to undo."""
     hf = _hf_model(model)
     had = False
-    for attr in (_REPORT_ATTR, _PACKING_REPORT_ATTR):  # newest swaps first
+    for attr in (_ROWS_REPORT_ATTR, _REPORT_ATTR, _PACKING_REPORT_ATTR):  # newest swaps first
         report = getattr(hf, attr, None)
         if report is None:
             continue

@@ -39,8 +39,9 @@ from visionft.data.packing import PACKED_CU_SEQLENS, PACKED_MAX_SEQLEN, SEPARATE
 from visionft.patching.core import PatchReport
 from visionft.patching.segments import pad_segments, segment_attention
 
-#: Text attention classes of the covered architectures (transformers 5.17 - 5.23).
-TEXT_ATTENTION_CLASSES = ("Qwen2VLAttention", "Qwen2_5_VLAttention")
+#: Text attention classes of the covered architectures (transformers 5.17 - 5.23). Qwen3-VL's norms
+#: its queries and keys per head (``q_norm``/``k_norm``) before the rotary embedding.
+TEXT_ATTENTION_CLASSES = ("Qwen2VLAttention", "Qwen2_5_VLAttention", "Qwen3VLTextAttention")
 
 
 @functools.cache
@@ -130,8 +131,11 @@ def _packed_forward(self, modeling: ModuleType, hidden_states: torch.Tensor, kwa
         raise ValueError("packed rows are not supported with sliding-window attention layers")
     if self.training and getattr(self, "attention_dropout", 0.0) > 0:
         raise ValueError("packed rows are not supported with attention dropout")
-    q = self.q_proj(hidden_states).view(1, seq, -1, self.head_dim).transpose(1, 2)
-    k = self.k_proj(hidden_states).view(1, seq, -1, self.head_dim).transpose(1, 2)
+    q = self.q_proj(hidden_states).view(1, seq, -1, self.head_dim)
+    k = self.k_proj(hidden_states).view(1, seq, -1, self.head_dim)
+    if hasattr(self, "q_norm") and hasattr(self, "k_norm"):
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = self.v_proj(hidden_states).view(1, seq, -1, self.head_dim).transpose(1, 2)
     cos, sin = kwargs["position_embeddings"]
     q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin)

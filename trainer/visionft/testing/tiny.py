@@ -300,7 +300,9 @@ _GEMMA_IMAGE = 56
 _GEMMA_TOKENS = 4
 
 
-def _gemma3_processor():
+def gemma3_processor(image_size: int = _GEMMA_IMAGE, tokens_per_image: int = _GEMMA_TOKENS):
+    """A Gemma 3 processor with the stand-in tokenizer; ``image_size`` and ``tokens_per_image`` of the
+    tiny model by default (896 and 256 for a real-shaped one)."""
     from transformers import Gemma3Processor
 
     tokenizer = build_bpe_tokenizer(
@@ -316,12 +318,12 @@ def _gemma3_processor():
         chat_template=chat_templates.gemma("<start_of_image>"),
     )
     image_processor = image_processor_class("Gemma3ImageProcessor")(
-        size={"height": _GEMMA_IMAGE, "width": _GEMMA_IMAGE}
+        size={"height": image_size, "width": image_size}
     )
     return Gemma3Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        image_seq_length=_GEMMA_TOKENS,
+        image_seq_length=tokens_per_image,
         chat_template=tokenizer.chat_template,
     )
 
@@ -568,7 +570,7 @@ TINY_ARCHS: dict[str, TinyArch] = {
             (64, 64),
         ),
         TinyArch("mllama", _mllama_config, _mllama_processor, (_MLLAMA_TILE, _MLLAMA_TILE)),
-        TinyArch("gemma3", _gemma3_config, _gemma3_processor, (_GEMMA_IMAGE, _GEMMA_IMAGE)),
+        TinyArch("gemma3", _gemma3_config, gemma3_processor, (_GEMMA_IMAGE, _GEMMA_IMAGE)),
         TinyArch("llava", _llava_config, _llava_processor, (_CLIP_IMAGE, _CLIP_IMAGE)),
         TinyArch("llava_next", _llava_next_config, _llava_next_processor, (_CLIP_IMAGE, _CLIP_IMAGE)),
         TinyArch("pixtral", _pixtral_config, _pixtral_processor, (_PIXTRAL_IMAGE, 48)),

@@ -3,10 +3,10 @@
 Reconciles read the resource, its Job and its pods from here instead of the API. The cache is filled the
 way client-go fills an informer's store:
 
-- from the watch events that Kopf delivers anyway (the event handlers call `upsert` and `delete`);
-- from chunked lists (`sync`): one before the workers start, as controller-runtime waits for its caches to
+- from the watch events that Kopf delivers anyway (the event handlers call ``upsert`` and ``delete``);
+- from chunked lists (``Cache.sync_forever``): one before the workers start, as controller-runtime waits for its caches to
   sync, so that a reconcile never sees a half-filled cache after a (re)start; then one every
-  `RELIST_SECONDS`, which drops what vanished while a watch was down (a Kopf re-list after an expired
+  ``RELIST_SECONDS``, which drops what vanished while a watch was down (a Kopf re-list after an expired
   watch reports no deletions) and takes in what a lost event missed. An entry that an event touched after
   a list began is newer than the list, and stays.
 
@@ -19,10 +19,10 @@ taken in their initial listing, and each held-back event keeps its full body: at
 operator with 1,000 runs (3,000 objects), well over 100 MB at once. Without them, Kopf hands each event
 to its handler as it comes, and the body goes.
 
-A cache lags the API by the watch's latency. The reconcile copes where it matters: a Job it has just
-created counts from the create's answer until the cache has it; a status it has just written is read
-back from the API while the cache does not show it yet; admission under a capacity rule counts the
-namespace's Jobs with a fresh list.
+A cache lags the API by the watch's latency. The reconcile copes where it matters (``expectations.py``): a
+Job it has just created counts from the create's answer until the cache has it; a status it has just
+written is read back from the API while the cache does not show it yet; admission under a capacity rule
+counts the namespace's Jobs with a fresh list.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from typing import Any
 from visionft_api.resource import KIND
 
 from visionft_operator import constants as c
-from visionft_operator import kube
+from visionft_operator.controller import kube
 
 Key = tuple[str, str]
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 #: Seconds between two full lists of the cached kinds (the cache's repair; see the module's docstring).
 RELIST_SECONDS = 600.0
 
@@ -93,9 +93,12 @@ def job_owner(body: Mapping[str, Any]) -> Key | None:
 
 
 def pod_owner(body: Mapping[str, Any]) -> Key | None:
-    """(namespace, name) of the VisionFineTune whose run a pod belongs to, from its label."""
+    """(namespace, name) of the VisionFineTune whose run a pod belongs to: the whole name from its
+    annotation, else from its label (which holds names of up to 63 characters whole)."""
     meta = body.get("metadata") or {}
-    name = (meta.get("labels") or {}).get(c.LABEL_NAME)
+    name = (meta.get("annotations") or {}).get(c.ANNOTATION_NAME) or (meta.get("labels") or {}).get(
+        c.LABEL_NAME
+    )
     return (meta.get("namespace", ""), name) if name else None
 
 
@@ -150,7 +153,7 @@ class Store:
                     del self._groups[group]
 
     def replace(self, listed: Iterable[dict[str, Any]], since: float) -> list[Key]:
-        """Apply a list of slim objects that began at loop time `since`; returns the keys it dropped."""
+        """Apply a list of slim objects that began at loop time ``since``; returns the keys it dropped."""
         fresh = {self.key_of(obj): obj for obj in listed}
         dropped = [key for key, (_, at) in self._items.items() if key not in fresh and at < since]
         for key in dropped:
@@ -174,82 +177,96 @@ def _now() -> float:
     return asyncio.get_running_loop().time()
 
 
-RESOURCES = Store(slim_resource)
-JOBS = Store(slim_job)
-PODS = Store(slim_pod, group=pod_owner)
-#: Set once the first full list is in: the workers wait for it.
-SYNCED = asyncio.Event()
+class Cache:
+    """The three stores of one operator process, and the lists that fill them.
 
+    Args:
+        client: what lists the cached kinds (``kube``, whose ``list_pages(kind, namespace)`` yields pages).
+    """
 
-# --- reading ----------------------------------------------------------------------------------------------
+    def __init__(self, client: Any = kube) -> None:
+        self._client = client
+        self.resources = Store(slim_resource)
+        self.jobs = Store(slim_job)
+        self.pods = Store(slim_pod, group=pod_owner)
+        #: Set once the first full list is in: the workers wait for it.
+        self.synced = asyncio.Event()
 
+    # --- reading ------------------------------------------------------------------------------------------
 
-def resource(namespace: str, name: str) -> dict[str, Any] | None:
-    return RESOURCES.get((namespace, name))
+    def resource(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.resources.get((namespace, name))
 
+    def job(self, namespace: str, job_name: str) -> dict[str, Any] | None:
+        return self.jobs.get((namespace, job_name))
 
-def job(namespace: str, job_name: str) -> dict[str, Any] | None:
-    return JOBS.get((namespace, job_name))
+    def pods_of(self, namespace: str, resource_name: str) -> list[dict[str, Any]]:
+        """The pods of a resource's runs (all of its Jobs' pods, retries included)."""
+        return self.pods.grouped((namespace, resource_name))
 
+    def resource_keys(self) -> list[Key]:
+        return self.resources.keys()
 
-def pods(namespace: str, resource_name: str) -> list[dict[str, Any]]:
-    """The pods labelled with the resource's name (all of its Jobs' pods, retries included)."""
-    return PODS.grouped((namespace, resource_name))
+    # --- listing ------------------------------------------------------------------------------------------
 
+    def _list_slim(self, namespaces: list[str]) -> list[list[dict[str, Any]]]:
+        """Blocking: every resource, Job and pod in scope, as slim copies (each page slimmed as it comes,
+        so that no full list is ever held)."""
+        # Globs ("team-*") can't be listed one by one: list the whole cluster and keep the matches (this
+        # needs list permission cluster-wide, which a glob-serving operator has anyway to watch what
+        # matches).
+        globbed = any(set(ns) & set("*?[") for ns in namespaces)
+        scopes: list[str | None] = [None] if globbed or not namespaces else list(namespaces)
 
-def resource_keys() -> list[Key]:
-    return RESOURCES.keys()
+        def wanted(obj: dict[str, Any]) -> bool:
+            ns = obj["metadata"].get("namespace", "")
+            return not globbed or any(fnmatch.fnmatchcase(ns, pattern) for pattern in namespaces)
 
+        out: list[list[dict[str, Any]]] = []
+        for kind, slim in (("VisionFineTune", slim_resource), ("Job", slim_job), ("Pod", slim_pod)):
+            objs = (
+                slim(item)
+                for scope in scopes
+                for page in self._client.list_pages(kind, scope)
+                for item in page
+            )
+            out.append([obj for obj in objs if wanted(obj)])
+        return out
 
-# --- listing ----------------------------------------------------------------------------------------------
+    async def relist(self, namespaces: list[str]) -> list[Key]:
+        """One full list of the three kinds into the cache; returns the resources it dropped."""
+        since = _now()
+        resources, jobs, pods_ = await asyncio.to_thread(self._list_slim, namespaces)
+        self.jobs.replace(jobs, since)
+        self.pods.replace(pods_, since)
+        return self.resources.replace(resources, since)
 
-
-def _list_slim(namespaces: list[str]) -> list[list[dict[str, Any]]]:
-    """Blocking: every resource, Job and pod in scope, as slim copies (each page slimmed as it comes, so
-    that no full list is ever held)."""
-    # Globs ("team-*") can't be listed one by one: list the whole cluster and keep the matches (this needs
-    # list permission cluster-wide, which a glob-serving operator has anyway to watch what matches).
-    globbed = any(set(ns) & set("*?[") for ns in namespaces)
-    scopes: list[str | None] = [None] if globbed or not namespaces else list(namespaces)
-
-    def wanted(obj: dict[str, Any]) -> bool:
-        ns = obj["metadata"].get("namespace", "")
-        return not globbed or any(fnmatch.fnmatchcase(ns, pattern) for pattern in namespaces)
-
-    out: list[list[dict[str, Any]]] = []
-    for kind, slim in (("VisionFineTune", slim_resource), ("Job", slim_job), ("Pod", slim_pod)):
-        objs = (slim(item) for scope in scopes for page in kube.list_pages(kind, scope) for item in page)
-        out.append([obj for obj in objs if wanted(obj)])
-    return out
-
-
-async def relist(namespaces: list[str]) -> list[Key]:
-    """One full list of the three kinds into the cache; returns the resources it dropped."""
-    since = _now()
-    resources, jobs, pods_ = await asyncio.to_thread(_list_slim, namespaces)
-    JOBS.replace(jobs, since)
-    PODS.replace(pods_, since)
-    return RESOURCES.replace(resources, since)
-
-
-async def sync_forever(namespaces: list[str], stopped: asyncio.Event, dropped: Callable[[Key], None]) -> None:
-    """List until the first full list succeeds (then SYNCED is set), and again every RELIST_SECONDS.
-    `dropped` hears of every resource that a list found gone."""
-    delay = 1.0
-    while not stopped.is_set():
-        try:
-            for key in await relist(namespaces):
-                dropped(key)
-        except Exception as err:
-            log.error("listing the cached kinds failed; retrying in %.0f s: %s", delay, str(err) or repr(err))
-            wait, delay = delay, min(delay * 2, 60.0)
-        else:
-            if not SYNCED.is_set():
-                log.info(
-                    "cache synced",
-                    extra={"resources": len(RESOURCES), "jobs": len(JOBS), "pods": len(PODS)},
+    async def sync_forever(
+        self, namespaces: list[str], stopped: asyncio.Event, dropped: Callable[[Key], None]
+    ) -> None:
+        """List until the first full list succeeds (then ``synced`` is set), and again every RELIST_SECONDS.
+        ``dropped`` hears of every resource that a list found gone."""
+        delay = 1.0
+        while not stopped.is_set():
+            try:
+                for key in await self.relist(namespaces):
+                    dropped(key)
+            except Exception as err:
+                logger.error(
+                    "listing the cached kinds failed; retrying in %.0f s: %s", delay, str(err) or repr(err)
                 )
-            SYNCED.set()
-            wait, delay = RELIST_SECONDS, 1.0
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopped.wait(), timeout=wait)
+                wait, delay = delay, min(delay * 2, 60.0)
+            else:
+                if not self.synced.is_set():
+                    logger.info(
+                        "cache synced",
+                        extra={
+                            "resources": len(self.resources),
+                            "jobs": len(self.jobs),
+                            "pods": len(self.pods),
+                        },
+                    )
+                self.synced.set()
+                wait, delay = RELIST_SECONDS, 1.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopped.wait(), timeout=wait)

@@ -2,16 +2,16 @@
 
 This is the shape of client-go's workqueue, on which controller-runtime's controllers run:
 
-- Event handlers only `add` the key (namespace, name) of the VisionFineTune concerned, and return at once.
+- Event handlers only ``add`` the key (namespace, name) of the VisionFineTune concerned, and return at once.
   A key is queued at most once, however many events name it: the events of a resource, its Job and its
   pods (or a whole re-listing after a restart) collapse into one reconcile.
 - A key being reconciled is never handed to a second worker. Adding it meanwhile marks it dirty, and it
-  is queued again when the first worker is `done` with it, so no event is lost.
-- A reconcile that raised is retried with a per-key exponential backoff (`add_rate_limited`); a success
-  resets it (`forget`). `add_after` queues a key later (a TTL that runs out, a TemporaryError's delay).
+  is queued again when the first worker is ``done`` with it, so no event is lost.
+- A reconcile that raised is retried with a per-key exponential backoff (``add_rate_limited``); a success
+  resets it (``forget``). ``add_after`` queues a key later (a TTL that runs out, a TemporaryError's delay).
 
-Everything runs on the operator's event loop (Kopf's): no locks. `run_worker` is one worker task; the
-operator starts `Config.workers` of them.
+Everything runs on the operator's event loop (Kopf's): no locks. ``run_worker`` is one worker task; the
+operator starts ``Config.workers`` of them.
 """
 
 from __future__ import annotations
@@ -25,13 +25,20 @@ import kopf
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
-from visionft_operator.kube import NotOurs
-from visionft_operator.metrics import REGISTRY
+from visionft_operator.controller.kube import NotOurs
+from visionft_operator.controller.metrics import REGISTRY
 
 Key = tuple[str, str]
 #: A reconcile of one key; returns seconds after which to reconcile the key again, or None.
 Reconcile = Callable[[Key], Awaitable[float | None]]
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
+
+
+class RetryLater(Exception):
+    """Raised by a reconcile that did what it could and reported why the resource is stuck (a child the
+    apiserver refused): the key is retried with its growing backoff, and the resync does not shorten it.
+    Logged in one line at INFO: the resource's status and Events carry the news."""
+
 
 # Failures that an outage (apiserver or etcd restart, a dropped connection) or the cluster's state explains:
 # logged in one line. Anything else is a bug, logged with its traceback.
@@ -66,12 +73,12 @@ class WorkQueue:
             return
         self._dirty.add(key)
         if key in self._processing:
-            return  # queued again by `done`
+            return  # queued again by ``done``
         self._queue.append(key)
         self._wake()
 
     def add_after(self, key: Key, delay: float) -> None:
-        """Queue the key after `delay` seconds; an earlier pending add of the same key wins."""
+        """Queue the key after ``delay`` seconds; an earlier pending add of the same key wins."""
         if self._shut:
             return
         if delay <= 0:
@@ -96,6 +103,10 @@ class WorkQueue:
 
     def failures(self, key: Key) -> int:
         return self._failures.get(key, 0)
+
+    def backing_off(self, key: Key) -> bool:
+        """Whether the key waits out a backoff after a failure (then a resync leaves it be)."""
+        return self._failures.get(key, 0) > 0 and key in self._timers
 
     def forget(self, key: Key) -> None:
         """The key's reconcile succeeded: its next failure starts the backoff from the beginning."""
@@ -160,6 +171,10 @@ async def run_worker(queue: WorkQueue, reconcile: Reconcile) -> None:
         except asyncio.CancelledError:
             queue.done(key)
             raise
+        except RetryLater as err:
+            backoff = queue.add_rate_limited(key)
+            REGISTRY.retry()
+            logger.info("%s/%s is stuck (%s); looking again in %.1f s", *key, err, backoff)
         except Exception as err:
             delay = getattr(err, "delay", None) if isinstance(err, kopf.TemporaryError) else None
             if delay:
@@ -167,7 +182,7 @@ async def run_worker(queue: WorkQueue, reconcile: Reconcile) -> None:
             else:
                 delay = queue.add_rate_limited(key)
             REGISTRY.retry()
-            log.error(
+            logger.error(
                 "reconcile of %s/%s failed temporarily (attempt %d), retrying in %.1f s: %s",
                 *key,
                 max(queue.failures(key), 1),
@@ -180,8 +195,3 @@ async def run_worker(queue: WorkQueue, reconcile: Reconcile) -> None:
             if again is not None:
                 queue.add_after(key, again)
         queue.done(key)
-
-
-#: The process's queue: the event handlers and the resync add to it, `Config.workers` workers drain it.
-QUEUE = WorkQueue()
-REGISTRY.watch_queue(lambda: len(QUEUE))

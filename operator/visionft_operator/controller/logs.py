@@ -20,7 +20,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        # Kopf's per-object loggers carry the object's identity in `k8s_ref`.
+        # Kopf's per-object loggers carry the object's identity in ``k8s_ref``.
         ref = getattr(record, "k8s_ref", None)
         if isinstance(ref, dict):
             entry["namespace"] = ref.get("namespace")

@@ -1,13 +1,13 @@
 """Prometheus metrics in the text exposition format, without a client library (the operator's only
 dependencies are Kopf and the kubernetes client).
 
-- `visionft_resources{phase}`: VisionFineTunes by phase (a gauge, from the operator's view);
-- `visionft_handler_duration_seconds{handler}`: a histogram of handler durations (the event handlers,
-  which only queue a key, and `reconcile`, one reconcile of a resource by a worker);
-- `visionft_handler_errors_total{handler}`: handler errors;
-- `visionft_transitions_total{phase}`: phase transitions observed;
-- `visionft_workqueue_depth`: resources waiting for a worker;
-- `visionft_workqueue_retries_total`: failed reconciles queued again after a backoff.
+- ``visionft_resources{phase}``: VisionFineTunes by phase (a gauge, from the operator's view);
+- ``visionft_handler_duration_seconds{handler}``: a histogram of handler durations (the event handlers,
+  which only queue a key, and ``reconcile``, one reconcile of a resource by a worker);
+- ``visionft_handler_errors_total{handler}``: handler errors;
+- ``visionft_transitions_total{phase}``: phase transitions observed;
+- ``visionft_workqueue_depth``: resources waiting for a worker;
+- ``visionft_workqueue_retries_total``: failed reconciles queued again after a backoff.
 """
 
 from __future__ import annotations

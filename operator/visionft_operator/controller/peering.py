@@ -19,7 +19,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from visionft_operator import kube
+from visionft_operator.controller import kube
 
 PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
 
