@@ -42,8 +42,9 @@ def test_use_for_output_puts_the_best_weights_back_when_a_later_step_is_worse(tm
     stage, _, _ = EvaluationStage.prepare(config, load_local_dataset(data), out, MessagesFormatter())
     assert stage is not None
     options = EngineOptions.from_recipe(config.training)
-    model, processor, _ = run._load_model(config, tiny_dir("qwen2_vl"), options)
-    stage.attach(run._collator(config, model, processor, data, options), echo=lambda line: None)
+    model, processor, report, options = run._load_model(config, tiny_dir("qwen2_vl"), options)
+    collator = run._collator(config, model, processor, data, options, report, None)
+    stage.attach(collator, echo=lambda line: None)
     stage.evaluate_base(model)
 
     state = TrainerState()
