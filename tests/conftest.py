@@ -23,4 +23,5 @@ if not _has_cuda():
 pytest_plugins = [
     "tests.harness.kube_fixtures",
     "tests.harness.s3_fixtures",
+    "tests.harness.mlflow_fixtures",
 ]

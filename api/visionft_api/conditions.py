@@ -17,8 +17,11 @@ ADMITTED = "Admitted"
 COMPLETE = "Complete"
 # Failed means that the run ended without outputs.
 FAILED = "Failed"
+# Degraded means that the run's output scores worse than its base model on the headline metric of
+# spec.evaluation (status.evaluation.final against status.evaluation.base).
+DEGRADED = "Degraded"
 
-CONDITION_TYPES = (READY, RECONCILING, STALLED, ADMITTED, COMPLETE, FAILED)
+CONDITION_TYPES = (READY, RECONCILING, STALLED, ADMITTED, COMPLETE, FAILED, DEGRADED)
 
 # Reasons for Ready / Complete.
 REASON_SUCCEEDED = "Succeeded"
@@ -56,3 +59,8 @@ REASON_BACKOFF_LIMIT = "BackoffLimitExceeded"
 REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"
 REASON_POD_FAILED = "PodFailed"
 REASON_JOB_FAILED = "JobFailed"
+# Reasons for Degraded (WorseThanBase also for Stalled / Failed, when spec.evaluation.failIfWorseThanBase).
+REASON_WORSE_THAN_BASE = "WorseThanBase"
+REASON_NOT_WORSE_THAN_BASE = "NotWorseThanBase"
+# The reason of the Event posted when status.evaluation.best reaches a new step.
+REASON_NEW_BEST_METRIC = "NewBestMetric"

@@ -181,6 +181,7 @@ def build_crd() -> dict[str, Any]:
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
         {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
+        {"name": "Eval", "type": "string", "jsonPath": ".status.evaluation.summary"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri", "priority": 1},
         {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},

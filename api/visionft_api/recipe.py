@@ -16,17 +16,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.config import JsonDict
-from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from visionft_api.base import K8S_NAME_PATTERN, SpecModel, cel, field_errors
+from visionft_api.evaluation import METRICS, EvaluationSettings, TrackingSettings
 
 # A bucket name as S3 allows it, then an optional key prefix.
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
@@ -50,10 +44,18 @@ SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
 BUILTIN_SCHEME = "builtin://"
 #: A tiny random-weight Qwen2-VL-family model with a working processor (visionft.testing.tiny).
 BUILTIN_MODELS = ("builtin://tiny-qwen2-vl",)
-#: The shapes task: name the colour of one shape, 400 training and 100 held-out 56x56 images; and its
-#: preference form, the same images with the right colour as the chosen answer and a wrong one as the
-#: rejected answer (visionft.data.synthetic).
-BUILTIN_DATASETS = ("builtin://shapes", "builtin://shapes-preference")
+#: Each generated dataset and the size of its held-out split (``test``), which evaluation counts are
+#: checked against at admission (visionft.job.builtin generates them; a test keeps the sizes honest):
+#: the shapes task (name the colour of one shape; 400 training and 100 held-out 56x56 images), its
+#: preference form (the same images with the right colour as the chosen answer and a wrong one as the
+#: rejected answer, for method dpo) and the shape-captions task (colour and shape in two words, e.g.
+#: "red triangle"; 600 training and 100 held-out images; scored by the character error rate).
+BUILTIN_HELD_OUT = {
+    "builtin://shapes": 100,
+    "builtin://shapes-preference": 100,
+    "builtin://shape-captions": 100,
+}
+BUILTIN_DATASETS = tuple(BUILTIN_HELD_OUT)
 
 
 def is_builtin(uri: str) -> bool:
@@ -84,6 +86,10 @@ _SFT_ANSWER_COLUMNS_MESSAGE = (
     "or leave them out"
 )
 _SFT_DPO_MESSAGE = "dpo is read only with method: dpo: set method to dpo or leave dpo out"
+_DPO_EVALUATION_MESSAGE = (
+    "evaluation is read only with method: sft (a dpo run scores preference accuracy on "
+    "dataset.evalSamples held-out pairs): leave evaluation out and set dataset.evalSamples"
+)
 _DPO_PACKING_MESSAGE = (
     "training.packing is not supported with method: dpo (each pair's chosen and rejected answers are "
     "scored as two padded rows): set training.packing to false"
@@ -111,6 +117,7 @@ def _method_rules() -> list[JsonDict]:
             ".dataset.columns",
         ),
         cel(f"{dpo} || !has(self.dpo)", _SFT_DPO_MESSAGE, ".dpo"),
+        cel(f"!{dpo} || !has(self.evaluation)", _DPO_EVALUATION_MESSAGE, ".evaluation"),
         cel(
             f"!{dpo} || !has(self.training) || !has(self.training.packing) || !self.training.packing",
             _DPO_PACKING_MESSAGE,
@@ -138,54 +145,70 @@ def _method_problems(recipe: TrainingRecipe) -> list[tuple[tuple[str, ...], str]
     ]
     if recipe.training.packing:
         problems.append((("training", "packing"), _DPO_PACKING_MESSAGE))
+    if recipe.evaluation is not None:
+        problems.append((("evaluation",), _DPO_EVALUATION_MESSAGE))
     return problems
+
+
+_EVAL_SAMPLES_SHORTHAND_MESSAGE = (
+    "dataset.evalSamples is a shorthand for evaluation.samples: set evaluation.samples and leave "
+    "dataset.evalSamples at 0"
+)
+_BUILTIN_SPLITS = ("auto", "test")
+_BUILTIN_SPLIT_MESSAGE = (
+    f"evaluation.split: a {BUILTIN_SCHEME} dataset has one held-out split, test: set split to auto or test"
+)
+_BUILTIN_JSON_MESSAGE = (
+    f"evaluation.metrics: jsonFieldMatch needs references that are JSON objects, and the answers of the "
+    f"{BUILTIN_SCHEME} datasets are plain text: choose another metric"
+)
+
+
+def _builtin_count_message(field: str, uri: str, held_out: int) -> str:
+    return f"{field} is more than the {held_out} held-out samples of {uri}: set it to at most {held_out}"
+
+
+def _evaluation_rules() -> list[JsonDict]:
+    """The recipe-level CEL rules that tie evaluation to the dataset (the pydantic check is
+    ``TrainingRecipe._evaluation_fits_the_dataset``)."""
+    builtin = f"self.dataset.uri.startsWith('{BUILTIN_SCHEME}')"
+    splits = ", ".join(f"'{s}'" for s in _BUILTIN_SPLITS)
+    json_metrics = [m.name for m in METRICS.values() if m.reference == "json"]
+    rules = [
+        cel(
+            "!has(self.evaluation) || !has(self.dataset.evalSamples) || self.dataset.evalSamples == 0",
+            _EVAL_SAMPLES_SHORTHAND_MESSAGE,
+            ".dataset.evalSamples",
+        ),
+        cel(
+            f"!has(self.evaluation) || !{builtin} || !has(self.evaluation.split) "
+            f"|| self.evaluation.split in [{splits}]",
+            _BUILTIN_SPLIT_MESSAGE,
+            ".evaluation.split",
+        ),
+        cel(
+            f"!has(self.evaluation) || !{builtin} || !has(self.evaluation.metrics) || "
+            + " && ".join(f"!('{m}' in self.evaluation.metrics)" for m in json_metrics),
+            _BUILTIN_JSON_MESSAGE,
+            ".evaluation.metrics",
+        ),
+    ]
+    for uri, held_out in BUILTIN_HELD_OUT.items():
+        rules.append(
+            cel(
+                f"!has(self.evaluation) || !has(self.evaluation.samples) || self.dataset.uri != '{uri}' "
+                f"|| self.evaluation.samples <= {held_out}",
+                _builtin_count_message("evaluation.samples", uri, held_out),
+                ".evaluation.samples",
+            )
+        )
+    return rules
 
 
 _OUTPUT_REQUIRED_MESSAGE = (
     f"output is required unless model.uri is a generated model ({BUILTIN_SCHEME}): set output.uri to "
     "where the results go"
 )
-
-
-def to_camel(name: str) -> str:
-    """snake_case to the camelCase of Kubernetes APIs, keeping digits with their word (load_in_4bit ->
-    loadIn4bit, as the design spells it; pydantic's own helper would give loadIn4Bit)."""
-    first, *rest = name.split("_")
-    return first + "".join(part[:1].upper() + part[1:] for part in rest)
-
-
-def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
-    """One CEL validation rule as the CRD expects it."""
-    entry: JsonDict = {"rule": rule, "message": message}
-    if field_path:
-        entry["fieldPath"] = field_path
-    return entry
-
-
-def field_errors(problems: list[tuple[tuple[str, ...], str]]) -> ValidationError:
-    """A validation error with one entry per (location, message), each location the camelCase path under
-    the model that raises it: for cross-field rules whose message must name the field they are about rather
-    than the model that checks them (pydantic puts the caller's own location in front)."""
-    details = [
-        InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=None)
-        for loc, message in problems
-    ]
-    return ValidationError.from_exception_data("spec", details)
-
-
-class SpecModel(BaseModel):
-    """Base of every schema model: camelCase in YAML, snake_case in Python, unknown fields rejected."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        validate_assignment=True,
-    )
-
-    def to_dict(self) -> dict:
-        """The camelCase form, as it appears in a resource or a config file, without unset optionals."""
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 class ModelSource(SpecModel):
@@ -374,8 +397,8 @@ class DatasetSource(SpecModel):
     uri: str = Field(
         description="uri is the dataset: s3://bucket/prefix or an absolute path, holding JSONL, JSON, "
         "parquet, a datasets save_to_disk folder, or an imagefolder with metadata.jsonl; or "
-        f"{' / '.join(BUILTIN_DATASETS)}, a generated imagefolder (name the colour of a shape; 400 "
-        "training and 100 held-out images).",
+        f"{' / '.join(BUILTIN_DATASETS)}, a generated imagefolder (name the colour of a shape; caption a "
+        "shape with its colour and shape), each with 100 held-out images.",
         pattern=DATASET_URI_PATTERN,
         max_length=1024,
     )
@@ -409,15 +432,26 @@ class DatasetSource(SpecModel):
         0,
         ge=0,
         le=100_000,
-        description="evalSamples is how many held-out samples (the dataset's test or validation split, or "
-        "the validationFraction share) are scored by exact-match accuracy before and after training (with "
-        "method dpo: preference accuracy, the share of pairs whose chosen answer the model finds more "
-        "likely than the rejected one); 0 scores none.",
+        description="evalSamples is a shorthand for evaluation with samples set to this and the "
+        "normalizedExactMatch metric (scored before and after training); with method dpo it is how many "
+        "held-out pairs are scored by preference accuracy (the share of pairs whose chosen answer the model "
+        "finds more likely than the rejected one) before and after training; 0 scores none. Exclusive with "
+        "evaluation.",
     )
 
     model_config = ConfigDict(
         json_schema_extra={
-            "x-kubernetes-validations": [cel(_DATASET_BUILTIN_RULE, _DATASET_BUILTIN_MESSAGE, ".uri")]
+            "x-kubernetes-validations": [
+                cel(_DATASET_BUILTIN_RULE, _DATASET_BUILTIN_MESSAGE, ".uri"),
+                *(
+                    cel(
+                        f"self.uri != '{uri}' || self.evalSamples <= {held_out}",
+                        _builtin_count_message("dataset.evalSamples", uri, held_out),
+                        ".evalSamples",
+                    )
+                    for uri, held_out in BUILTIN_HELD_OUT.items()
+                ),
+            ]
         }
     )
 
@@ -427,6 +461,15 @@ class DatasetSource(SpecModel):
         if is_builtin(uri) and uri not in BUILTIN_DATASETS:
             raise ValueError(_DATASET_BUILTIN_MESSAGE)
         return uri
+
+    @field_validator("eval_samples")
+    @classmethod
+    def _eval_samples_fit(cls, eval_samples: int, info: ValidationInfo) -> int:
+        uri = info.data.get("uri")  # absent when the uri itself failed validation
+        held_out = BUILTIN_HELD_OUT.get(uri) if isinstance(uri, str) else None
+        if held_out is not None and eval_samples > held_out:
+            raise ValueError(_builtin_count_message("dataset.evalSamples", str(uri), held_out))
+        return eval_samples
 
 
 class TrainingSettings(SpecModel):
@@ -570,13 +613,13 @@ class StorageSettings(SpecModel):
     ca_bundle_config_map: str | None = Field(
         None,
         max_length=253,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        pattern=K8S_NAME_PATTERN,
         description="caBundleConfigMap names a ConfigMap in the same namespace with key ca.crt.",
     )
     credentials_secret: str | None = Field(
         None,
         max_length=253,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        pattern=K8S_NAME_PATTERN,
         description="credentialsSecret names a Secret in the same namespace with the access keys; empty "
         "means the pod's own identity (IRSA, workload identity).",
     )
@@ -640,6 +683,16 @@ class TrainingRecipe(SpecModel):
     storage: StorageSettings = Field(
         default_factory=StorageSettings, description="storage configures S3-compatible access."
     )
+    evaluation: EvaluationSettings | None = Field(
+        None,
+        description="evaluation scores held-out samples before, during and after training: metrics.json, "
+        "gallery.html and the loss plot in the output, status.evaluation on the resource.",
+    )
+    tracking: TrackingSettings | None = Field(
+        None,
+        description="tracking logs parameters, losses, metrics and reports to MLflow and/or TensorBoard "
+        "event files; default: TensorBoard event files in the output.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -650,6 +703,7 @@ class TrainingRecipe(SpecModel):
                     ".output",
                 ),
                 *_method_rules(),
+                *_evaluation_rules(),
             ]
         }
     )
@@ -674,6 +728,39 @@ class TrainingRecipe(SpecModel):
     def dpo_settings(self) -> DpoSettings:
         """The DPO settings of a ``method: dpo`` recipe: ``dpo``, or the defaults when it is left out."""
         return self.dpo or DpoSettings()
+
+    @field_validator("evaluation")
+    @classmethod
+    def _evaluation_fits_the_dataset(
+        cls, evaluation: EvaluationSettings | None, info: ValidationInfo
+    ) -> EvaluationSettings | None:
+        dataset = info.data.get("dataset")  # absent when the dataset itself failed validation
+        if evaluation is None or not isinstance(dataset, DatasetSource):
+            return evaluation
+        if dataset.eval_samples:
+            raise ValueError(_EVAL_SAMPLES_SHORTHAND_MESSAGE)
+        if is_builtin(dataset.uri):
+            held_out = BUILTIN_HELD_OUT[dataset.uri]
+            if evaluation.samples is not None and evaluation.samples > held_out:
+                raise ValueError(_builtin_count_message("evaluation.samples", dataset.uri, held_out))
+            if evaluation.split not in _BUILTIN_SPLITS:
+                raise ValueError(_BUILTIN_SPLIT_MESSAGE)
+            json_metrics = [m for m in evaluation.metrics if METRICS[m].reference == "json"]
+            if json_metrics:
+                raise ValueError(_BUILTIN_JSON_MESSAGE)
+        return evaluation
+
+    def evaluation_settings(self) -> EvaluationSettings | None:
+        """What the run evaluates: ``evaluation``, or what the ``dataset.evalSamples`` shorthand stands for
+        (normalizedExactMatch on that many samples, before and after training), or None. A dpo run has no
+        evaluation stage: its ``dataset.evalSamples`` pairs are scored by preference accuracy instead."""
+        if self.method == "dpo":
+            return None
+        if self.evaluation is not None:
+            return self.evaluation
+        if self.dataset.eval_samples:
+            return EvaluationSettings(samples=self.dataset.eval_samples, metrics=["normalizedExactMatch"])
+        return None
 
     def uses_s3(self) -> bool:
         """True when any location of the recipe is in object storage."""

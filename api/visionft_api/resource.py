@@ -2,8 +2,8 @@
 
 ``VisionFineTuneSpec`` extends the trainer's ``TrainingRecipe`` with cluster concerns (GPUs, scheduling,
 retries, suspension). ``VisionFineTuneStatus`` is written by the operator (phase, conditions, attempts,
-restarts, times, outputs) and, for ``progress`` only, by the trainer pod through server-side apply with its
-own field manager.
+restarts, times, outputs) and, for ``progress`` and ``evaluation`` only, by the trainer pod through
+server-side apply with its own field manager.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Literal
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.config import JsonDict
 
-from visionft_api.recipe import SpecModel, TrainingRecipe, cel, to_camel
+from visionft_api.base import K8S_NAME_PATTERN, to_camel
+from visionft_api.recipe import SpecModel, TrainingRecipe, cel
 from visionft_api.scheduling import NodeSelector, Toleration
 
 GROUP = "visionft.io"
@@ -28,10 +29,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 # Label and annotation keys that the operator owns; everything else in metadata belongs to the user (Git).
 LABEL_PREFIX = "visionft.io/"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-# The field manager the trainer pod uses for server-side apply of status.progress.
+# The field manager the trainer pod uses for server-side apply of status.progress and status.evaluation.
 TRAINER_FIELD_MANAGER = "visionft-trainer"
-
-_K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
 
 # A quantity the pod needs more than none of (cpu, memory, a volume's size).
@@ -76,7 +75,7 @@ class ResourceSettings(SpecModel):
         default_factory=list, max_length=32, description="tolerations for the training pods."
     )
     priority_class_name: str | None = Field(
-        None, max_length=253, pattern=_K8S_NAME, description="priorityClassName for the training pods."
+        None, max_length=253, pattern=K8S_NAME_PATTERN, description="priorityClassName for the training pods."
     )
 
     model_config = ConfigDict(
@@ -162,7 +161,7 @@ class VisionFineTuneSpec(TrainingRecipe):
     queue_name: str | None = Field(
         None,
         max_length=63,
-        pattern=_K8S_NAME,
+        pattern=K8S_NAME_PATTERN,
         description="queueName is a Kueue LocalQueue; the Job then starts suspended until Kueue admits it.",
     )
     suspend: bool = Field(
@@ -246,8 +245,46 @@ class Outputs(SpecModel):
     checkpoint_uri: str | None = Field(None, description="checkpointUri is the newest complete checkpoint.")
 
 
+class MetricPoint(SpecModel):
+    """One evaluation's result in the status."""
+
+    step: int = Field(ge=0, description="step is the optimizer step evaluated (0: the base model).")
+    value: float | None = Field(None, description="value is the metric's value at that step.")
+    metric: str | None = Field(
+        None, max_length=64, description="metric names the metric of value when it is not the headline one."
+    )
+    values: dict[str, float] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="values holds every metric of that evaluation, evalLoss included.",
+    )
+
+
+class EvaluationStatus(SpecModel):
+    """Held-out evaluation results, pushed by the trainer pod (field manager visionft-trainer)."""
+
+    metric: str = Field(max_length=64, description="metric is the headline metric (evaluation.metrics[0]).")
+    higher_is_better: bool = Field(True, description="higherIsBetter is the headline metric's direction.")
+    samples: int | None = Field(None, ge=0, description="samples is how many held-out samples were scored.")
+    base: MetricPoint | None = Field(None, description="base is the base model's evaluation (step 0).")
+    latest: MetricPoint | None = Field(None, description="latest is the newest evaluation.")
+    best: MetricPoint | None = Field(
+        None,
+        description="best is the best evaluation by keepBest's metric (the headline one without keepBest).",
+    )
+    final: MetricPoint | None = Field(
+        None, description="final is the evaluation of the published output, set when training ends."
+    )
+    worse_than_base: bool | None = Field(
+        None, description="worseThanBase says whether final's headline value is worse than base's."
+    )
+    summary: str | None = Field(
+        None, max_length=128, description="summary such as cer 0.912 -> 0.052 (best 0.047 @ 60)."
+    )
+
+
 class VisionFineTuneStatus(SpecModel):
-    """Observed state, owned by the operator except progress."""
+    """Observed state, owned by the operator except progress and evaluation."""
 
     observed_generation: int | None = Field(None, description="observedGeneration of the spec.")
     phase: Phase | None = Field(None, description="phase is the coarse state of the run.")
@@ -255,6 +292,16 @@ class VisionFineTuneStatus(SpecModel):
         default_factory=list, description="conditions: Ready, Reconciling, Stalled and domain conditions."
     )
     progress: Progress | None = Field(None, description="progress is live training progress.")
+    evaluation: EvaluationStatus | None = Field(
+        None,
+        description="evaluation holds the held-out metrics of the base model, the latest, best and final.",
+    )
+    announced_best_step: int | None = Field(
+        None,
+        ge=0,
+        description="announcedBestStep is the step of the best evaluation the operator last posted a "
+        "NewBestMetric Event for.",
+    )
     outputs: Outputs | None = Field(None, description="outputs are the published results.")
     attempts: int | None = Field(
         None,
@@ -284,6 +331,8 @@ IMMUTABLE_AFTER_START = (
     "dpo",
     "output",
     "storage",
+    "evaluation",
+    "tracking",
     "resources",
     "image",
     "runPolicy.backoffLimit",

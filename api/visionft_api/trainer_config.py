@@ -33,6 +33,11 @@ class RuntimeSettings(SpecModel):
         "output folder when the recipe sets no output.",
     )
     json_progress: bool = Field(False, description="jsonProgress prints one JSON line per report.")
+    run_name: str | None = Field(
+        None,
+        max_length=253,
+        description="runName names the run in its reports and trackers: the VisionFineTune's name.",
+    )
     status_target: StatusTarget | None = Field(
         None, description="statusTarget, when set, receives progress through server-side apply."
     )

@@ -92,6 +92,7 @@ def trainer_config(owner: Owner, spec: VisionFineTuneSpec) -> TrainerConfig:
     runtime = RuntimeSettings(
         work_dir=f"{c.SCRATCH_MOUNT}/work",
         json_progress=True,
+        run_name=owner.name,
         status_target=StatusTarget(namespace=owner.namespace, name=owner.name),
     )
     return TrainerConfig.from_recipe(spec, runtime)
@@ -184,6 +185,11 @@ def _env(spec: VisionFineTuneSpec) -> list[dict[str, Any]]:
             )
     if storage.ca_bundle_config_map:
         env.append({"name": "AWS_CA_BUNDLE", "value": f"{c.CA_MOUNT}/ca.crt"})
+    mlflow = spec.tracking.mlflow if spec.tracking else None
+    if mlflow is not None and mlflow.token_secret:
+        # The tracking server's token: referenced like the S3 keys, never in the ConfigMap.
+        secret = {"secretKeyRef": {"name": mlflow.token_secret, "key": mlflow.token_key}}
+        env.append({"name": "MLFLOW_TRACKING_TOKEN", "valueFrom": secret})
     return env
 
 

@@ -41,6 +41,7 @@ ANNOTATION_ATTEMPTS = f"{LABEL_PREFIX}attempts"
 ANNOTATION_ELAPSED = f"{LABEL_PREFIX}elapsed-seconds"
 
 # Exit codes of ``visionft-train`` that no retry can fix: the Job fails at once (podFailurePolicy FailJob).
-# The CLI exits 2 on a config or data error (visionft.job.cli: EXIT_CONFIG); 1 (a crash, an
-# infrastructure failure) and signals (OOM) are retried up to backoffLimit.
-NON_RETRYABLE_EXIT_CODES = (2,)
+# The CLI exits 2 on a config or data error (visionft.job.cli: EXIT_CONFIG) and 3 when
+# evaluation.failIfWorseThanBase fails a finished run (EXIT_WORSE_THAN_BASE: training again would give the
+# same result); 1 (a crash, an infrastructure failure) and signals (OOM) are retried up to backoffLimit.
+NON_RETRYABLE_EXIT_CODES = (2, 3)

@@ -294,8 +294,12 @@ class Reconciler:
             self._waiting.get(namespace, set()).discard(name)
         shown = plan.derived.status if plan.derived is not None else outcome.body.get("status") or {}
         REGISTRY.set_phase(namespace, name, shown.get("phase"))
-        event = plan.derived.event if plan.derived is not None and plan.write_status else None
-        if event:
+        events = (
+            (plan.derived.event, plan.derived.evaluation_event) if plan.derived and plan.write_status else ()
+        )
+        for event in events:
+            if event is None:
+                continue
             kind, reason, message = event
             try:
                 await asyncio.to_thread(kube.post_event, outcome.body, kind, reason, message)

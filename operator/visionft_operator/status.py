@@ -19,7 +19,7 @@ from typing import Any, Literal
 from visionft_api import conditions as cond
 from visionft_api.resource import FINAL_PHASES
 
-from visionft_operator import diagnosis, jobs
+from visionft_operator import diagnosis, evaluation, jobs
 from visionft_operator.constants import ANNOTATION_ATTEMPTS
 from visionft_operator.policy import PolicyDecision
 
@@ -61,6 +61,8 @@ class Derived:
     status: dict[str, Any]
     event: tuple[str, str, str] | None = None  # (type Normal|Warning, reason, message)
     remove_progress: Literal["all"] | tuple[str, ...] = ()
+    # A new best evaluation (status.evaluation.best at a step not announced yet), posted besides ``event``.
+    evaluation_event: tuple[str, str, str] | None = None
 
 
 @dataclass
@@ -245,6 +247,12 @@ def _state(obs: Observation, progress: dict[str, Any]) -> _State:
         return _State(phase, message, reason, stalled=phase == "Failed", admitted=admitted)
     job = obs.job
     if job is not None:
+        worse = evaluation.fails_run(obs.spec, obs.status)
+        if worse is not None and (jobs.condition(job, "Complete") or jobs.failure(job)):
+            message = (
+                f"{worse.message} and spec.evaluation.failIfWorseThanBase is set; the outputs are published"
+            )
+            return _State("Failed", message, cond.REASON_WORSE_THAN_BASE, stalled=True)
         if jobs.condition(job, "Complete") or jobs.condition(job, "SuccessCriteriaMet"):
             done = "training finished and the outputs are published"
             if not obs.spec.get("output"):
@@ -385,6 +393,9 @@ def derive(obs: Observation, now: str) -> Derived:
         put(cond.STALLED, "True" if st.stalled else "False", st.reason, st.message if st.stalled else "")
         put(cond.COMPLETE, "False", cond.REASON_IN_PROGRESS, "")
         put(cond.FAILED, "False", cond.REASON_IN_PROGRESS, "")
+    degraded = evaluation.degraded_condition(old)
+    if degraded is not None:
+        put(cond.DEGRADED, *degraded)
     if st.admitted:
         admitted_msg = (
             st.message if st.admitted[0] == "False" else "policy, quota and queue let the run start"
@@ -408,7 +419,8 @@ def derive(obs: Observation, now: str) -> Derived:
             status["startTime"] = job_start
     if final and not old.get("completionTime"):
         status["completionTime"] = ((job or {}).get("status") or {}).get("completionTime") or now
-    if st.phase == "Succeeded" and outputs(obs.spec):
+    published = st.phase == "Succeeded" or st.reason == cond.REASON_WORSE_THAN_BASE
+    if published and outputs(obs.spec):
         status["outputs"] = outputs(obs.spec)
     if obs.restarts:
         status["restarts"] = obs.restarts
@@ -426,7 +438,12 @@ def derive(obs: Observation, now: str) -> Derived:
         event = (kind, st.reason if kind == "Warning" else st.phase, st.message)
     if obs.group and status["message"] != old.get("message"):
         event = ("Warning", st.reason, st.message)  # each group restart, also one within the same phase
-    return Derived(status=status, event=event, remove_progress=remove)
+    best = evaluation.new_best(old)
+    best_event = None
+    if best is not None:
+        status["announcedBestStep"] = best[0]
+        best_event = ("Normal", cond.REASON_NEW_BEST_METRIC, best[1])
+    return Derived(status=status, event=event, remove_progress=remove, evaluation_event=best_event)
 
 
 def changed(old: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -168,8 +168,70 @@ MALFORMED: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("dpo-same-answer-columns", dpo_spec(**{"dataset.columns.rejected": "chosen"}), "spec.dataset.columns"),
     ("dpo-with-packing", dpo_spec(**{"training.packing": True}), "spec.training.packing"),
+    ("dpo-with-evaluation", dpo_spec(evaluation={"metrics": ["cer"]}), "spec.evaluation"),
     ("dpo-settings-with-sft", spec(**{"dpo.beta": 0.5}), "spec.dpo"),
     ("sft-with-rejected-column", spec(**{"dataset.columns.rejected": "rejected"}), "spec.dataset.columns"),
+    # Evaluation: an unknown metric, a count larger than a generated dataset's held-out split, metrics that
+    # need references its answers lack, and settings that contradict each other.
+    ("evaluation-unknown-metric", spec(evaluation={"metrics": ["accuracy"]}), "spec.evaluation.metrics"),
+    ("evaluation-no-metric", spec(evaluation={"metrics": []}), "spec.evaluation.metrics"),
+    ("evaluation-metric-twice", spec(evaluation={"metrics": ["cer", "cer"]}), "spec.evaluation.metrics"),
+    (
+        "evaluation-samples-more-than-builtin",
+        spec(**{"dataset.uri": "builtin://shapes", "evaluation": {"samples": 101}}),
+        "spec.evaluation",
+    ),
+    (
+        "dataset-eval-samples-more-than-builtin",
+        spec(**{"dataset.uri": "builtin://shape-captions", "dataset.evalSamples": 500}),
+        "spec.dataset.evalSamples",
+    ),
+    (
+        "evaluation-json-references-on-builtin",
+        spec(**{"dataset.uri": "builtin://shapes", "evaluation": {"metrics": ["jsonFieldMatch"]}}),
+        "spec.evaluation",
+    ),
+    (
+        "evaluation-split-missing-from-builtin",
+        spec(**{"dataset.uri": "builtin://shapes", "evaluation": {"split": "validation"}}),
+        "spec.evaluation",
+    ),
+    ("evaluation-samples-zero", spec(evaluation={"samples": 0}), "spec.evaluation.samples"),
+    (
+        "evaluation-and-eval-samples",
+        spec(**{"dataset.evalSamples": 10, "evaluation": {"metrics": ["cer"]}}),
+        "spec",
+    ),
+    (
+        "evaluation-keep-best-without-interval",
+        spec(evaluation={"metrics": ["cer"], "keepBest": {}}),
+        "spec.evaluation",
+    ),
+    (
+        "evaluation-keep-best-metric-not-computed",
+        spec(evaluation={"metrics": ["cer"], "everySteps": 10, "keepBest": {"metric": "bleu"}}),
+        "spec.evaluation",
+    ),
+    (
+        "evaluation-keep-best-metric-unknown",
+        spec(evaluation={"metrics": ["cer"], "everySteps": 10, "keepBest": {"metric": "accuracy"}}),
+        "spec.evaluation.keepBest.metric",
+    ),
+    (
+        "evaluation-max-new-tokens-zero",
+        spec(evaluation={"generation": {"maxNewTokens": 0}}),
+        "spec.evaluation.generation.maxNewTokens",
+    ),
+    (
+        "tracking-mlflow-uri-scheme",
+        spec(tracking={"mlflow": {"uri": "mlflow.svc:5000"}}),
+        "spec.tracking.mlflow.uri",
+    ),
+    (
+        "tracking-token-secret-name",
+        spec(tracking={"mlflow": {"uri": "http://mlflow:5000", "tokenSecret": "team-b/token"}}),
+        "spec.tracking.mlflow.tokenSecret",
+    ),
 ]
 
 # (id, spec.resources fields, whether the core API accepts them in a pod). Each must be accepted by the

@@ -16,12 +16,15 @@ def test_crd_has_printer_columns_status_and_short_name() -> None:
     doc = crd.build_crd()
     version = doc["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]][:6] == [
+    assert [c["name"] for c in version["additionalPrinterColumns"]][:7] == [
         "Phase",
         "Reason",
         "Progress",
         "Loss",
         "ETA",
+        "Eval",
         "Age",
     ]
+    # Eval is the trainer's one-line summary of the headline metric (status.evaluation.summary).
+    assert version["additionalPrinterColumns"][5]["jsonPath"] == ".status.evaluation.summary"
     assert doc["spec"]["names"]["shortNames"] == ["vft"]

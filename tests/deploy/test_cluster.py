@@ -235,14 +235,15 @@ def test_examples_apply_and_are_accepted_by_the_crd(kubectl: Kubectl) -> None:
     # What the apiserver stored is what the files say (nothing pruned), with its defaults filled in.
     stored = yaml.safe_load(kubectl("get", "vft", "quickstart", "-n", namespace, "-o", "yaml").stdout)
     assert stored["spec"]["model"]["uri"] == "builtin://tiny-qwen2-vl"
-    assert stored["spec"]["dataset"]["evalSamples"] == 100
+    assert stored["spec"]["evaluation"]["samples"] == 100
+    assert stored["spec"]["evaluation"]["split"] == "auto"  # a default the apiserver filled in
     assert stored["spec"]["resources"]["gpusPerNode"] == 0 and "output" not in stored["spec"]
     # The placeholder Secrets live in a subfolder that `kubectl apply -f examples/` does not read...
     secrets = kubectl("get", "secrets", "-n", namespace, "-o", "name").stdout.split()
-    assert not [s for s in secrets if s.endswith("-s3")], secrets
+    assert not [s for s in secrets if s.endswith(("-s3", "-token"))], secrets
     # ...and are valid Secrets when applied on purpose.
     placed = kubectl("apply", "--validate=strict", "-n", namespace, "-f", str(EXAMPLES / "secrets"))
-    assert placed.stdout.count("secret/") == 2, placed.stdout
+    assert placed.stdout.count("secret/") == 3, placed.stdout
 
 
 _SERVICE_MONITOR_CRD = """

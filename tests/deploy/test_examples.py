@@ -21,7 +21,11 @@ EXAMPLES = REPO / "examples"
 SECRETS = EXAMPLES / "secrets"
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 BUILTIN_EXAMPLES = ("quickstart", "preference-quickstart")  # generated model and data: no bucket
-S3_EXAMPLE_FILES = [path for path in EXAMPLE_FILES if path.stem not in BUILTIN_EXAMPLES]
+S3_EXAMPLE_FILES = [
+    path
+    for path in EXAMPLE_FILES
+    if VisionFineTuneSpec.model_validate(yaml.safe_load(path.read_text())["spec"]).uses_s3()
+]
 
 
 def documents(path: Path) -> list[dict]:
@@ -38,6 +42,8 @@ def test_the_promised_examples_exist() -> None:
         "multi-gpu",
         "kueue-queue",
         "suspended",
+        "shape-captions",
+        "receipt-fields",
     } <= names
 
 
@@ -84,9 +90,42 @@ def test_the_quickstarts_need_no_bucket_secret_or_gpu(name: str) -> None:
     assert is_builtin(spec.model.uri) and is_builtin(spec.dataset.uri)
     assert spec.output is None and not spec.uses_s3() and spec.storage.credentials_secret is None
     assert spec.resources.gpus_per_node == 0 and not spec.model.load_in_4bit  # 4-bit needs a GPU
-    assert spec.dataset.eval_samples > 0  # it shows accuracy before and after
-    if name == "preference-quickstart":
+    if name == "preference-quickstart":  # scored by preference accuracy before and after
         assert spec.method == "dpo" and spec.dataset.uri == "builtin://shapes-preference"
+        assert spec.dataset.eval_samples > 0
+    else:
+        assert (
+            spec.evaluation is not None and spec.evaluation.samples == 100
+        )  # scored before, during and after
+
+
+def test_the_harder_generated_task_keeps_and_publishes_its_best_checkpoint() -> None:
+    (doc,) = documents(EXAMPLES / "shape-captions.yaml")
+    spec = VisionFineTuneSpec.model_validate(doc["spec"])
+    assert spec.dataset.uri == "builtin://shape-captions" and not spec.uses_s3()
+    assert spec.evaluation is not None and spec.evaluation.headline == "cer"
+    assert spec.evaluation.keep_best is not None and spec.evaluation.keep_best.use_for_output
+
+
+def test_each_kind_of_task_is_scored_by_its_metrics() -> None:
+    headline = {}
+    for path in EXAMPLE_FILES:
+        spec = VisionFineTuneSpec.model_validate(documents(path)[0]["spec"])
+        if spec.evaluation is not None:
+            headline[path.stem] = spec.evaluation.metrics
+    assert headline["quickstart"][0] == "exactMatch"  # a colour name
+    assert headline["latex-ocr"][0] == "cer"  # transcription
+    assert headline["radiology-captioning"][:2] == ["rougeL", "bleu"]  # captioning
+    assert headline["receipt-fields"][:2] == ["jsonFieldMatch", "jsonValidity"]  # structured answers
+
+
+def test_the_tracking_token_is_documented_with_a_placeholder() -> None:
+    (doc,) = documents(EXAMPLES / "latex-ocr.yaml")
+    mlflow = VisionFineTuneSpec.model_validate(doc["spec"]).tracking.mlflow  # type: ignore[union-attr]
+    assert mlflow is not None and mlflow.token_secret == "mlflow-token"
+    assert "kubectl create secret generic mlflow-token" in (EXAMPLES / "latex-ocr.yaml").read_text()
+    (secret,) = documents(SECRETS / "mlflow-token.yaml")
+    assert secret["stringData"] == {"MLFLOW_TRACKING_TOKEN": "REPLACE-ME-mlflow-token"}
 
 
 def test_example_folder_holds_only_resources() -> None:
@@ -97,7 +136,11 @@ def test_example_folder_holds_only_resources() -> None:
             for doc in documents(path):
                 assert {"apiVersion", "kind", "metadata"} <= set(doc), path.name
                 assert doc["kind"] == KIND, f"{path.name}: only VisionFineTunes belong in examples/"
-    assert sorted(p.name for p in SECRETS.iterdir()) == ["latex-ocr-s3.yaml", "radiology-s3.yaml"]
+    assert sorted(p.name for p in SECRETS.iterdir()) == [
+        "latex-ocr-s3.yaml",
+        "mlflow-token.yaml",
+        "radiology-s3.yaml",
+    ]
     # Flux reads a Kustomization's folder recursively: examples/.sourceignore keeps secrets/ out of it.
     ignored = (EXAMPLES / ".sourceignore").read_text().split("\n")
     assert "secrets/" in ignored

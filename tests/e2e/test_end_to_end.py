@@ -373,6 +373,13 @@ def publish_inputs(s3: SeaweedS3, bucket: str, folders: dict[str, Path]) -> None
             client.upload_file(str(path), bucket, prefix + path.relative_to(folder).as_posix())
 
 
+def _source_path() -> dict[str, str]:
+    """The test session's PYTHONPATH, when it has one: the sources under test (a second checkout whose
+    venv's editable install points at another one) are the ones the operator and the trainer run."""
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": path} if path else {}
+
+
 class Operator:
     """The real `visionft-operator` process, logging to a file."""
 
@@ -391,6 +398,7 @@ class Operator:
             # kwok ends a running pod after 1 s unless annotated: hold it Running until the test, as the
             # kubelet, reports the local process's exit.
             "VISIONFT_POD_ANNOTATIONS": json.dumps({"visionft.io/kwok-duration": "1h"}),
+            **_source_path(),
         }
         self.log = log
         self._out = log.open("wb")
@@ -449,6 +457,12 @@ def vft_spec(bucket: str, endpoint: str) -> dict[str, Any]:
             "keepCheckpoints": 1,
             "loggingSteps": 1,
             "optimizations": False,
+        },
+        "evaluation": {
+            "samples": 4,
+            "metrics": ["exactMatch", "cer"],
+            "everySteps": MAX_STEPS // 2,
+            "generation": {"maxNewTokens": 4},
         },
         "output": {"uri": f"s3://{bucket}/outputs/{NAME}/", "saveMethod": "lora"},
         "storage": {"endpoint": endpoint, "addressingStyle": "path", "credentialsSecret": SECRET_NAME},
@@ -595,6 +609,7 @@ def test_trainer_runs_as_the_pod_and_no_credential_leaks(
         # The projected token and CA, through a kubeconfig (see LocalPodRoot.in_cluster_kubeconfig).
         env["KUBECONFIG"] = str(fs.in_cluster_kubeconfig(plane.server))
         env.setdefault("PATH", f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin")  # the image's PATH
+        env.update(_source_path())
         argv = [fs.map_path(part) for part in [*container.get("command", []), *container.get("args", [])]]
         executable = shutil.which(argv[0], path=env["PATH"])
         assert executable, f"{argv[0]} is not on the image's PATH stand-in {env['PATH']}"
@@ -685,6 +700,26 @@ def test_trainer_runs_as_the_pod_and_no_credential_leaks(
     trainer_fields = managers.get((TRAINER_FIELD_MANAGER, "Apply", "status"))
     assert trainer_fields and "f:progress" in trainer_fields["fieldsV1"]["f:status"], list(managers)
 
+    # --- the evaluation: in the status (the trainer's field manager), the EVAL column, the operator's Event
+    # for the best step and its Degraded condition ------------------------------------------------------------
+    evaluation = status["evaluation"]
+    assert evaluation["metric"] == "exactMatch" and evaluation["samples"] == 4, evaluation
+    assert evaluation["base"]["step"] == 0 and evaluation["final"]["step"] == MAX_STEPS, evaluation
+    assert "f:evaluation" in trainer_fields["fieldsV1"]["f:status"]
+    assert table[-1]["EVAL"] == evaluation["summary"] and table[-1]["EVAL"].startswith("exactMatch "), table
+    best = evaluation["best"]["step"]
+    assert status["announcedBestStep"] == best
+    events = kjson(plane, "get", "events", "-n", tenant)["items"]
+    announced = [
+        e
+        for e in events
+        if e["reason"] == "NewBestMetric" and e["involvedObject"]["kind"] == "VisionFineTune"
+    ]
+    assert any(f"at step {best}" in e["message"] for e in announced), [e["message"] for e in announced]
+    degraded = {c["type"]: c for c in status["conditions"]}["Degraded"]
+    assert degraded["reason"] in {"WorseThanBase", "NotWorseThanBase"}, degraded
+    assert (degraded["status"] == "True") == evaluation["worseThanBase"], (degraded, evaluation)
+
     # --- the published outputs: a complete manifest, the adapter files listed and present ---------------
     client = s3.client()
     prefix = f"outputs/{NAME}/"
@@ -693,9 +728,9 @@ def test_trainer_runs_as_the_pod_and_no_credential_leaks(
     assert manifest["file_count"] == len(listed) and manifest["total_bytes"] == sum(
         f["size"] for f in listed.values()
     )
-    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "run.json"} <= set(listed), (
-        listed
-    )
+    expected = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "run.json"}
+    expected |= {"metrics.json", "gallery.html", "loss.png"}
+    assert expected <= set(listed), listed
     downloaded: dict[str, bytes] = {}
     for key in s3.list_keys(bucket, prefix):
         downloaded[key] = client.get_object(Bucket=bucket, Key=key)["Body"].read()

@@ -182,6 +182,32 @@ def test_job_credentials_come_from_the_users_secret() -> None:
     assert "AWS_ACCESS_KEY_ID" not in env2
 
 
+def test_the_tracking_token_comes_from_the_users_secret_and_never_enters_the_config() -> None:
+    tracked = _spec(
+        tracking={"mlflow": {"uri": "http://mlflow.mlflow.svc:5000", "tokenSecret": "mlflow-token"}}
+    )
+    container = children.job(OWNER, tracked, children.PodDefaults())["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_TRACKING_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "mlflow-token", "key": "MLFLOW_TRACKING_TOKEN"}
+    }
+    raw = json.loads(children.config_map(OWNER, tracked)["data"]["config.json"])
+    assert raw["tracking"]["mlflow"] == {
+        "uri": "http://mlflow.mlflow.svc:5000",
+        "experiment": "visionft",
+        "tokenSecret": "mlflow-token",
+        "tokenKey": "MLFLOW_TRACKING_TOKEN",
+        "logAdapter": True,
+    }
+    assert raw["runtime"]["runName"] == "latex-ocr"
+    untracked = children.job(OWNER, _spec(), children.PodDefaults())["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert "MLFLOW_TRACKING_TOKEN" not in {e["name"] for e in untracked["env"]}
+
+
 def test_job_retries_ignore_disruptions_and_fail_fast_on_config_errors() -> None:
     job = children.job(
         OWNER,
@@ -286,7 +312,7 @@ def test_the_quickstart_renders_a_cpu_pod_with_a_generated_model_and_no_output()
     assert not any(e["name"].startswith("AWS_") for e in container["env"])  # no bucket, no Secret
     config = TrainerConfig.model_validate(json.loads(objs[3]["data"]["config.json"]))
     assert (config.model.uri, config.dataset.uri) == ("builtin://tiny-qwen2-vl", "builtin://shapes")
-    assert config.output is None and config.dataset.eval_samples == 100
+    assert config.output is None and config.evaluation is not None and config.evaluation.samples == 100
     assert config.runtime.work_dir.startswith("/scratch")  # the results stay on the scratch volume
 
 

@@ -93,7 +93,7 @@ def test_a_multi_node_job_fails_on_any_pod_failure_and_carries_its_restart_count
     rules = js["podFailurePolicy"]["rules"]
     assert [r["action"] for r in rules] == ["FailJob", "FailJob", "FailJob"]
     assert rules[0]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
-    assert rules[1]["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [2]}
+    assert rules[1]["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [2, 3]}
     assert rules[2]["onExitCodes"] == {"containerName": "trainer", "operator": "NotIn", "values": [0]}
 
 

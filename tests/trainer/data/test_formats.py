@@ -122,6 +122,8 @@ def test_to_messages_from_seed_columns_and_fallback_instruction():
         {"messages": "conv", "images": "imgs"},
     )
     assert passthrough == {"messages": [{"role": "user", "content": "x"}], "images": ["c.png"]}
+    structured = to_messages({"image": "a.png", "instruction": "q", "response": {"total": "12.50", "n": [1]}})
+    assert structured["messages"][1]["content"][0]["text"] == '{"total": "12.50", "n": [1]}'
     with pytest.raises(BadSampleError, match="no instruction"):
         to_messages({"image": "a.png", "response": "red"})
     with pytest.raises(BadSampleError, match="'response' is missing"):

@@ -61,7 +61,9 @@ def test_train_end_to_end_then_resume(tmp_path, tiny_dir, capsys, monkeypatch):
         assert record["totalSteps"] == 20 and record["lr"] > 0 and record["etaSeconds"] >= 0
         assert record["tokensPerSecond"] > 0
     assert lines[-1]["loss"] < 0.5 * lines[0]["loss"]  # the loss falls
-    assert "held-out accuracy before training" in out and "held-out accuracy after training" in out
+    # dataset.evalSamples: the shorthand for an evaluation by normalizedExactMatch before and after.
+    assert "evaluation of the base model on 4 held-out samples: normalizedExactMatch" in out
+    assert "evaluation of the output, the last step (20): normalizedExactMatch" in out
     assert SECRET not in out
 
     result = tmp_path / "out"
@@ -228,7 +230,7 @@ def test_a_manifest_with_generated_sources_runs_here_and_each_run_starts_over(tm
     for _ in range(2):
         assert main([str(path)]) == 0
         captured = capsys.readouterr()
-        assert "held-out accuracy before training" in captured.out
+        assert "evaluation of the base model on 4 held-out samples" in captured.out
         assert "resuming from" not in captured.out  # no output: every run trains from the first step
         summary = json.loads((output / "run.json").read_text())
         assert summary["steps"] == 4 and summary["eval_samples"] == 4

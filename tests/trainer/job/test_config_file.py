@@ -43,7 +43,9 @@ def test_the_quickstart_manifest_becomes_the_operators_trainer_config(tmp_path, 
     spec = VisionFineTuneSpec.model_validate(yaml.safe_load(QUICKSTART.read_text())["spec"])
     rendered = children.trainer_config(children.Owner("ns", "quickstart", "uid"), spec)
     assert config.model_dump(exclude={"runtime"}) == rendered.model_dump(exclude={"runtime"})
-    assert config.dataset.eval_samples == 100 and config.output is None
+    assert rendered.runtime.run_name == "quickstart"
+    assert config.evaluation is not None and config.evaluation.samples == 100 and config.output is None
+    assert config.runtime.run_name == "quickstart"  # names the gallery and the tracked run
     (note,) = loaded.notes
     assert note.endswith("cluster-only fields are ignored: resources, runPolicy"), note
 

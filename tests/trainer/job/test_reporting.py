@@ -1,6 +1,6 @@
-"""Progress reporting: the status write is a server-side apply of status.progress only, under the
-visionft-trainer field manager (on the real control plane); an unreachable apiserver never stops
-training; writes are throttled; the loss-curve PNG."""
+"""Progress reporting: the status write is a server-side apply of status.progress (and status.evaluation,
+kept in every later write) only, under the visionft-trainer field manager (on the real control plane); an
+unreachable apiserver never stops training; writes are throttled; the loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from visionft.job.plotting import save_loss_curve
+from visionft.job.plotting import draw, save_loss_curve
 from visionft.job.reporting import ProgressCallback, StatusReporter, format_eta
 from visionft_api.resource import API_VERSION, GROUP, KIND, PLURAL, TRAINER_FIELD_MANAGER, VERSION
 
@@ -106,8 +106,33 @@ def test_loss_curve_png(tmp_path):
     assert save_loss_curve([{"train_runtime": 1.0}], tmp_path / "none.png") is None
 
 
-@pytest.mark.cluster
-def test_status_progress_is_applied_with_the_trainer_field_manager(kube_client, kubeconfig, namespace):
+def test_the_loss_plot_draws_training_and_eval_loss_and_the_metric_over_steps():
+    import matplotlib.pyplot as plt
+
+    # A log history as the evaluation stage leaves it: losses every 2 steps, evaluations at 4 and 8.
+    history = [{"step": s, "loss": 4.0 / s} for s in range(2, 9, 2)]
+    history += [
+        {"step": 4, "eval_loss": 1.5, "eval_cer": 0.6},
+        {"step": 8, "eval_loss": 1.0, "eval_cer": 0.3},
+    ]
+    fig = draw(history, metric="cer", base=0.9)
+    try:
+        losses, metric = fig.axes
+        lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in losses.lines}
+        assert lines["train"] == ([2, 4, 6, 8], [2.0, 1.0, 4.0 / 6, 0.5])
+        assert lines["eval"] == ([4, 8], [1.5, 1.0])
+        (cer,) = metric.lines
+        assert (list(cer.get_xdata()), list(cer.get_ydata())) == ([0, 4, 8], [0.9, 0.6, 0.3])
+        assert metric.get_ylabel() == "cer"
+    finally:
+        plt.close(fig)
+    alone = draw(history)  # without evaluation: the loss panel only
+    assert len(alone.axes) == 1
+    plt.close(alone)
+
+
+def _resource(kube_client, namespace: str, prefix: str, **spec):
+    """Installs the CRD, creates a VisionFineTune and returns ``(CustomObjectsApi, name)``."""
     from kubernetes import client, dynamic
 
     crd = yaml.safe_load((REPO / "crds" / "visionft.io_visionfinetunes.yaml").read_text())
@@ -115,8 +140,7 @@ def test_status_progress_is_applied_with_the_trainer_field_manager(kube_client, 
     crds = dyn.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
     crds.server_side_apply(body=crd, field_manager="test", force_conflicts=True)
     _wait_established(kube_client, crd["metadata"]["name"])
-
-    name = f"job-{uuid.uuid4().hex[:6]}"
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
     body = {
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -125,10 +149,17 @@ def test_status_progress_is_applied_with_the_trainer_field_manager(kube_client, 
             "model": {"uri": "s3://models/tiny/"},
             "dataset": {"uri": "s3://data/shapes/"},
             "output": {"uri": "s3://out/shapes/"},
+            **spec,
         },
     }
     api = client.CustomObjectsApi(kube_client)
     api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    return api, name
+
+
+@pytest.mark.cluster
+def test_status_progress_is_applied_with_the_trainer_field_manager(kube_client, kubeconfig, namespace):
+    api, name = _resource(kube_client, namespace, "job")
 
     reporter = StatusReporter(namespace, name, api=api)
     assert reporter.report({"step": 3, "totalSteps": 30, "percent": 10, "loss": 1.25, "stage": "Training"})
@@ -147,6 +178,42 @@ def test_status_progress_is_applied_with_the_trainer_field_manager(kube_client, 
     assert not reporter.report({"step": 5, "totalSteps": 30})
     progress = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)["status"]["progress"]
     assert progress["step"] == 4 and "loss" not in progress
+
+
+@pytest.mark.cluster
+def test_status_evaluation_is_kept_by_later_progress_writes(kube_client, kubeconfig, namespace):
+    api, name = _resource(kube_client, namespace, "eval", evaluation={"metrics": ["cer"], "everySteps": 10})
+    evaluation = {
+        "metric": "cer",
+        "higherIsBetter": False,
+        "samples": 24,
+        "base": {"step": 0, "value": 0.91, "values": {"cer": 0.91, "evalLoss": 6.2}},
+        "latest": {"step": 10, "value": 0.4, "values": {"cer": 0.4, "evalLoss": 1.1}},
+        "best": {"step": 10, "value": 0.4, "metric": "cer", "values": {"cer": 0.4}},
+        "summary": "cer 0.910 -> 0.400 (best 0.400 @ 10)",
+    }
+    callback = ProgressCallback(reporter=StatusReporter(namespace, name, min_interval_s=0, api=api))
+    callback.evaluation(evaluation, "Training")
+    # A later progress write does not carry the evaluation in its arguments: it must not drop it.
+    assert callback.reporter is not None
+    assert callback.reporter.report({"step": 11, "totalSteps": 30, "stage": "Training"}, force=True)
+    obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    assert obj["status"]["evaluation"] == evaluation
+    assert obj["status"]["progress"]["step"] == 11
+    mine = [m for m in obj["metadata"]["managedFields"] if m["manager"] == TRAINER_FIELD_MANAGER]
+    assert set(mine[0]["fieldsV1"]["f:status"]) == {"f:progress", "f:evaluation"}
+    # The printer column shows the headline metric.
+    response = kube_client.call_api(
+        f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}",
+        "GET",
+        header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
+        auth_settings=["BearerToken"],
+        _return_http_data_only=True,
+        _preload_content=False,
+    )
+    table = json.loads(response.data)
+    columns = [c["name"] for c in table["columnDefinitions"]]
+    assert table["rows"][0]["cells"][columns.index("Eval")] == "cer 0.910 -> 0.400 (best 0.400 @ 10)"
 
 
 def _wait_established(kube_client, name: str, timeout: float = 30.0) -> None:

@@ -16,6 +16,7 @@ through ``visionft.data.images`` with its size limits and path rules when a batc
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -175,9 +176,18 @@ def to_messages(sample: dict, columns: Any = None, instruction: str | None = Non
     return {
         "messages": [
             {"role": "user", "content": user},
-            {"role": "assistant", "content": [{"type": "text", "text": str(response)}]},
+            {"role": "assistant", "content": [{"type": "text", "text": _answer_text(response)}]},
         ]
     }
+
+
+def _answer_text(response: Any) -> str:
+    """The assistant's text for a response value: a JSON object or list (a structured answer in JSONL or a
+    parquet struct) as JSON, so that the model learns, and the JSON metrics read, JSON and not Python's
+    repr of it."""
+    if isinstance(response, dict | list):
+        return json.dumps(response, ensure_ascii=False)
+    return str(response)
 
 
 def _columns(columns: Any) -> dict[str, str | None]:

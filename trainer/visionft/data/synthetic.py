@@ -1,4 +1,5 @@
-"""A synthetic image task, generated offline: one coloured shape on a canvas; name its colour (or shape).
+"""A synthetic image task, generated offline: one coloured shape on a canvas; name its colour, its shape,
+or both (a two-word caption).
 
 Each image has one filled shape (circle, square or triangle) of random size and position, in one of four
 colours, on a grey background with a little noise, so that the answer depends on the image and not on a
@@ -9,7 +10,10 @@ read directly.
 
 The quickstart asks for the colour: four classes, so chance is 25%. Its preference form
 (``make_shapes_preference_dataset``) pairs each image's colour (``chosen``) with a wrong one
-(``rejected``): a model that does not look at the image prefers the right answer half of the time.
+(``rejected``): a model that does not look at the image prefers the right answer half of the time. The
+caption task (``"caption"``, answers such as ``red triangle``) is harder: the colour is read off almost at
+once, the shape (circle, square or triangle, of random size and place) takes a tiny model far longer, so
+partial-credit metrics such as the character error rate show it learning step by step.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ SHAPES = ("circle", "square", "triangle")
 QUESTIONS = {
     "colour": "What colour is the shape? Answer with one word.",
     "shape": "What shape is this? Answer with one word.",
+    "caption": "Describe the shape in two words: its colour, then its shape.",
 }
 
 
@@ -74,19 +79,21 @@ def make_shapes_dataset(
     train_size: int = 400,
     test_size: int = 100,
     image_size: int = 56,
-    task: Literal["colour", "shape"] = "colour",
+    task: Literal["colour", "shape", "caption"] = "colour",
     seed: int = 0,
 ) -> Path:
     """Writes the shapes task as an imagefolder with ``train`` and ``test`` splits.
 
-    Classes are balanced within each split (round-robin over the answers, in shuffled order).
+    Classes are balanced within each split (round-robin over the answers, in shuffled order; for captions,
+    over the 12 colour and shape pairs).
 
     Args:
         out_dir (str | Path): the folder to create (files inside it are overwritten).
         train_size (int): training samples. Default: 400.
         test_size (int): held-out samples. Default: 100.
         image_size (int): canvas side in pixels. Default: 56 (a multiple of Qwen2-VL's 28).
-        task ("colour" | "shape"): what the answer names. Default: "colour".
+        task ("colour" | "shape" | "caption"): what the answer names: the colour, the shape, or both
+            (``"<colour> <shape>"``). Default: "colour".
         seed (int): makes the dataset reproducible. Default: 0.
 
     Returns:
@@ -101,15 +108,18 @@ def make_shapes_dataset(
         folder.mkdir(parents=True, exist_ok=True)
         rows = []
         for i in range(count):
-            colour = list(COLOURS)[i % len(COLOURS)] if task == "colour" else rng.choice(list(COLOURS))
-            shape = SHAPES[i % len(SHAPES)] if task == "shape" else rng.choice(SHAPES)
+            if task == "caption":
+                colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[(i // len(COLOURS)) % len(SHAPES)]
+            else:
+                colour = list(COLOURS)[i % len(COLOURS)] if task == "colour" else rng.choice(list(COLOURS))
+                shape = SHAPES[i % len(SHAPES)] if task == "shape" else rng.choice(SHAPES)
             name = f"{i:05d}.png"
             draw_shape(colour, shape, image_size, rng).save(folder / name)
             rows.append(
                 {
                     "file_name": name,
                     "instruction": QUESTIONS[task],
-                    "response": colour if task == "colour" else shape,
+                    "response": {"colour": colour, "shape": shape, "caption": f"{colour} {shape}"}[task],
                     "colour": colour,
                     "shape": shape,
                 }

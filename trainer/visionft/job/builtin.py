@@ -42,12 +42,20 @@ def _shapes_preference(folder: Path) -> None:
     make_shapes_preference_dataset(folder, train_size=400, test_size=100, image_size=56, seed=0)
 
 
+def _shape_captions(folder: Path) -> None:
+    # The harder task: colour and shape in two words, scored by the character error rate; 600 training
+    # images, since the shape takes the tiny model many more steps than the colour.
+    make_shapes_dataset(folder, train_size=600, test_size=100, image_size=56, task="caption", seed=1)
+
+
 #: Each builtin URI and the function that writes it into a folder; the keys are the schema's
-#: ``BUILTIN_MODELS`` and ``BUILTIN_DATASETS`` (tests/trainer/job/test_builtin.py checks it).
+#: ``BUILTIN_MODELS`` and ``BUILTIN_DATASETS``, and each dataset's test split holds the schema's
+#: ``BUILTIN_HELD_OUT`` samples (tests/trainer/job/test_builtin.py checks both).
 GENERATORS: dict[str, Callable[[Path], None]] = {
     "builtin://tiny-qwen2-vl": _tiny_qwen2_vl,
     "builtin://shapes": _shapes,
     "builtin://shapes-preference": _shapes_preference,
+    "builtin://shape-captions": _shape_captions,
 }
 
 

@@ -7,7 +7,9 @@
 ``visionft.job.config_file`` says how each kind of file is read (a manifest's cluster-only fields are ignored).
 
 Exit codes: 0 success; 2 a config or data error (one line on stderr says what and how to fix it);
-1 anything else (with its traceback, since that is a bug or an infrastructure failure). The config is
+3 the run finished and published its outputs, but ``evaluation.failIfWorseThanBase`` fails it (its
+headline metric is worse than the base model's; one line says by how much); 1 anything else (with its
+traceback, since that is a bug or an infrastructure failure). The config is
 never printed: it may name endpoints, and credentials arrive only as environment variables, which are
 never logged either.
 """
@@ -19,7 +21,7 @@ import logging
 import os
 import sys
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_WORSE_THAN_BASE = 0, 1, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,10 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     config = loaded.config
 
     from visionft.data.errors import BadSampleError
-    from visionft.job.run import ConfigError, train
+    from visionft.job.run import ConfigError, WorseThanBaseError, train
 
     try:
         train(config)
+    except WorseThanBaseError as err:
+        return _fail(str(err), EXIT_WORSE_THAN_BASE)
     except (ConfigError, BadSampleError, FileNotFoundError) as err:
         return _fail(str(err))
     except ValueError as err:
@@ -82,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = EXIT_CONFIG) -> int:
     first = " ".join(message.split())
     print(f"visionft-train: error: {first}", file=sys.stderr)
-    return EXIT_CONFIG
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -123,7 +123,7 @@ def _from_manifest(
         raise ConfigFileError(f"invalid {where}: {_fields(err, prefix='spec')}") from None
 
     folder = Path(work_dir) if work_dir is not None else Path("runs") / name
-    runtime = RuntimeSettings(work_dir=str(folder.resolve()))
+    runtime = RuntimeSettings(work_dir=str(folder.resolve()), run_name=name)
     notes = []
     recipe_fields = {f.alias or n for n, f in TrainingRecipe.model_fields.items()}
     ignored = [key for key in body if key not in recipe_fields]

@@ -1,10 +1,12 @@
 """Progress reporting: one JSON line per logging step on stdout, and ``status.progress`` of the
 VisionFineTune through server-side apply.
 
-The status write applies ONLY ``status.progress``, on the status subresource, with the field manager
-``visionft-trainer`` (``visionft_api.resource.TRAINER_FIELD_MANAGER``): the operator owns every other
-status field under its own manager, and server-side apply keeps the two from overwriting each other. The
-pod's Role allows ``patch`` on this one resource's status and nothing else.
+The status write applies ONLY ``status.progress`` and ``status.evaluation``, on the status subresource,
+with the field manager ``visionft-trainer`` (``visionft_api.resource.TRAINER_FIELD_MANAGER``): the operator
+owns every other status field under its own manager, and server-side apply keeps the two from overwriting
+each other. Every apply carries both fields (the latest evaluation is kept here): server-side apply drops
+the fields a manager stops sending. The pod's Role allows ``patch`` on this one resource's status and
+nothing else.
 
 Reporting must never stop training: a failed write is logged once (later failures at debug level) and
 the next report tries again. Writes are throttled (default one per 5 s) so that a fast loop does not
@@ -21,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback as _TrainerBar
 from visionft_api.resource import API_VERSION, GROUP, KIND, PLURAL, TRAINER_FIELD_MANAGER, VERSION
 
 logger = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ class StatusReporter:
         self._api = api
         self._last_write = float("-inf")
         self._failed_once = False
+        self.evaluation: dict[str, Any] | None = None
         self.writes = 0
         self.failures = 0
 
@@ -88,11 +92,14 @@ class StatusReporter:
             self._last_write = now
         progress = {k: v for k, v in progress.items() if v is not None}
         progress["updateTime"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        status: dict[str, Any] = {"progress": progress}
+        if self.evaluation is not None:
+            status["evaluation"] = self.evaluation
         body = {
             "apiVersion": API_VERSION,
             "kind": KIND,
             "metadata": {"name": self.name, "namespace": self.namespace},
-            "status": {"progress": progress},
+            "status": status,
         }
         try:
             self._client().patch_namespaced_custom_object_status(
@@ -179,6 +186,18 @@ class ProgressCallback(TrainerCallback):
         if self.reporter is not None:
             self.reporter.report(_status_progress(record, stage="Training"))
 
+    def evaluation(self, status: dict[str, Any], stage: str, state=None) -> None:
+        """Reports a new ``status.evaluation`` (``EvaluationRecord.status()``) at once, with the stage."""
+        if self.json_lines:
+            print(json.dumps({"event": "evaluation", **status}), file=self.stream, flush=True)
+        if self.reporter is not None:
+            self.reporter.evaluation = status
+            last = self.history[-1] if self.history else {}
+            progress = _status_progress(last, stage=stage)
+            if state is not None:
+                progress.update(step=state.global_step, totalSteps=state.max_steps or None)
+            self.reporter.report(progress, force=True)
+
     def stage(self, stage: str, state=None, force: bool = True) -> None:
         """Reports a stage change (Downloading, Loading, Training, Uploading, Done) outside the log loop."""
         if self.json_lines:
@@ -189,6 +208,54 @@ class ProgressCallback(TrainerCallback):
             if state is not None:
                 progress.update(step=state.global_step, totalSteps=state.max_steps or None)
             self.reporter.report(progress, force=force)
+
+
+class LossBar(_TrainerBar):
+    """The Trainer's progress bar, showing the latest loss in its postfix instead of printing every log
+    dict under it."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bar = getattr(self, "training_bar", None)
+        if bar is not None and logs and "loss" in logs:
+            bar.set_postfix(loss=f"{float(logs['loss']):.4g}", refresh=False)
+
+
+def console_line(line: str) -> None:
+    """Prints a line above a running progress bar (tqdm keeps the bar below it)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
+
+
+#: The Trainer's log keys that are tracked, and their names in the trackers.
+_TRACKED_KEYS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
+
+
+class TrackingCallback(TrainerCallback):
+    """Sends the Trainer's training logs to ``visionft.tracking`` (``train/loss``, ``train/learning_rate``,
+    ``train/grad_norm``) and writes the tracking state into each checkpoint folder, so that a resumed run
+    continues the same tracked run."""
+
+    def __init__(self, tracking):
+        self.tracking = tracking
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            values = {
+                name: logs[key]
+                for key, name in _TRACKED_KEYS.items()
+                if isinstance(logs.get(key), int | float)
+            }
+            self.tracking.log_metrics(values, state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = f"{args.output_dir}/checkpoint-{state.global_step}"
+            try:
+                self.tracking.save_state(folder)
+            except OSError as err:
+                logger.warning("could not record the tracking run in %s: %s", folder, err)
 
 
 def _status_progress(record: dict[str, Any], stage: str) -> dict[str, Any]:

@@ -5,22 +5,28 @@ The steps, top to bottom in ``train``:
 1. locate inputs: local paths are used in place; ``s3://`` dataset/model URIs are synced into
    ``runtime.workDir`` (``visionft.storage``); ``builtin://`` ones are generated there
    (``visionft.job.builtin``);
-2. load the model (``FastVisionModel.from_pretrained``) and add LoRA (``get_peft_model``) as the recipe says,
-   then the optional fused kernels; the engine's switches (``EngineOptions``: ``training.optimizations``,
-   ``training.packing`` and the environment) are resolved once, before, and passed on from here;
-3. load the dataset, split off validation, build the ``VisionDataCollator`` (with ``training.packing``:
-   decided right after loading, refused for architectures whose family does not pack; families with
-   fixed-shape rows (``ArchSpec.rows``) get a ``RowCollator`` whose rows keep one shape per tier, the others
-   one row per batch without padding, with the packed attention installed once the kernels are in);
-4. score ``dataset.evalSamples`` held-out samples (exact-match accuracy), train with TRL's ``SFTTrainer``
-   (checkpoints every ``checkpointEverySteps``, each with a fingerprint of the model and recipe; resuming
-   from the newest complete one, refused when it belongs to another model or recipe:
-   ``visionft.job.resume``), score again; ``method: dpo`` trains on preference pairs with TRL's
-   ``DPOTrainer`` instead, and scores held-out preference accuracy (``visionft.job.preference`` holds what
-   it does its own way);
-5. save adapters or merged weights, the loss curve (``loss.png``) and ``run.json`` (the summary, written
-   last, so that its presence means the output folder is complete), then upload to S3 when the output is
-   an ``s3://`` URI.
+2. load the dataset, pick the held-out split and, with ``evaluation`` (or the ``dataset.evalSamples``
+   shorthand), choose and check its samples (``visionft.job.evaluation``; a setting the data can't serve
+   fails here, before the model loads); then the model (``FastVisionModel.from_pretrained``), LoRA
+   (``get_peft_model``), the optional fused kernels and the ``VisionDataCollator``. The engine's switches
+   (``EngineOptions``: ``training.optimizations``, ``training.packing`` and the environment) are resolved
+   once, before, and passed on from here; with ``training.packing``, architectures whose family does not
+   pack are refused right after loading; families with fixed-shape rows (``ArchSpec.rows``) get a
+   ``RowCollator`` whose rows keep one shape per tier, the others one row per batch without padding, with
+   the packed attention installed once the kernels are in;
+3. start the trackers (``visionft.tracking``: MLflow and/or TensorBoard event files), evaluate the base
+   model, train with TRL's ``SFTTrainer`` (checkpoints every ``checkpointEverySteps``, each with a
+   fingerprint of the model and recipe; resuming from the newest complete one, refused when it belongs to
+   another model or recipe: ``visionft.job.resume``; evaluations every ``evaluation.everySteps``, the best
+   one's adapter kept), and evaluate the output (the best adapter's weights with ``keepBest.useForOutput``);
+   ``method: dpo`` trains on preference pairs with TRL's ``DPOTrainer`` instead and scores
+   ``dataset.evalSamples`` held-out pairs by preference accuracy before and after (``visionft.job.preference``
+   holds what it does its own way);
+4. save adapters or merged weights, the loss plot (``loss.png``), ``metrics.json``, ``gallery.html`` and
+   ``run.json`` (the summary, written last, so that its presence means the output folder is complete),
+   upload to S3 when the output is an ``s3://`` URI, log the reports to the trackers, and print the summary
+   table. With ``evaluation.failIfWorseThanBase`` and an output worse than the base model,
+   ``WorseThanBaseError`` follows (the CLI's exit code 3).
 
 Without ``output`` (allowed for a generated model only), the output folder is ``<workDir>/output`` and each
 run starts from the first step: its checkpoints are a scratch copy, not a run to resume.
@@ -51,6 +57,11 @@ class ConfigError(ValueError):
     """The config cannot be run as written (a missing path, an impossible combination)."""
 
 
+class WorseThanBaseError(RuntimeError):
+    """The run finished and published its outputs, but ``evaluation.failIfWorseThanBase`` fails it: the
+    output's headline metric is worse than the base model's."""
+
+
 @dataclass
 class RunResult:
     """What a run produced.
@@ -59,9 +70,9 @@ class RunResult:
         output_dir (str): the local output folder.
         steps (int): optimizer steps done.
         final_loss (float | None): the last logged training loss.
-        accuracy_before (float | None): held-out accuracy before training (None when not scored).
-        accuracy_after (float | None): held-out accuracy after training.
-        eval_samples (int): how many held-out samples were scored.
+        eval_samples (int): how many held-out samples each evaluation scored (0: no evaluation).
+        evaluation (dict | None): ``status.evaluation`` at the end: the headline metric of the base model,
+            the output and the best evaluation, each with its step.
         skipped_samples (int): samples skipped under ``onBadSample: skip``.
         graphs (dict | None): CUDA-graph captures, replays, eager steps and the replay share of the
             training steps (None where the Trainer's own steps ran).
@@ -70,21 +81,23 @@ class RunResult:
         wall_seconds (float): the whole run's wall time.
         cpu_seconds (float): CPU time of the process (all threads): the work itself, whatever else shares
             the machine.
-        saved (dict[str, str]): what was saved where (``adapter``, ``merged``, ``lossCurve``).
+        saved (dict[str, str]): what was saved where (``adapter``, ``merged``, ``lossCurve``, ``metrics``,
+            ``gallery``).
+        tracking (dict | None): per tracker, how many calls failed and the first failure.
     """
 
     output_dir: str
     steps: int = 0
     final_loss: float | None = None
-    accuracy_before: float | None = None
-    accuracy_after: float | None = None
     eval_samples: int = 0
+    evaluation: dict[str, Any] | None = None
     skipped_samples: int = 0
     graphs: dict | None = None
     rows: dict | None = None
     wall_seconds: float = 0.0
     cpu_seconds: float = 0.0
     saved: dict[str, str] = field(default_factory=dict)
+    tracking: dict[str, Any] | None = None
 
 
 def train(config: TrainerConfig, echo=print) -> RunResult:
@@ -96,13 +109,18 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
 
     Returns:
         RunResult: the run's summary (also written to ``run.json`` in the output folder).
+
+    Raises:
+        WorseThanBaseError: ``evaluation.failIfWorseThanBase`` is set and the output's headline metric is
+            worse than the base model's (raised after the outputs are published).
     """
     t0, cpu0 = time.monotonic(), time.process_time()
     from visionft.engine import distributed
     from visionft.engine.options import EngineOptions
     from visionft.job.reporting import ProgressCallback, StatusReporter
 
-    # Under torchrun every rank runs this function; only rank 0 reports, scores and writes outputs.
+    # Under torchrun every rank runs this function; only rank 0 reports, writes outputs and tracks; every
+    # rank takes its share of each evaluation.
     distributed.setup()
     main = distributed.is_main_process()
     target = config.runtime.status_target
@@ -115,29 +133,64 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     progress.stage("Downloading")
     output_uri = config.output.uri if config.output else None
     output_dir = work / "output" if output_uri is None or output_uri.startswith("s3://") else Path(output_uri)
+    to_s3 = output_uri is not None and output_uri.startswith("s3://")
     with distributed.local_main_first():
         if output_uri is None and distributed.is_local_main_process():
             # No output to resume into: a scratch run (the quickstart) trains from the first step each time,
             # instead of resuming the previous run's last checkpoint (which would train zero steps).
             shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(output_dir / "best", ignore_errors=True)
         dataset_dir = _local_input(config.dataset.uri, work / "dataset", config, "dataset")
         model_dir = _local_input(config.model.uri, work / "model", config, "model")
     output_dir.mkdir(parents=True, exist_ok=True)
-    dpo = config.method == "dpo"
+    n_pairs = 0  # held-out pairs a dpo run scores by preference accuracy
+    if config.method == "dpo":
+        from visionft.job import preference
 
     progress.stage("Loading")
+    # The data first: a held-out split that can't serve the evaluation fails before the model loads.
+    train_set, stage, held_out = _load_data(config, dataset_dir, output_dir)
     model, processor, patch_report, options = _load_model(config, model_dir, options)
-    train_set, eval_set = _load_data(config, dataset_dir)
     collator = _collator(config, model, processor, dataset_dir, options, patch_report, train_set)
     result = RunResult(output_dir=str(output_dir))
+    if config.method == "dpo":
+        n_pairs = min(config.dataset.eval_samples, len(held_out)) if held_out is not None else 0
+        if config.dataset.eval_samples and held_out is None:
+            echo(
+                "visionft: dataset.evalSamples is set but there is no held-out split; "
+                "set dataset.validationFraction"
+            )
+    tracking = _tracking(config, output_dir) if main else None
 
-    n_eval = min(config.dataset.eval_samples, len(eval_set)) if eval_set is not None else 0
-    if config.dataset.eval_samples and eval_set is None:
-        echo(
-            "visionft: dataset.evalSamples is set but there is no held-out split; set dataset.validationFraction"
+    def report(status: dict, where: str, state) -> None:
+        progress.evaluation(status, where, state)
+
+    if stage is not None:
+        from visionft.job.reporting import console_line
+
+        stage.attach(
+            # Evaluation batches padded samples, not fixed-shape rows: the sample collator of a RowCollator.
+            collator.collator if options.rows else collator,
+            report=report if main else None,
+            log_metrics=tracking.log_metrics if tracking is not None else None,
+            # Above the progress bar when printing to the terminal.
+            echo=(console_line if echo is print else echo) if main else (lambda line: None),
+            publish_best=(lambda folder: _publish_best(config, folder)) if to_s3 else None,
+            is_main=main,
         )
+
     trainer = _trainer(
-        config, model, processor, train_set, collator, output_dir, progress, options, patch_report
+        config,
+        model,
+        processor,
+        train_set,
+        collator,
+        output_dir,
+        progress,
+        options,
+        patch_report,
+        stage,
+        tracking,
     )
     distributed.barrier()  # each node's local main has fetched the newest S3 checkpoint by now
     resume = _newest_checkpoint(output_dir / "checkpoints")
@@ -147,40 +200,65 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
         # Before any scoring or training: a checkpoint of another run is refused at once.
         check_resume(resume, fingerprint(config, model), model, output_uri or str(output_dir))
         echo(f"visionft: resuming from {resume}")
-    scored = "preference accuracy" if dpo else "accuracy"
+        if stage is not None and to_s3 and distributed.is_local_main_process():
+            _sync_best(config, output_dir)
+        distributed.barrier()
+    if tracking is not None:
+        from visionft.tracking import flat_params, load_state
+
+        tracking.start(flat_params(_recipe_params(config)), resume=load_state(resume))
+    if stage is not None:
+        # The base model, also on a resumed run: the gallery's "before" answers and the comparison that
+        # failIfWorseThanBase makes (greedy decoding gives the same answers each time).
+        progress.stage("Evaluating")
+        stage.evaluate_base(model)
+        result.eval_samples = len(stage.samples)
     before = after = None
-    if n_eval and main:
-        before = _score(config, model, collator, eval_set, n_eval)
+    if n_pairs and main:
+        before = preference.preference_accuracy(model, collator, held_out, limit=n_pairs)
         result.accuracy_before, result.eval_samples = before.value, before.total
-        echo(f"held-out {scored} before training: {before}")
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        echo(f"held-out preference accuracy before training: {before}")
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except BaseException:
+        if tracking is not None:
+            tracking.finish("FAILED")
+        raise
     result.steps = trainer.state.global_step
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result.final_loss = losses[-1] if losses else None
     result.skipped_samples = collator.skipped
+    if stage is not None:
+        stage.finish(model, trainer.state.global_step)
     result.graphs = trainer.graph_summary()
     result.rows = trainer.row_summary()
 
     if not main:
         distributed.barrier()  # rank 0 saves and uploads below, then releases the others
         return result
-    if n_eval:
-        after = _score(config, model, collator, eval_set, n_eval)
+    if n_pairs:
+        after = preference.preference_accuracy(model, collator, held_out, limit=n_pairs)
         result.accuracy_after = after.value
-        echo(f"held-out {scored} after training: {after}")
+        echo(f"held-out preference accuracy after training: {after}")
 
-    to_s3 = output_uri is not None and output_uri.startswith("s3://")
     progress.stage("Uploading" if to_s3 else "Saving", trainer.state)
-    result.saved = _save(config, model, processor, output_dir, trainer.state.log_history)
-    if dpo and n_eval:
-        from visionft.job import preference
-
+    result.saved = _save(config, model, processor, output_dir, trainer.state.log_history, stage)
+    if n_pairs:
         result.saved["preference"] = str(preference.write_report(output_dir, before, after))
+    if stage is not None:
+        result.evaluation = stage.record.status()
+        result.saved.update(stage.write_reports(title=_run_name(config, output_dir)))
+    if tracking is not None:
+        tracking.finish("FINISHED", local_only=True)  # the event files are whole before they are published
+        result.tracking = {"failures": dict(tracking.failures), "problems": dict(tracking.problems)}
     result.wall_seconds = round(time.monotonic() - t0, 1)
     result.cpu_seconds = round(time.process_time() - cpu0, 1)
     (output_dir / "run.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     if to_s3:
         _upload(config, output_dir)
+    if tracking is not None:
+        tracking.log_artifacts(_artifacts(config, output_dir))
+        tracking.finish("FINISHED")
     progress.stage("Done", trainer.state)
     distributed.barrier()
     if result.graphs is not None:
@@ -202,10 +280,20 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
             f"visionft: skipped {collator.skipped} bad samples (onBadSample: skip); last: "
             f"{collator.last_skip_reasons[-1]}"
         )
+    if stage is not None:
+        echo(stage.summary_table())
+        echo(f"gallery: {result.saved['gallery']}")
     echo(
         f"done: {result.steps} steps, final loss {result.final_loss}, output in {output_dir}, "
         f"wall time {result.wall_seconds:.1f} s (CPU time {result.cpu_seconds:.1f} s)"
     )
+    if stage is not None and stage.settings.fail_if_worse_than_base and stage.record.worse_than_base():
+        record = stage.record
+        raise WorseThanBaseError(
+            f"the output's {record.metric} ({record.final.values[record.metric]:.4g}) is worse than the base "
+            f"model's ({record.base.values[record.metric]:.4g}) and evaluation.failIfWorseThanBase is set; "
+            f"the outputs are published in {output_uri or output_dir} for a look"
+        )
     return result
 
 
@@ -321,21 +409,27 @@ def _check_packing(options, model) -> None:
         raise ConfigError(f"training.packing: {reason}; set training.packing to false")
 
 
-def _load_data(config: TrainerConfig, dataset_dir: Path):
-    from visionft.data.formats import load_local_dataset, split_validation
+def _load_data(config: TrainerConfig, dataset_dir: Path, output_dir: Path):
+    """The training split, the evaluation stage (None without ``evaluation``; its held-out samples chosen and
+    checked) and the held-out split (a dpo run's held-out pairs), None where the dataset has none."""
+    from visionft.data.formats import MessagesFormatter, load_local_dataset
+    from visionft.job.evaluation import EvaluationStage
 
-    splits = load_local_dataset(dataset_dir, config.dataset.format)
-    train_set, eval_set = split_validation(splits, config.dataset.validation_fraction, config.training.seed)
+    d = config.dataset
+    splits = load_local_dataset(dataset_dir, d.format)
+    stage, train_set, held_out = EvaluationStage.prepare(
+        config, splits, output_dir, MessagesFormatter(d.columns, d.instruction)
+    )
     if config.method == "dpo":
         from visionft.job.preference import check_columns
 
         try:
-            check_columns(config, train_set, eval_set)
+            check_columns(config, train_set, held_out)
         except ValueError as err:
             raise ConfigError(str(err)) from None
     # The dataset index travels with each record so that a bad sample's error names it.
     train_set = train_set.add_column("__index__", list(range(len(train_set))))
-    return train_set, eval_set
+    return train_set, stage, held_out
 
 
 def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, options, patch_report, train_set):
@@ -372,16 +466,6 @@ def _collator(config: TrainerConfig, model, processor, dataset_dir: Path, option
     return RowCollator(collator, family, tiers)
 
 
-def _score(config: TrainerConfig, model, collator, eval_set, n: int):
-    if config.method == "dpo":
-        from visionft.job.preference import preference_accuracy
-
-        return preference_accuracy(model, collator, eval_set, limit=n)
-    from visionft.job.evaluation import answer_accuracy
-
-    return answer_accuracy(model, collator, eval_set, limit=n)
-
-
 # ------------------------------------------------------------------------------------------------------
 # Trainer
 # ------------------------------------------------------------------------------------------------------
@@ -412,6 +496,8 @@ def _trainer(
     progress,
     options,
     patch_report,
+    stage,
+    tracking,
 ):
     from visionft.engine import distributed
     from visionft.job.resume import fingerprint, fingerprint_callback
@@ -419,6 +505,12 @@ def _trainer(
     args = _trainer_arguments(config, model, collator, output_dir)
     # Before the storage callback (added below), so that every uploaded checkpoint carries it.
     callbacks: list[Any] = [progress, fingerprint_callback(fingerprint(config, model))]
+    if stage is not None:
+        callbacks.append(stage.callback())
+    if tracking is not None:
+        from visionft.job.reporting import TrackingCallback
+
+        callbacks.append(TrackingCallback(tracking))
     if distributed.is_distributed():
         from visionft.engine.checkpoint_rng import GatherRngStatesCallback
 
@@ -445,6 +537,7 @@ def _trainer(
         engine_options=options,
         patch_report=patch_report,
     )
+    _console(trainer, json_lines=config.runtime.json_progress)
     # Every node's local main fetches the newest complete S3 checkpoint (in the callback's constructor), so
     # that all ranks resume from one step; only rank 0 uploads new ones. Added after the RNG callback
     # (callbacks run in the order they were added), so each upload holds every rank's RNG file.
@@ -498,9 +591,25 @@ def _trainer_arguments(config: TrainerConfig, model, collator, output_dir: Path)
         # launches would wait for the device instead of queueing behind a graph replay.
         logging_nan_inf_filter=getattr(collator, "family", None) is None,
         report_to="none",
+        # A pod prints JSON lines (runtime.jsonProgress); a terminal gets the progress bar, with the loss in it.
+        disable_tqdm=config.runtime.json_progress,
         use_cpu=not cuda,
         **ddp,
     )
+
+
+def _console(trainer, json_lines: bool) -> None:
+    """The Trainer prints each log dict (its PrinterCallback, or its progress bar's ``write``); this run's
+    own reports say the same once: JSON lines in a pod, a progress bar with the loss in it in a terminal."""
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as BarCallback
+
+    from visionft.job.reporting import LossBar
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(BarCallback)
+    if not json_lines:
+        trainer.add_callback(LossBar())
 
 
 def _storage_callback(config: TrainerConfig, output_dir: Path):
@@ -533,7 +642,7 @@ def _newest_checkpoint(folder: Path) -> Path | None:
 
 
 def _save(
-    config: TrainerConfig, model, processor, output_dir: Path, log_history: list[dict]
+    config: TrainerConfig, model, processor, output_dir: Path, log_history: list[dict], stage=None
 ) -> dict[str, str]:
     from visionft.job.plotting import save_loss_curve
 
@@ -551,7 +660,80 @@ def _save(
         patching.revert_optimizations(model)
         model.save_pretrained_merged(str(output_dir / "merged"), processor, save_method=method)
         saved["merged"] = str(output_dir / "merged")
-    curve = save_loss_curve(log_history, output_dir / "loss.png")
+    metric = stage.record.metric if stage is not None else None
+    base = stage.record.base.values.get(metric) if stage is not None and stage.record.base else None
+    curve = save_loss_curve(log_history, output_dir / "loss.png", metric=metric, base=base)
     if curve is not None:
         saved["lossCurve"] = str(curve)
     return saved
+
+
+def _publish_best(config: TrainerConfig, folder: Path) -> None:
+    """Uploads ``<output>/best/`` (a new best evaluation's adapter) to the output URI at once."""
+    from visionft import storage
+
+    assert config.output is not None
+    try:
+        storage.upload_folder(folder, config.output.uri.rstrip("/") + "/best/", client=_client(config))
+    except storage.StorageError as err:
+        logger.warning("could not publish the best checkpoint yet (%s); the final upload has it", err)
+
+
+def _client(config: TrainerConfig):
+    from visionft import storage
+
+    return storage.make_client(storage.settings_from_spec(config.storage))
+
+
+def _sync_best(config: TrainerConfig, output_dir: Path) -> None:
+    """A resumed run's best evaluation so far (``<output>/best/``, published at each new best) comes back
+    from S3 with the checkpoint, so that keepBest still knows it."""
+    from visionft import storage
+
+    assert config.output is not None
+    try:
+        storage.sync_down(config.output.uri.rstrip("/") + "/best/", output_dir / "best", config.storage)
+    except storage.StorageError as err:
+        logger.warning("no earlier best evaluation to resume from (%s)", err)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Tracking
+# ------------------------------------------------------------------------------------------------------
+
+
+def _run_name(config: TrainerConfig, output_dir: Path) -> str:
+    target = config.runtime.status_target
+    return config.runtime.run_name or (target.name if target else None) or output_dir.parent.name
+
+
+def _tracking(config: TrainerConfig, output_dir: Path):
+    """The run's trackers (``visionft.tracking``), not started yet."""
+    from visionft.tracking import Tracking, sinks_for
+
+    target = config.runtime.status_target
+    tags = {"visionft.model": config.model.uri, "visionft.dataset": config.dataset.uri}
+    if target is not None:
+        tags["visionft.resource"] = f"{target.namespace}/{target.name}"
+    return Tracking(
+        sinks_for(config.tracking, output_dir, _run_name(config, output_dir), tags, config.storage)
+    )
+
+
+def _recipe_params(config: TrainerConfig) -> dict[str, Any]:
+    """The recipe as tracked parameters: everything but where the trainer runs and the tracking itself."""
+    raw = config.to_dict()
+    for key in ("runtime", "tracking"):
+        raw.pop(key, None)
+    return raw
+
+
+def _artifacts(config: TrainerConfig, output_dir: Path) -> list[tuple[Path, str]]:
+    """``(local file, artifact path)`` for the tracker: the reports, and the adapter unless
+    ``tracking.mlflow.logAdapter`` is off."""
+    files = [(output_dir / name, name) for name in ("gallery.html", "metrics.json", "loss.png", "run.json")]
+    mlflow = config.tracking.mlflow if config.tracking else None
+    adapter = output_dir / "adapter"
+    if mlflow is not None and mlflow.log_adapter and adapter.is_dir():
+        files += [(f, f"adapter/{f.relative_to(adapter)}") for f in sorted(adapter.rglob("*")) if f.is_file()]
+    return files
