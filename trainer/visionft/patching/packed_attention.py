@@ -6,7 +6,8 @@ samples before it. This module swaps the forward of every text attention instanc
 when the forward's keyword arguments carry ``packed_cu_seqlens`` (and ``packed_max_seqlen``),
 computes q, k, v and the rotary embedding as the original does and then attends within segments:
 
-- CUDA with bf16/fp16 inputs: ``torch.nn.attention.varlen.varlen_attn`` (flash varlen). Its keyword
+- CUDA with bf16/fp16 operands (under autocast: cast to its dtype first, ``attention_operands``):
+  ``torch.nn.attention.varlen.varlen_attn`` (flash varlen). Its keyword
   arguments differ by release and are read once with ``inspect``: torch 2.10/2.11 take
   ``is_causal=True`` and no ``scale`` or ``enable_gqa``; 2.12 and later take ``window_size=(-1, 0)``
   for causal, ``scale`` and ``enable_gqa``. Without ``enable_gqa`` the key/value heads are repeated
