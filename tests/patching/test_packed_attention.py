@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from visionft.data.collator import VisionDataCollator
 from visionft.data.packing import PACKED_CU_SEQLENS, PACKED_MAX_SEQLEN
 from visionft.patching import apply_optimizations, enable_packing, patch_report, revert_optimizations
@@ -59,6 +60,40 @@ def test_packed_attention_matches_a_block_diagonal_causal_mask(lengths, heads, d
     torch.testing.assert_close(out.double(), ref, **tol)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g.double(), r, **tol)
+
+
+class _Fp32Reads(TorchDispatchMode):
+    """Records the ops that read an fp32 tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in leaves):
+            self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("which", ["text", "vision"])
+def test_under_autocast_fp32_operands_attend_in_the_autocast_dtype(which):
+    """bitsandbytes' 4-bit linear hands back its input's dtype, fp32 after an autocast LayerNorm: the
+    attention still runs in the autocast dtype from its first op on (on CUDA: the flash varlen path),
+    as transformers' SDPA attention does under autocast."""
+    from visionft.patching.rows.base import segments_attention
+
+    gen = torch.Generator().manual_seed(0)
+    lengths, dim = [5, 9, 2], 8
+    q, k, v = (torch.randn(sum(lengths), 2, dim, generator=gen) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Fp32Reads() as reads:
+        if which == "text":
+            out = packed_attention(q, k, v, cu, max(lengths), dim**-0.5)
+        else:
+            out = segments_attention(q, k, v, cu, max(lengths), dim**-0.5, causal=False)
+    assert out.dtype == torch.bfloat16
+    assert reads.ops == {"_to_copy"}  # the casts, nothing else: no layout gather or kernel in fp32
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from visionft import FastVisionModel
 from visionft.data.collator import IGNORE_INDEX, VisionDataCollator
 from visionft.engine import distributed as dist_utils
 from visionft.engine.checkpoint_rng import GatherRngStatesCallback
+from visionft.patching.rows import ROW_KEY
 from visionft.testing.tiny import tiny_image
 
 ARCH = "qwen2_vl"
@@ -74,17 +75,39 @@ def record(i: int) -> dict:
 class RecordingCollator:
     """Wraps the collator; remembers each micro-batch's dataset indices and supervised-token count."""
 
-    def __init__(self, inner: VisionDataCollator):
+    def __init__(self, inner):
         self.inner = inner
         self.indices: list[list[int]] = []
         self.supervised: list[int] = []
+        self.row_samples: list[int] = []
+
+    def __getattr__(self, name: str):
+        # A row collator's family, tiers and bad-sample counts, which the trainer and its prefetch read.
+        return getattr(self.__dict__["inner"], name)
 
     def __call__(self, features):
         indices = [int(f["__index__"]) for f in features]
         self.indices.append(indices)
         batch = self.inner([record(i) for i in indices])
         self.supervised.append(int((batch["labels"] != IGNORE_INDEX).sum()))
+        info = batch.get(ROW_KEY)
+        if info is not None:
+            self.row_samples.append(info.samples)
         return batch
+
+
+def row_collator(model, inner: VisionDataCollator, samples: int, row_batch: int):
+    """Fixed-shape rows (``visionft.data.row_collator``) around ``inner``, one tier-0 budget sized for
+    ``row_batch`` samples with room to spare, so that every micro-batch fills exactly one row."""
+    from visionft.data.row_collator import RowCollator
+    from visionft.data.rows import plan_tiers
+    from visionft.patching.rows import enable_rows
+
+    family = enable_rows(model, inner.pad_token_id)
+    sizes = [family.sample_size(inner.encode(record(i))) for i in range(samples)]
+    bounds = family.plan_kwargs(inner.max_seq_length)
+    tiers = plan_tiers(sizes, row_batch, max_sample_tokens=inner.max_seq_length, margin=0.5, **bounds)
+    return RowCollator(inner, family, tiers, pin=False)
 
 
 def rng_digests(states: dict) -> dict[str, str]:
@@ -139,7 +162,15 @@ def main() -> None:
         default="trl",
         help="TRL's SFTTrainer (DDP's hooks), or visionft's (optimizations on: one flat all-reduce per step)",
     )
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=0,
+        help="fixed-shape rows (visionft's trainer only), their budget sized for this many samples (0: none)",
+    )
     a = p.parse_args()
+    if a.rows and a.trainer != "visionft":
+        p.error("--rows needs --trainer visionft (rows run only through visionft's row forward)")
 
     from trl import SFTConfig, SFTTrainer
 
@@ -158,7 +189,8 @@ def main() -> None:
         from visionft import patching
 
         patch_report = patching.apply_optimizations(model, optimizations=True)
-    collator = RecordingCollator(VisionDataCollator(model, processor, max_seq_length=512))
+    inner = VisionDataCollator(model, processor, max_seq_length=512)
+    collator = RecordingCollator(row_collator(model, inner, a.samples, a.rows) if a.rows else inner)
     args = SFTConfig(
         output_dir=str(local / "checkpoints"),
         max_steps=a.steps,
@@ -233,6 +265,8 @@ def main() -> None:
         "resumed_from": resume,
         "rng_at_save": probe.at_save,
         "flat_allreduce_calls": getattr(getattr(trainer, "_grad_sync", None), "calls", None),
+        "row_samples": collator.row_samples,
+        "row_summary": trainer.row_summary() if hasattr(trainer, "row_summary") else None,
     }
     (out / f"rank{dist_utils.rank()}.json").write_text(json.dumps(record, indent=1))
     if dist_utils.is_main_process():

@@ -17,8 +17,9 @@ Two changes, both decided by what the run passes in: the engine's switches (``en
   where the steps are eager, so CI runs the same code path. It steps aside (the Trainer's own step,
   with one log line saying why) when the optimizations are off, for a custom ``compute_loss_func`` and
   when ``VISIONFT_CUDA_GRAPHS=0``; in a single process also where graphs are unavailable (e.g. on CPU).
-- where kernels were swapped in, bitsandbytes' 8-bit AdamW becomes ``visionft.engine.optim``'s, which
-  skips the device sync after every parameter (same updates and state).
+- with the optimizations on, bitsandbytes' 8-bit AdamW becomes ``visionft.engine.optim``'s, which skips
+  the device sync after every parameter (same updates and state), whether or not the family has fused
+  kernels to swap in (a family without them still replays its row steps from graphs).
 
 With a ``RowCollator`` (fixed-shape rows, ``training.packing``) the row step always runs, with or without
 the optimizations (eagerly where graphs are off), since only the row's family forward can read a row;
@@ -78,10 +79,10 @@ def vision_sft_trainer_class() -> type:
 
         def create_optimizer(self, *args, **kwargs):
             optimizer = super().create_optimizer(*args, **kwargs)
-            if self.patch_report is not None and self.patch_report.enabled:
-                from visionft.engine.optim import remove_per_parameter_sync
+            if self.engine_options.optimizations:
+                from visionft.engine import optim
 
-                if remove_per_parameter_sync(optimizer):
+                if optim.remove_per_parameter_sync(optimizer):
                     logger.info(
                         "%s (bitsandbytes) without per-parameter device syncs",
                         type(optimizer).__name__,

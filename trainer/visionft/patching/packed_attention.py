@@ -6,7 +6,8 @@ samples before it. This module swaps the forward of every text attention instanc
 when the forward's keyword arguments carry ``packed_cu_seqlens`` (and ``packed_max_seqlen``),
 computes q, k, v and the rotary embedding as the original does and then attends within segments:
 
-- CUDA with bf16/fp16 inputs: ``torch.nn.attention.varlen.varlen_attn`` (flash varlen). Its keyword
+- CUDA with bf16/fp16 operands (under autocast: cast to its dtype first, ``attention_operands``):
+  ``torch.nn.attention.varlen.varlen_attn`` (flash varlen). Its keyword
   arguments differ by release and are read once with ``inspect``: torch 2.10/2.11 take
   ``is_causal=True`` and no ``scale`` or ``enable_gqa``; 2.12 and later take ``window_size=(-1, 0)``
   for causal, ``scale`` and ``enable_gqa``. Without ``enable_gqa`` the key/value heads are repeated
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from visionft.data.packing import PACKED_CU_SEQLENS, PACKED_MAX_SEQLEN, SEPARATES_PACKED_SAMPLES
+from visionft.kernels.amp import autocast_dtype
 from visionft.patching.core import PatchReport
 from visionft.patching.segments import pad_segments, segment_attention
 
@@ -52,6 +54,22 @@ def _varlen() -> tuple[Callable, set[str]] | None:
     except ImportError:
         return None
     return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
+
+def attention_operands(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q``, ``k``, ``v`` in the dtype the attention runs in: the autocast dtype where autocast is on for
+    their device (transformers' SDPA call runs there under autocast), otherwise the values' dtype.
+
+    Under autocast the projections need not come out in the autocast dtype: bitsandbytes' 4-bit linear
+    returns its input's dtype, and a LayerNorm before it (autocast keeps those in fp32) hands it fp32,
+    as does the rotary product. Left so, fp32 operands would miss the flash varlen path on CUDA.
+    """
+    amp = autocast_dtype(q.device.type)
+    target = amp if amp is not None else v.dtype
+    q, k, v = (t if t.dtype == target else t.to(target) for t in (q, k, v))
+    return q, k, v
 
 
 def uses_varlen(q: torch.Tensor) -> bool:
@@ -99,11 +117,7 @@ def packed_attention(
     Returns:
         torch.Tensor: ``(S, Hq, D)``.
     """
-    if q.dtype != v.dtype:
-        # Under autocast the projections are in the autocast dtype but the rotary product is promoted
-        # to fp32 (cos/sin follow the hidden states); attention runs in the projections' dtype, as
-        # transformers' SDPA call does under autocast.
-        q, k = q.to(v.dtype), k.to(v.dtype)
+    q, k, v = attention_operands(q, k, v)
     if uses_varlen(q):
         return varlen_causal_attention(q, k, v, cu_seqlens, max_len, scale)
     cu = cu_seqlens.to(q.device)
@@ -200,6 +214,7 @@ def install(hf_model: nn.Module, report: PatchReport) -> bool:
 
 __all__ = [
     "TEXT_ATTENTION_CLASSES",
+    "attention_operands",
     "install",
     "installed",
     "packed_attention",

@@ -27,7 +27,7 @@ from torch import nn
 
 from visionft.data.rows import RowBudget, SampleSize
 from visionft.patching.core import PatchReport, kernels_can_run
-from visionft.patching.packed_attention import _varlen
+from visionft.patching.packed_attention import _varlen, attention_operands
 from visionft.patching.segments import PaddedSegments, pad_segments, segment_attention
 
 #: Batch key of the ``RowInfo`` of a row batch.
@@ -176,8 +176,7 @@ def segments_attention(
 ) -> torch.Tensor:
     """Attention of ``(S, Hq, D)`` q and ``(S, Hkv, D)`` k/v within each segment of ``cu_seqlens``
     (empty segments allowed); ``(S, Hq, D)`` out. ``max_len`` bounds every segment (a host int)."""
-    if q.dtype != v.dtype:
-        q, k = q.to(v.dtype), k.to(v.dtype)
+    q, k, v = attention_operands(q, k, v)
     found = _varlen()
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and found is not None:
         varlen_attn, params = found
