@@ -5,9 +5,9 @@
 #   hack/build-test-cluster.sh --force    # rebuild everything
 #
 # Output: .cache/bin/{etcd,kube-apiserver,kube-controller-manager,kube-scheduler,kwok,helm,kstatus} for the
-# control plane and the tests, and {kubelet,kube-proxy,containerd,containerd-shim-runc-v2,ctr} for the real
-# node beside the kwok nodes (tests/harness/node.py); each with a stamp file .cache/bin/.<name>.version holding
-# the version it was built at. A binary whose stamp
+# control plane and the tests, and {kubelet,containerd,containerd-shim-runc-v2,ctr} for the real node beside
+# the kwok nodes (tests/harness/node.py); each with a stamp file .cache/bin/.<name>.version holding the version
+# it was built at. A binary whose stamp
 # matches is reused, so a warm run does nothing. Builds are CGO_ENABLED=0, -trimpath, stripped, and go
 # through the Go module proxy (GOPROXY from `go env`). Downloads land in the normal module cache
 # (GOMODCACHE, ~/go/pkg/mod by default) and objects in GOCACHE, so a rebuild does not re-download.
@@ -25,8 +25,8 @@ KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 # kstatus (hack/kstatus/main.go) is a test tool on sigs.k8s.io/cli-utils' kstatus library.
 CLI_UTILS_VERSION="${CLI_UTILS_VERSION:-v0.37.2}"
-# The real node's kubelet and kube-proxy. The version skew policy allows a kubelet up to three minors older
-# than the apiserver; v1.37 runs on this machine kind's cgroup v1 hierarchy with failCgroupV1: false.
+# The real node's kubelet. The version skew policy allows a kubelet up to three minors older than the
+# apiserver; v1.37 runs on this machine kind's cgroup v1 hierarchy with failCgroupV1: false.
 KUBELET_VERSION="${KUBELET_VERSION:-$KUBERNETES_VERSION}"
 CONTAINERD_VERSION="${CONTAINERD_VERSION:-v2.4.2}"
 
@@ -142,14 +142,14 @@ build_kubernetes() {
   for b in "${KUBE_BINS[@]}"; do stamp "$b" "$KUBERNETES_VERSION"; done
 }
 
-NODE_KUBE_BINS=(kubelet kube-proxy)
+NODE_KUBE_BINS=(kubelet)
 
-# The real node's kubelet and kube-proxy, at KUBELET_VERSION (its own wrapper module, since it may be an
-# older minor than the control plane's).
+# The real node's kubelet at KUBELET_VERSION (its own wrapper module, since it may be an older minor than
+# the control plane's). No kube-proxy: the harness routes the one ClusterIP pods use (tests/harness/node.py).
 build_node_kubernetes() {
   local all=1 b
   for b in "${NODE_KUBE_BINS[@]}"; do up_to_date "$b" "$KUBELET_VERSION" || all=0; done
-  if [[ $all == 1 ]]; then log "kubelet, kube-proxy $KUBELET_VERSION: up to date"; return; fi
+  if [[ $all == 1 ]]; then log "kubelet $KUBELET_VERSION: up to date"; return; fi
   local dir="$WORK/kubelet"
   kubernetes_module "$dir" "$KUBELET_VERSION"
   local pkgs=()

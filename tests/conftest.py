@@ -22,5 +22,6 @@ if not _has_cuda():
 
 pytest_plugins = [
     "tests.harness.kube_fixtures",
+    "tests.harness.node_fixtures",
     "tests.harness.s3_fixtures",
 ]
