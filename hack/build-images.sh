@@ -135,15 +135,22 @@ fi
 # otherwise the builds fetch from the index themselves (network on, with the host's CA bundle).
 host_python="$("$PYTHON" -c 'import sys; print("python%d.%d" % sys.version_info[:2])')"
 build_args=()
+# What the images install: the requirements of the operator and trainer extras, pinned by constraints.txt.
+requirements="$("$PYTHON" -c 'import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+extras = project["optional-dependencies"]
+print("\n".join(sorted({*project["dependencies"], *extras["operator"], *extras["trainer"]})))' "$ROOT/pyproject.toml")"
 if [[ $host_python == "$BASE_PYTHON" ]]; then
-  wheel_key="$({ cat "$ROOT/constraints.txt" "$ROOT/pyproject.toml"; echo "$host_python"; } | hash_of)"
+  wheel_key="$({ cat "$ROOT/constraints.txt"; echo "$requirements" "$host_python"; } | hash_of)"
   WHEELHOUSE="$CACHE/wheelhouse/$wheel_key"
   if [[ -f "$WHEELHOUSE/.complete" ]]; then log "wheelhouse $WHEELHOUSE: up to date"; else
     fetch_wheels() {
       rm -rf "$WHEELHOUSE.partial"
-      (cd "$ROOT" && "$PYTHON" -m pip download --quiet --disable-pip-version-check -d "$WHEELHOUSE.partial" \
-        -c constraints.txt ".[operator,trainer]" "setuptools>=77" wheel)
-      rm -f "$WHEELHOUSE.partial"/visionft-*  # the project itself is built from the context
+      mkdir -p "$WHEELHOUSE.partial"
+      echo "$requirements" >"$WHEELHOUSE.partial/.requirements.txt"
+      # setuptools and wheel build the project itself (pyproject.toml's build-system) inside the builds.
+      "$PYTHON" -m pip download --quiet --disable-pip-version-check -d "$WHEELHOUSE.partial" \
+        -c "$ROOT/constraints.txt" -r "$WHEELHOUSE.partial/.requirements.txt" "setuptools>=77" wheel
       touch "$WHEELHOUSE.partial/.complete"
       rm -rf "$WHEELHOUSE" && mv "$WHEELHOUSE.partial" "$WHEELHOUSE"
       find "$CACHE/wheelhouse" -mindepth 1 -maxdepth 1 ! -name "$wheel_key" -exec rm -rf {} +
@@ -190,6 +197,9 @@ if exists "$TRAINER"; then log "trainer $TRAINER: up to date"; else
   timed trainer podman_build "$TRAINER" Dockerfile.trainer "${trainer_args[@]}"
   drop_other_tags localhost/visionft/trainer "$TRAINER"
 fi
+
+# Untagged layers of earlier builds (a replaced dependency layer is several GB); the cache of these builds stays.
+podman image prune --force >/dev/null
 
 "$PYTHON" - "$REFS" <<EOF
 import json, sys

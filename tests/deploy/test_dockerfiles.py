@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -209,16 +210,26 @@ def test_trainer_final_stage_has_no_compiler_and_caches_on_the_scratch_volume() 
         assert match[1].startswith(operator_constants.SCRATCH_MOUNT), f"{variable} is outside the volume"
 
 
-def test_trainer_installs_the_gpu_extras_by_default() -> None:
-    text = DOCKERFILES["trainer"].read_text()
-    assert "ARG EXTRAS=trainer,gpu" in text
-    installs = [
-        args for word, args in instructions(DOCKERFILES["trainer"]) if word == "RUN" and "pip install" in args
-    ]
-    assert any('".[${EXTRAS}]"' in args for args in installs), installs
-    extras = PYPROJECT["project"]["optional-dependencies"]
+def test_trainer_installs_the_gpu_extras_by_default(tmp_path: Path) -> None:
+    named = [(stage[0][1].split(), stage) for stage in _stages(DOCKERFILES["trainer"])]
+    stages = {words[2]: stage for words, stage in named if len(words) == 3 and words[1].upper() == "AS"}
+    assert "ARG EXTRAS=trainer,gpu" in [f"{word} {args}" for word, args in stages["requirements"]]
+    # The requirements stage's own command, run here on pyproject.toml: the base's and the extras' requirements.
+    (command,) = [args for word, args in stages["requirements"] if word == "RUN"]
+    script, _, target = command.partition(" > ")
+    assert target == "requirements.txt" and script.startswith('python -c "')
+    code = script.removeprefix('python -c "').removesuffix('"').replace("${EXTRAS}", "trainer,gpu")
+    (tmp_path / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
+    listed = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    project = PYPROJECT["project"]
+    extras = project["optional-dependencies"]
+    assert set(listed) == {*project["dependencies"], *extras["trainer"], *extras["gpu"]}
     assert any(dep.startswith("torch") for dep in extras["trainer"])
     assert not any(dep.startswith("torch") for dep in extras["operator"])
+    installs = [args for word, args in stages["deps"] if word == "RUN" and "pip install" in args]
+    assert installs and all("-c constraints.txt -r requirements.txt" in args for args in installs), installs
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
