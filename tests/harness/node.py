@@ -75,6 +75,8 @@ DEBIAN_PACKAGES = (
     "podman buildah runc containernetworking-plugins mmdebstrap catatonit uidmap iptables nftables"
 )
 NODE_NAME = "real-node"
+#: Where `hack/build-images.sh` names its images: localhost/visionft/<name>:<key of its inputs>.
+IMAGE_REPOSITORY = "localhost/visionft/"
 #: Where every plane's network lives: one /24 each, N in 1..250.
 POD_NETWORK_PREFIX = "10.217"
 #: Locks of the pod networks in use (one file per N, held while a plane runs).
@@ -450,6 +452,7 @@ class RealNode:
         for name, ref in (("pause", self.images.pause), ("operator", self.images.operator),
                           ("trainer", self.images.trainer)):  # fmt: skip
             self._ensure_image(name, ref)
+        self._drop_stale_images()
         kubelet = self._component(
             "kubelet",
             [
@@ -500,6 +503,18 @@ class RealNode:
             raise ControlPlaneError(f"importing {ref} into containerd failed: {save_err}{imported.stderr}")
         self.import_seconds[name] = time.monotonic() - began
 
+    def _drop_stale_images(self) -> None:
+        """Remove earlier builds from the lasting store, so that it holds one build of each image, as
+        podman's storage does: our older tags and the CRI's `sha256:<id>` names of images no tag names
+        (containerd then collects their layers)."""
+        current = {self.images.pause, self.images.operator, self.images.trainer}
+        listed = [line.split() for line in self.ctr("images", "ls").stdout.splitlines()[1:]]
+        keep = {row[2] for row in listed if len(row) > 2 and row[0] in current}
+        for row in listed:
+            ref, digest = row[0], row[2] if len(row) > 2 else ""
+            if ref not in current and digest not in keep and ref.startswith((IMAGE_REPOSITORY, "sha256:")):
+                self.ctr("images", "rm", "--sync", ref)
+
     def _make_cgroup_root(self) -> None:
         for root in _cgroup_v1_roots():
             (root / self.cgroup_root.lstrip("/")).mkdir(parents=True, exist_ok=True)
@@ -544,6 +559,10 @@ class RealNode:
                 time.sleep(0.2)
         for container in self.ctr("containers", "ls", "-q").stdout.split():
             self.ctr("containers", "delete", container)
+        # The CRI's leases of its sandboxes and containers would keep their snapshots, and with them
+        # every image they ran, in the lasting store.
+        for lease in self.ctr("leases", "ls", "-q").stdout.split():
+            self.ctr("leases", "rm", lease)
 
     def _kill_shims(self) -> None:
         """The runc shims outlive containerd by design; end those of this node's containerd (by pid)."""
