@@ -3,6 +3,7 @@
 #
 #   hack/build-images.sh            # build what is missing or whose inputs changed
 #   hack/build-images.sh --force    # rebuild everything
+#   hack/build-images.sh --check    # build nothing; exit 1 when an image is missing or its inputs changed
 #
 # Images, each named localhost/visionft/<name> and tagged with a key of its inputs (a tag that exists is not
 # built again, so a warm machine rebuilds only what changed):
@@ -16,7 +17,7 @@
 # constraints.txt and pyproject.toml, mounted read-only into the builds, which then run with no network.
 # Heavy state (podman's storage, the wheelhouse) lives in $VISIONFT_IMAGE_CACHE (default
 # ~/.cache/visionft), shared by every checkout on the machine as Go's caches are. The built references go
-# to .cache/images.json, which the tests read (tests/harness/images.py).
+# to .cache/images.json, which the tests read (tests/harness/node.py: Images).
 #
 # Needs root and Debian's podman, buildah, runc, mmdebstrap and catatonit (scripts/setup.sh installs them).
 set -euo pipefail
@@ -29,8 +30,13 @@ SUITE=bookworm
 BASE_PYTHON=python3.11
 BASE_PACKAGES=python3,python3-venv,python-is-python3,ca-certificates
 APT_SOURCES="${APT_SOURCES:-/etc/apt/sources.list.d/debian.sources}"
-FORCE=0
-[[ "${1:-}" == "--force" ]] && FORCE=1
+FORCE=0 CHECK=0
+case "${1:-}" in
+  --force) FORCE=1 ;;
+  --check) CHECK=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--force | --check]" >&2; exit 2 ;;
+esac
 
 log() { printf '[build-images] %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
@@ -50,7 +56,8 @@ if ! flock -n 9; then
 fi
 
 # Podman for this machine kind: runc (crun refuses hybrid cgroups), cgroupfs (no systemd), ulimits within
-# the hard limits (no CAP_SYS_RESOURCE), storage of our own.
+# the hard limits (no CAP_SYS_RESOURCE), storage of our own (its run-time state one per cache folder, so
+# that two caches on one machine never share it).
 cat >"$CACHE/containers/containers.conf" <<EOF
 [containers]
 default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
@@ -64,7 +71,7 @@ cat >"$CACHE/containers/storage.conf" <<EOF
 [storage]
 driver = "overlay"
 graphroot = "$CACHE/containers/storage"
-runroot = "/run/visionft-containers"
+runroot = "/run/visionft-containers-$(printf '%s' "$CACHE" | sha256sum | cut -c1-12)"
 EOF
 export CONTAINERS_CONF="$CACHE/containers/containers.conf"
 export CONTAINERS_STORAGE_CONF="$CACHE/containers/storage.conf"
@@ -85,14 +92,18 @@ drop_other_tags() {
     [[ $ref == "$2" ]] || podman rmi "$ref" >/dev/null 2>&1 || true
   done
 }
-declare -A BUILT_S=()
-timed() {  # timed NAME CMD...
-  local name="$1" start
-  shift
-  start=$SECONDS
+STALE=()
+# build NAME REF WHAT CMD...: unless REF exists, run CMD to make it (WHAT says how) and untag the repository's
+# other builds; with --check, only note that it would be built.
+build() {
+  local name="$1" ref="$2" what="$3" start=$SECONDS
+  shift 3
+  if exists "$ref"; then log "$name $ref: up to date"; return; fi
+  if [[ $CHECK == 1 ]]; then log "$name $ref: would be built ($what)"; STALE+=("$name"); return; fi
+  log "$name $ref: $what"
   "$@"
-  BUILT_S[$name]=$((SECONDS - start))
-  log "$name: built in ${BUILT_S[$name]} s"
+  drop_other_tags "${ref%:*}" "$ref"
+  log "$name: built in $((SECONDS - start)) s"
 }
 
 # ---------------------------------------------------------------------------------------------- base
@@ -109,11 +120,9 @@ base_key="$({
   cat "$APT_SOURCES"
 } | hash_of)"
 BASE="localhost/visionft/base:$SUITE-$base_key"
-if exists "$BASE"; then log "base $BASE: up to date"; else
-  log "base $BASE: mmdebstrap $SUITE with $BASE_PACKAGES"
-  timed base build_base_image
-  drop_other_tags localhost/visionft/base "$BASE"
-fi
+build base "$BASE" "mmdebstrap $SUITE with $BASE_PACKAGES" build_base_image
+# The other images' keys hold the base's image id.
+[[ ${#STALE[@]} == 0 ]] || die "the base image is missing or out of date: run $0"
 
 # --------------------------------------------------------------------------------------------- pause
 build_pause_image() {
@@ -125,10 +134,7 @@ build_pause_image() {
   rm -rf "$dir" "$dir.tar"
 }
 PAUSE="localhost/visionft/pause:catatonit-$(dpkg-query -W -f '${Version}' catatonit | tr -c 'A-Za-z0-9_.\n-' _)"
-if exists "$PAUSE"; then log "pause $PAUSE: up to date"; else
-  timed pause build_pause_image
-  drop_other_tags localhost/visionft/pause "$PAUSE"
-fi
+build pause "$PAUSE" "catatonit as /pause" build_pause_image
 
 # ---------------------------------------------------------------------------------------- wheelhouse
 # The wheels must suit the base's interpreter: pip here downloads for its own, so the two must match;
@@ -143,7 +149,9 @@ print("\n".join(sorted({*project["dependencies"], *extras["operator"], *extras["
 if [[ $host_python == "$BASE_PYTHON" ]]; then
   wheel_key="$({ cat "$ROOT/constraints.txt"; echo "$requirements" "$host_python"; } | hash_of)"
   WHEELHOUSE="$CACHE/wheelhouse/$wheel_key"
-  if [[ -f "$WHEELHOUSE/.complete" ]]; then log "wheelhouse $WHEELHOUSE: up to date"; else
+  if [[ -f "$WHEELHOUSE/.complete" ]]; then log "wheelhouse $WHEELHOUSE: up to date"
+  elif [[ $CHECK == 1 ]]; then log "wheelhouse $WHEELHOUSE: would be downloaded"; STALE+=(wheelhouse)
+  else
     fetch_wheels() {
       rm -rf "$WHEELHOUSE.partial"
       mkdir -p "$WHEELHOUSE.partial"
@@ -156,7 +164,7 @@ if [[ $host_python == "$BASE_PYTHON" ]]; then
       find "$CACHE/wheelhouse" -mindepth 1 -maxdepth 1 ! -name "$wheel_key" -exec rm -rf {} +
     }
     log "wheelhouse $WHEELHOUSE: pip download of the pinned dependencies"
-    timed wheelhouse fetch_wheels
+    fetch_wheels
   fi
   build_args+=(--network none -v "$WHEELHOUSE:/wheelhouse:ro" --build-arg WHEELHOUSE=/wheelhouse)
 else
@@ -182,20 +190,19 @@ podman_build() {  # podman_build REF DOCKERFILE BUILD-ARG...
 operator_key="$({ cat "$ROOT/Dockerfile.operator"; image_id "$BASE"; echo "$wheel_key"
   hash_paths pyproject.toml README.md constraints.txt api operator; } | hash_of)"
 OPERATOR="localhost/visionft/operator:$operator_key"
-if exists "$OPERATOR"; then log "operator $OPERATOR: up to date"; else
-  log "operator $OPERATOR: building Dockerfile.operator on $BASE"
-  timed operator podman_build "$OPERATOR" Dockerfile.operator --build-arg PYTHON_IMAGE="$BASE"
-  drop_other_tags localhost/visionft/operator "$OPERATOR"
-fi
+build operator "$OPERATOR" "Dockerfile.operator on $BASE" \
+  podman_build "$OPERATOR" Dockerfile.operator --build-arg PYTHON_IMAGE="$BASE"
 
 trainer_args=(--build-arg BASE_IMAGE="$BASE" --build-arg PYTHON="$BASE_PYTHON" --build-arg EXTRAS=trainer)
 trainer_key="$({ cat "$ROOT/Dockerfile.trainer"; image_id "$BASE"; echo "$wheel_key" "${trainer_args[*]}"
   hash_paths pyproject.toml README.md constraints.txt api trainer deploy/docker; } | hash_of)"
 TRAINER="localhost/visionft/trainer:cpu-$trainer_key"
-if exists "$TRAINER"; then log "trainer $TRAINER: up to date"; else
-  log "trainer $TRAINER: building Dockerfile.trainer (CPU) on $BASE"
-  timed trainer podman_build "$TRAINER" Dockerfile.trainer "${trainer_args[@]}"
-  drop_other_tags localhost/visionft/trainer "$TRAINER"
+build trainer "$TRAINER" "Dockerfile.trainer (CPU) on $BASE" \
+  podman_build "$TRAINER" Dockerfile.trainer "${trainer_args[@]}"
+
+if [[ $CHECK == 1 ]]; then
+  [[ ${#STALE[@]} == 0 ]] || die "to build: ${STALE[*]}; run $0"
+  exit 0
 fi
 
 # Untagged layers of earlier builds (a replaced dependency layer is several GB); the cache of these builds stays.

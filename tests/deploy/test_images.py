@@ -1,6 +1,7 @@
 """The built images, run as containers (podman, runc) the way a pod runs them: the operator's answers `--help`
 and imports without torch; the trainer's runs the quickstart manifest to completion on a read-only root
-filesystem as uid 65532, with no network and only /scratch writable, and its held-out accuracy rises.
+filesystem as uid 65532, with no network and only /scratch writable, and its held-out accuracy rises. A
+second build on the same machine builds nothing: each image's tag is a key of its inputs.
 
 The images are those of `hack/build-images.sh` (README command 1 builds them): the operator image from
 Dockerfile.operator and the CPU variant of Dockerfile.trainer, both on a Debian base made on this machine.
@@ -8,13 +9,16 @@ Dockerfile.operator and the CPU variant of Dockerfile.trainer, both on a Debian 
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness.node import Images
+from tests.harness.node import IMAGES_SCRIPT, Images
 
 pytestmark = [pytest.mark.images]
 
@@ -77,3 +81,42 @@ def test_trainer_image_runs_the_quickstart_read_only(built_images: Images, tmp_p
     )
     owners = {path.stat().st_uid for path in scratch.rglob("*")}
     assert owners == {int(UID)}, owners  # written by the image's user, not root
+
+
+#: What hack/build-images.sh reads: the Dockerfiles and the sources they copy.
+BUILD_INPUTS = ("hack/build-images.sh", "Dockerfile.operator", "Dockerfile.trainer", "pyproject.toml",
+                "README.md", "constraints.txt", "api", "operator", "trainer", "deploy/docker")  # fmt: skip
+
+
+def check_build(root: Path) -> subprocess.CompletedProcess[str]:
+    """`hack/build-images.sh --check` of the checkout at `root`: builds nothing, exits 1 if it would."""
+    return subprocess.run(["bash", str(root / IMAGES_SCRIPT), "--check"], capture_output=True, text=True,
+                          timeout=300, check=False, env={**os.environ, "PYTHON": sys.executable})  # fmt: skip
+
+
+def test_a_warm_machine_rebuilds_no_image(built_images: Images, tmp_path: Path) -> None:
+    """The build, run again on the same sources, finds every image up to date, also in another checkout (its
+    keys are of content, not of mtimes or paths); an edit of the trainer's code changes the trainer's key
+    alone."""
+    refs = (built_images.pause, built_images.operator, built_images.trainer)
+    warm = check_build(REPO)
+    assert warm.returncode == 0, warm.stderr
+    assert all(f" {ref}: up to date" in warm.stderr for ref in refs), warm.stderr
+
+    copy = tmp_path / "checkout"
+    for path in BUILD_INPUTS:
+        source = REPO / path
+        if source.is_dir():
+            shutil.copytree(source, copy / path, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            (copy / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, copy / path)
+    assert check_build(copy).returncode == 0
+
+    with (copy / "trainer" / "visionft" / "__init__.py").open("a") as module:
+        module.write("# an edit\n")
+    edited = check_build(copy)
+    assert edited.returncode == 1, edited.stderr
+    assert f" {built_images.operator}: up to date" in edited.stderr, edited.stderr
+    assert f" {built_images.trainer}: up to date" not in edited.stderr, edited.stderr
+    assert "to build: trainer;" in edited.stderr, edited.stderr
