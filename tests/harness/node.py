@@ -294,6 +294,9 @@ class RealNode:
         self.images = images
         self.dir = plane.work_dir / "node"
         self.state = Path(f"/run/visionft-node/state-{network.index}")
+        # The kubelet's sockets live under its root dir and a socket path holds at most 107 bytes: a short
+        # root of its own, on disk (the pods' emptyDir volumes are in it), whatever the plane's folder is.
+        self.kubelet_root = Path(f"/var/lib/visionft-node/kubelet-{network.index}")
         self.socket = self.state / "containerd.sock"
         self.cgroup_root = f"{_own_cgroup().rstrip('/')}/visionft-node-{network.index}"
         self.kubelet_port = free_port()
@@ -440,7 +443,9 @@ class RealNode:
     def start(self, timeout: float = 120.0) -> None:
         """containerd, the images it lacks, the kubelet; returns once the node is Ready."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._remove_state()  # a plane that died with this network index
         self.state.mkdir(parents=True, exist_ok=True)
+        self.kubelet_root.mkdir(parents=True, exist_ok=True)
         self._make_cgroup_root()
         path = f"{self.plane.bin_dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
         os.environ["PATH"] = path  # containerd finds its shim on PATH
@@ -459,7 +464,7 @@ class RealNode:
                 str(self.plane.bin_dir / "kubelet"),
                 f"--config={self._kubelet_config()}",
                 f"--kubeconfig={self._kubelet_kubeconfig()}",
-                f"--root-dir={self.dir / 'kubelet'}",
+                f"--root-dir={self.kubelet_root}",
                 f"--hostname-override={NODE_NAME}",
                 f"--node-ip={self.network.gateway}",
                 "--node-labels=visionft.io/node=real",
@@ -541,13 +546,18 @@ class RealNode:
         if "containerd" in self.components:
             self.components["containerd"].stop(grace=STOP_GRACE_S)
         self._kill_shims()
-        for point in _mounts_under(self.dir, self.state):
-            _run(["umount", "-l", point], check=False)
+        self._remove_state()
         self._remove_cgroups()
-        shutil.rmtree(self.state, ignore_errors=True)
         if self._store_lock is not None:
             self._store_lock.close()
             self._store_lock = None
+
+    def _remove_state(self) -> None:
+        """Unmount and remove the node's run-time state and the kubelet's root (the content store stays)."""
+        for point in _mounts_under(self.dir, self.state, self.kubelet_root):
+            _run(["umount", "-l", point], check=False)
+        shutil.rmtree(self.state, ignore_errors=True)
+        shutil.rmtree(self.kubelet_root, ignore_errors=True)
 
     def _remove_containers(self) -> None:
         tasks = self.ctr("tasks", "ls", "-q").stdout.split()
