@@ -128,36 +128,22 @@ kubernetes_ldflags() {
     " -X $v.gitTreeState=clean -X $v.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 }
 
+# build_kubernetes NAME VERSION BINARY...: the kubernetes commands BINARY... at VERSION, in one go build of a
+# wrapper module .cache/build/NAME (the real node's kubelet has its own, since it may be an older minor than
+# the control plane's).
 build_kubernetes() {
-  local all=1 b
-  for b in "${KUBE_BINS[@]}"; do up_to_date "$b" "$KUBERNETES_VERSION" || all=0; done
-  if [[ $all == 1 ]]; then log "kubernetes $KUBERNETES_VERSION: up to date"; return; fi
-  local dir="$WORK/kubernetes"
-  kubernetes_module "$dir" "$KUBERNETES_VERSION"
+  local name="$1" version="$2" all=1 b
+  shift 2
+  for b in "$@"; do up_to_date "$b" "$version" || all=0; done
+  if [[ $all == 1 ]]; then log "$* $version: up to date"; return; fi
+  local dir="$WORK/$name"
+  kubernetes_module "$dir" "$version"
   local pkgs=()
-  for b in "${KUBE_BINS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
-  log "kubernetes $KUBERNETES_VERSION: building ${KUBE_BINS[*]} in one go build"
-  (cd "$dir" && timed "kubernetes $KUBERNETES_VERSION (${KUBE_BINS[*]})" \
-    go build -mod=mod -trimpath -ldflags "$(kubernetes_ldflags "$KUBERNETES_VERSION")" -o "$BIN/" "${pkgs[@]}")
-  for b in "${KUBE_BINS[@]}"; do stamp "$b" "$KUBERNETES_VERSION"; done
-}
-
-NODE_KUBE_BINS=(kubelet)
-
-# The real node's kubelet at KUBELET_VERSION (its own wrapper module, since it may be an older minor than
-# the control plane's). No kube-proxy: the harness routes the one ClusterIP pods use (tests/harness/node.py).
-build_node_kubernetes() {
-  local all=1 b
-  for b in "${NODE_KUBE_BINS[@]}"; do up_to_date "$b" "$KUBELET_VERSION" || all=0; done
-  if [[ $all == 1 ]]; then log "kubelet $KUBELET_VERSION: up to date"; return; fi
-  local dir="$WORK/kubelet"
-  kubernetes_module "$dir" "$KUBELET_VERSION"
-  local pkgs=()
-  for b in "${NODE_KUBE_BINS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
-  log "kubernetes $KUBELET_VERSION: building ${NODE_KUBE_BINS[*]} in one go build"
-  (cd "$dir" && timed "kubernetes $KUBELET_VERSION (${NODE_KUBE_BINS[*]})" \
-    go build -mod=mod -trimpath -ldflags "$(kubernetes_ldflags "$KUBELET_VERSION")" -o "$BIN/" "${pkgs[@]}")
-  for b in "${NODE_KUBE_BINS[@]}"; do stamp "$b" "$KUBELET_VERSION"; done
+  for b in "$@"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
+  log "kubernetes $version: building $* in one go build"
+  (cd "$dir" && timed "kubernetes $version ($*)" \
+    go build -mod=mod -trimpath -ldflags "$(kubernetes_ldflags "$version")" -o "$BIN/" "${pkgs[@]}")
+  for b in "$@"; do stamp "$b" "$version"; done
 }
 
 CONTAINERD_BINS=(containerd containerd-shim-runc-v2 ctr)
@@ -209,12 +195,13 @@ build_kstatus() {
 total_start=$(date +%s)
 log "Go $(go env GOVERSION), GOPROXY=$(go env GOPROXY), GOMODCACHE=$(go env GOMODCACHE), GOCACHE=$(go env GOCACHE)"
 build_etcd
-build_kubernetes
+build_kubernetes kubernetes "$KUBERNETES_VERSION" "${KUBE_BINS[@]}"
 # kwok's version string (pkg/consts.Version) is already right in its tagged source.
 build_tool kwok sigs.k8s.io/kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok ""
 build_tool helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
   "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 build_kstatus
-build_node_kubernetes
+# The real node's kubelet. No kube-proxy: the harness routes the one ClusterIP pods use (tests/harness/node.py).
+build_kubernetes kubelet "$KUBELET_VERSION" kubelet
 build_containerd
 log "all binaries ready in $BIN ($(($(date +%s) - total_start)) s)"

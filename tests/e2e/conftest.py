@@ -119,13 +119,3 @@ def planted_s3(planted_credentials: S3Credentials) -> Iterator[SeaweedS3]:
         yield server
     finally:
         server.cleanup()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    report = yield
-    if report.failed and call.when in ("setup", "call"):
-        plane = getattr(item, "funcargs", {}).get("audited_control_plane")
-        if isinstance(plane, ControlPlane):
-            report.sections.append(("control plane logs", plane.log_tails()))
-    return report

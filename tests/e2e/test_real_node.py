@@ -35,6 +35,7 @@ import yaml
 
 from tests.e2e.test_end_to_end import (
     MANIFEST,
+    SECRET_NAME,
     TRAINER_FIELD_MANAGER,
     create_namespace,
     get_or_none,
@@ -43,6 +44,7 @@ from tests.e2e.test_end_to_end import (
     parse_table,
     publish_inputs,
     run_checked,
+    vft_spec,
     wait_for,
 )
 from tests.harness.node import NODE_NAME, NodeControlPlane
@@ -209,37 +211,24 @@ def test_quickstart_trains_in_a_real_pod_and_succeeds(
 
 # -------------------------------------------------------------------------------- S3, a kill and a resume
 NAME = "shapes-s3"
-SECRET_NAME = "team-s3"
 MAX_STEPS = 60
 CHECKPOINT_EVERY = 15
 
 
 def s3_spec(bucket: str, endpoint: str) -> dict[str, Any]:
-    return {
-        "model": {"uri": f"s3://{bucket}/models/tiny-qwen2-vl/", "loadIn4bit": False, "maxSeqLength": 256},
-        "lora": {"r": 8, "alpha": 8},
-        "dataset": {
-            "uri": f"s3://{bucket}/datasets/shapes/",
-            "format": "imagefolder",
-            "maxImagePixels": 3136,
-        },
-        "training": {
-            "maxSteps": MAX_STEPS,
-            "perDeviceBatchSize": 4,
-            "learningRate": 5e-3,
-            "warmupSteps": 1,
-            "optimizer": "adamw_torch",
-            "gradientCheckpointing": "off",
-            "checkpointEverySteps": CHECKPOINT_EVERY,
-            "keepCheckpoints": 2,
-            "loggingSteps": 1,
-            "optimizations": False,
-        },
-        "output": {"uri": f"s3://{bucket}/outputs/{NAME}/", "saveMethod": "lora"},
-        "storage": {"endpoint": endpoint, "addressingStyle": "path", "credentialsSecret": SECRET_NAME},
-        "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "3Gi", "scratchSize": "2Gi"},
-        "runPolicy": {"backoffLimit": 2},
-    }
+    """The recipe of the end-to-end run without a node (tiny Qwen2-VL, shapes, LoRA), as a CPU pod that
+    checkpoints often enough to be killed between two checkpoints."""
+    spec = vft_spec(bucket, endpoint)
+    spec["training"].update(
+        maxSteps=MAX_STEPS,
+        gradientAccumulationSteps=1,
+        checkpointEverySteps=CHECKPOINT_EVERY,
+        keepCheckpoints=2,
+    )
+    spec["output"]["uri"] = f"s3://{bucket}/outputs/{NAME}/"
+    spec["resources"] = {"gpusPerNode": 0, "cpu": "1", "memory": "3Gi", "scratchSize": "2Gi"}
+    spec["runPolicy"] = {"backoffLimit": 2}
+    return spec
 
 
 def complete_checkpoints(s3: SeaweedS3, bucket: str) -> list[int]:

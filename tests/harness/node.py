@@ -40,7 +40,7 @@ import signal
 import subprocess
 import textwrap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -671,14 +671,3 @@ class NodeControlPlane(ControlPlane):
                 "--enable-admission-plugins=ExtendedResourceToleration",
             ]
         return argv
-
-
-@contextlib.contextmanager
-def node_control_plane(**kwargs: Any) -> Iterator[NodeControlPlane]:
-    """Start a `NodeControlPlane(**kwargs)` for the duration of a `with` block."""
-    plane = NodeControlPlane(**kwargs)
-    plane.start()
-    try:
-        yield plane
-    finally:
-        plane.stop()

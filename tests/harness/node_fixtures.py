@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -79,13 +78,3 @@ def gateway_s3(node_plane: NodeControlPlane) -> Iterator[SeaweedS3]:
         yield server
     finally:
         server.cleanup()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    report = yield
-    if report.failed and call.when in ("setup", "call"):
-        plane = getattr(item, "funcargs", {}).get("node_plane")
-        if isinstance(plane, NodeControlPlane):
-            report.sections.append(("control plane and node logs", plane.log_tails(lines=25)))
-    return report
