@@ -58,7 +58,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -534,13 +534,17 @@ class ControlPlane:
             self._wait_cluster_ready()
             mark("controllers+nodes")
         except BaseException as exc:
-            logs = self.log_tails()
-            self.stop(keep_files=True)
-            if isinstance(exc, ControlPlaneError):
-                raise ControlPlaneError(f"{exc}\nlogs in {self.log_dir}\n{logs}") from exc
-            raise
+            self._fail_start(exc)
         self.report.total = time.monotonic() - began
         return self.report
+
+    def _fail_start(self, exc: BaseException) -> NoReturn:
+        """Stop what started, keep the files, and raise `exc`, a ControlPlaneError with the logs' tails."""
+        logs = self.log_tails()
+        self.stop(keep_files=True)
+        if isinstance(exc, ControlPlaneError):
+            raise ControlPlaneError(f"{exc}\nlogs in {self.log_dir}\n{logs}") from exc
+        raise exc
 
     def stop(self, *, keep_files: bool = False) -> None:
         """Stop the components in reverse order of start; remove the work folder unless `keep_files`."""

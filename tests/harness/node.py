@@ -636,11 +636,7 @@ class NodeControlPlane(ControlPlane):
             self.node = RealNode(self, self.network, self.images)
             self.node.start()
         except BaseException as exc:
-            logs = self.log_tails()
-            self.stop(keep_files=True)
-            if isinstance(exc, ControlPlaneError):
-                raise ControlPlaneError(f"{exc}\nlogs in {self.log_dir}\n{logs}") from exc
-            raise
+            self._fail_start(exc)
         report.steps["real node"] = time.monotonic() - began - report.total
         for name, seconds in self.node.import_seconds.items():
             report.steps[f"import {name}"] = seconds

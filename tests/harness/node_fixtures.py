@@ -26,7 +26,8 @@ from tests.harness.node import (
     missing_node_binaries,
     node_unavailable,
 )
-from tests.harness.s3 import SeaweedS3, find_weed
+from tests.harness.s3 import SeaweedS3
+from tests.harness.s3_fixtures import run_s3
 
 
 def require_real_node() -> None:
@@ -67,14 +68,6 @@ def node_plane(built_images: Images) -> Iterator[NodeControlPlane]:
 @pytest.fixture(scope="session")
 def gateway_s3(node_plane: NodeControlPlane) -> Iterator[SeaweedS3]:
     """An S3 server on the pod network's gateway, for pods to read inputs from and publish to."""
-    try:
-        find_weed()
-    except FileNotFoundError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    server = SeaweedS3(host=node_plane.network.gateway)
-    try:
-        seconds = server.start()
-        print(f"\nS3 server (SeaweedFS) for the pods at {server.endpoint_url} started in {seconds:.1f} s")
-        yield server
-    finally:
-        server.cleanup()
+    yield from run_s3(
+        lambda: SeaweedS3(host=node_plane.network.gateway), "S3 server (SeaweedFS) for the pods"
+    )
