@@ -26,11 +26,12 @@ from botocore.config import Config
 
 from tests.harness.node import GPU_TAINT, NODE_NAME, Images
 
-pytestmark = [pytest.mark.node, pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.node, pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
 READY_LINE = "Ctrl-C stops everything."
-START_TIMEOUT_S = 600
+#: The start includes importing changed images into containerd (several GB), on a loaded 2-core machine.
+START_TIMEOUT_S = 1200
 GPU_NODES = 1
 
 
