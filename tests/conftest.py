@@ -21,7 +21,9 @@ if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest_plugins = [
+    # Before the plugins that import them: a plugin module imported first would not be assert-rewritten.
     "tests.harness.kube_fixtures",
     "tests.harness.s3_fixtures",
     "tests.harness.mlflow_fixtures",
+    "tests.harness.node_fixtures",
 ]

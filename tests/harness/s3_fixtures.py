@@ -6,7 +6,7 @@ test that left it down, so the next test never sees a dead server.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -14,20 +14,26 @@ import pytest
 from tests.harness.s3 import SeaweedS3, find_weed
 
 
-@pytest.fixture(scope="session")
-def s3_server_session() -> Iterator[SeaweedS3]:
-    """The session's SeaweedFS S3 server; fails (not skips) when the `weed` binary is missing."""
+def run_s3(make: Callable[[], SeaweedS3], label: str) -> Iterator[SeaweedS3]:
+    """Make a server, start it, yield it, clean it up: the body of every S3 server fixture. Fails (never
+    skips) when the `weed` binary is missing."""
     try:
         find_weed()
     except FileNotFoundError as exc:
         pytest.fail(str(exc), pytrace=False)
-    server = SeaweedS3()
+    server = make()
     try:
         seconds = server.start()
-        print(f"\nS3 test server (SeaweedFS) at {server.endpoint_url} started in {seconds:.1f} s")
+        print(f"\n{label} at {server.endpoint_url} started in {seconds:.1f} s")
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def s3_server_session() -> Iterator[SeaweedS3]:
+    """The session's SeaweedFS S3 server; fails (not skips) when the `weed` binary is missing."""
+    yield from run_s3(SeaweedS3, "S3 test server (SeaweedFS)")
 
 
 @pytest.fixture
