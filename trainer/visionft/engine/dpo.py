@@ -94,15 +94,11 @@ def vision_dpo_trainer_class() -> type:
             return dataset  # the collator encodes every pair when its batch is built
 
         def create_optimizer(self, *args, **kwargs):
-            optimizer = super().create_optimizer(*args, **kwargs)
-            if self.patch_report is not None and self.patch_report.enabled:
-                from visionft.engine.optim import remove_per_parameter_sync
+            from visionft.engine import optim
 
-                if remove_per_parameter_sync(optimizer):
-                    logger.info(
-                        "%s (bitsandbytes) without per-parameter device syncs", type(optimizer).__name__
-                    )
-            return optimizer
+            return optim.sync_free_if(
+                super().create_optimizer(*args, **kwargs), self.engine_options.optimizations
+            )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if "ref_chosen_logps" not in inputs:

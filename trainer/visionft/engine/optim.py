@@ -15,9 +15,12 @@ checks that it gives the same parameters as bitsandbytes' own class.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -64,6 +67,14 @@ def remove_per_parameter_sync(optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
+def sync_free_if(optimizer: torch.optim.Optimizer, optimizations: bool) -> torch.optim.Optimizer:
+    """The Trainer's optimizer, made sync-free (``remove_per_parameter_sync``) where the run's
+    optimizations are on, whether or not its family has fused kernels; returned for chaining."""
+    if optimizations and remove_per_parameter_sync(optimizer):
+        logger.info("%s (bitsandbytes) without per-parameter device syncs", type(optimizer).__name__)
+    return optimizer
+
+
 def adamw_8bit(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
     """bitsandbytes' ``AdamW8bit(params, **kwargs)`` (lr, betas, eps, ...), stepping without per-parameter syncs."""
     import bitsandbytes as bnb
@@ -73,4 +84,4 @@ def adamw_8bit(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-__all__ = ["adamw_8bit", "remove_per_parameter_sync"]
+__all__ = ["adamw_8bit", "remove_per_parameter_sync", "sync_free_if"]

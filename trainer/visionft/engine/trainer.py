@@ -78,16 +78,11 @@ def vision_sft_trainer_class() -> type:
             super().__init__(*args, **kwargs)
 
         def create_optimizer(self, *args, **kwargs):
-            optimizer = super().create_optimizer(*args, **kwargs)
-            if self.engine_options.optimizations:
-                from visionft.engine import optim
+            from visionft.engine import optim
 
-                if optim.remove_per_parameter_sync(optimizer):
-                    logger.info(
-                        "%s (bitsandbytes) without per-parameter device syncs",
-                        type(optimizer).__name__,
-                    )
-            return optimizer
+            return optim.sync_free_if(
+                super().create_optimizer(*args, **kwargs), self.engine_options.optimizations
+            )
 
         def _rows(self) -> Any:
             """The row family when the collator builds fixed-shape rows (``visionft.data.rows``)."""
