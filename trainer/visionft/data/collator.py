@@ -58,6 +58,7 @@ from visionft.data.packing import (
     separates_packed_samples,
 )
 from visionft.data.samples import Conversation, to_conversation
+from visionft.model.architectures import get_arch_spec
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,6 @@ _IMAGE_TOKEN_ATTRS = (
 _SEQ_PAD = {"attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0, "labels": IGNORE_INDEX}
 # Image tensors that Mllama keeps per sample (batch, images, tiles, ...) rather than per image.
 _PER_SAMPLE_IMAGE_KEYS = {"pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"}
-_PER_SAMPLE_MODEL_TYPES = {"mllama"}
 
 
 def patch_multiple(model) -> int:
@@ -389,7 +389,8 @@ class VisionDataCollator:
         length = max(int(e["input_ids"].shape[1]) for e in encoded)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        per_sample = self.model_type in _PER_SAMPLE_MODEL_TYPES
+        spec = get_arch_spec(self.model_type)
+        per_sample = spec is not None and spec.per_sample_images
         batch: dict[str, torch.Tensor] = {}
         for key in sorted({k for e in encoded for k in e}):
             present = [e.get(key) for e in encoded]

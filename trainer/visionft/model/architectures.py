@@ -70,6 +70,11 @@ class ArchSpec:
             no fixed-shape rows. Default: None.
         graph_steps (bool): runs CUDA-graph steps (``visionft.patching.static_inputs`` prepares its
             forward). Default: False.
+        text_attention (tuple[str, ...]): class names of the family's text attention, whose forward
+            ``visionft.patching.packed_attention`` swaps so that packed samples stay apart. Default: none.
+        per_sample_images (bool): the processor returns image tensors per sample (batch, images, tiles,
+            ...) rather than one row per image, so the collator pads them per sample (Mllama).
+            Default: False.
 
     Raises:
         ValueError: ``modeling`` names a model type outside ``model_types``, or a patch set lacks the
@@ -89,6 +94,8 @@ class ArchSpec:
     packing: bool = False
     rows: str | None = None
     graph_steps: bool = False
+    text_attention: tuple[str, ...] = ()
+    per_sample_images: bool = False
 
     def __post_init__(self) -> None:
         extra = sorted(set(self.modeling) - set(self.model_types))
@@ -129,6 +136,7 @@ FAMILIES: tuple[ArchSpec, ...] = (
         packing=True,
         rows="visionft.patching.rows.qwen2_vl",
         graph_steps=True,
+        text_attention=("Qwen2VLAttention", "Qwen2_5_VLAttention"),
         **_QWEN_VL,
     ),
     ArchSpec(
@@ -142,6 +150,8 @@ FAMILIES: tuple[ArchSpec, ...] = (
         ),
         # The Qwen2-VL row layout covers it: resampled position table, DeepStack features, q/k norms.
         rows="visionft.patching.rows.qwen2_vl",
+        # Norms its queries and keys per head (q_norm/k_norm) before the rotary embedding.
+        text_attention=("Qwen3VLTextAttention",),
         **_QWEN_VL,
     ),
     ArchSpec(
@@ -154,6 +164,7 @@ FAMILIES: tuple[ArchSpec, ...] = (
         mlp=("mlp",),
         keep_16bit=("model.vision_model.patch_embedding", "model.multi_modal_projector", "lm_head"),
         chat=_LLAMA3,
+        per_sample_images=True,
     ),
     ArchSpec(
         model_types=("gemma3",),

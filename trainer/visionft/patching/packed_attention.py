@@ -38,12 +38,12 @@ from torch import nn
 
 from visionft.data.packing import PACKED_CU_SEQLENS, PACKED_MAX_SEQLEN, SEPARATES_PACKED_SAMPLES
 from visionft.kernels.amp import autocast_dtype
+from visionft.model.architectures import FAMILIES
 from visionft.patching.core import PatchReport
 from visionft.patching.segments import pad_segments, segment_attention
 
-#: Text attention classes of the covered architectures (transformers 5.17 - 5.23). Qwen3-VL's norms
-#: its queries and keys per head (``q_norm``/``k_norm``) before the rotary embedding.
-TEXT_ATTENTION_CLASSES = ("Qwen2VLAttention", "Qwen2_5_VLAttention", "Qwen3VLTextAttention")
+#: Text attention classes of the covered architectures (transformers 5.17 - 5.23), from the family table.
+TEXT_ATTENTION_CLASSES = tuple(name for spec in FAMILIES for name in spec.text_attention)
 
 
 @functools.cache
