@@ -71,6 +71,9 @@ class RunResult:
         steps (int): optimizer steps done.
         final_loss (float | None): the last logged training loss.
         eval_samples (int): how many held-out samples each evaluation scored (0: no evaluation).
+        accuracy_before (float | None): a dpo run's held-out preference accuracy before training (None when
+            not scored).
+        accuracy_after (float | None): a dpo run's held-out preference accuracy after training.
         evaluation (dict | None): ``status.evaluation`` at the end: the headline metric of the base model,
             the output and the best evaluation, each with its step.
         skipped_samples (int): samples skipped under ``onBadSample: skip``.
@@ -90,6 +93,8 @@ class RunResult:
     steps: int = 0
     final_loss: float | None = None
     eval_samples: int = 0
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
     evaluation: dict[str, Any] | None = None
     skipped_samples: int = 0
     graphs: dict | None = None
