@@ -170,11 +170,12 @@ def test_the_operator_runs_as_a_restricted_pod_of_its_image(
     denied = inside("python", "-c", "open('/opt/venv/probe', 'w')")
     assert denied.returncode != 0 and "Read-only file system" in denied.stderr, denied
     assert inside("python", "-c", "open('/tmp/probe', 'w')").returncode == 0  # its emptyDir
-    status = inside(
-        "python",
-        "-c",
-        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/healthz').status)",
-    )
+    # The liveness endpoint answers once Kopf has started, a few seconds after the container (which has no
+    # readiness probe) is ready.
+    probe = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/healthz').status)"
+    deadline = time.monotonic() + 120
+    while (status := inside("python", "-c", probe)).stdout.strip() != "200" and time.monotonic() < deadline:
+        time.sleep(2)
     assert status.stdout.strip() == "200", status
 
 
