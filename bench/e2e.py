@@ -285,11 +285,14 @@ def _install_timer(record: dict, profile_from: int, profile_steps: int):
             now = time.time()
             tokens, samples = counts.popleft() if counts else (0, 0)
             record["steps"].append({"t": now - record["t0"], "tokens": tokens, "samples": samples})
+            if cuda and len(record["steps"]) <= 8:  # where the peak is reached: warm-up, capture, replay
+                record.setdefault("peak_by_step_gib", []).append(round(torch.cuda.max_memory_allocated() / 2**30, 3))
             if self.prof is not None and state.global_step == profile_from + profile_steps:
                 wall = time.perf_counter() - self.prof_t0
                 self.prof.__exit__(None, None, None)
                 record["gpu_busy_share"] = round(_busy_seconds(self.prof) / wall, 4)
                 record["profiled_steps"] = profile_steps
+                record["top_kernels"] = _top_kernels(self.prof, profile_steps)
                 self.prof = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -309,6 +312,24 @@ def _install_timer(record: dict, profile_from: int, profile_steps: int):
         record["trainer"] = self
 
     transformers.Trainer.__init__ = init
+
+
+def _top_kernels(prof, steps: int, n: int = 30) -> list[list]:
+    """The device kernels that took the most time: [name, ms per step, launches per step], plus a total row."""
+    import torch
+
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start:
+            entry = totals.setdefault(e.name[:120], [0.0, 0])
+            entry[0] += (e.time_range.end - e.time_range.start) / 1e3
+            entry[1] += 1
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    table = [[name, round(ms / steps, 2), round(count / steps, 1)] for name, (ms, count) in rows[:n]]
+    table.append(
+        ["(all kernels)", round(sum(v[0] for v in totals.values()) / steps, 2), sum(v[1] for v in totals.values()) / steps]
+    )
+    return table
 
 
 def _busy_seconds(prof) -> float:
