@@ -268,6 +268,7 @@ def _install_timer(record: dict, profile_from: int, profile_steps: int):
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+                record["alloc_at_begin_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
             record["train_begin_s"] = time.time() - record["t0"]
 
         def on_step_begin(self, args, state, control, **kwargs):
