@@ -167,21 +167,25 @@ def test_patched_matches_plain_on_a_4bit_qlora_model(tmp_path):
         assert err < 0.25, f"{name}: relative gradient error {err:.2e}"
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3_vl"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_gemma3_patched_matches_plain(lora):
-    model, processor = _model("gemma3", lora)
+def test_gemma3_and_qwen3_vl_patched_match_plain(arch, lora):
+    model, processor = _model(arch, lora)
     msgs = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A red square on grey."}]},
     ]
     text = processor.apply_chat_template(msgs, tokenize=False)
-    batch = processor(text=[text], images=[tiny_image("gemma3")], return_tensors="pt")
+    batch = processor(text=[text], images=[tiny_image(arch)], return_tensors="pt")
     batch["labels"] = batch["input_ids"].clone()
     batch = {k: v.to(DEVICE) for k, v in batch.items()}
     loss_plain, grads_plain = _loss_and_grads(model, batch)
     report = apply_optimizations(model, optimizations=True)
     assert report.counts.get("rms_norm", 0) > 0 and report.counts.get("glu", 0) > 0, report.summary()
     assert report.counts.get("rope") == 1 and report.counts.get("loss") == 1
+    assert report.counts.get("layer_norm", 0) > 0, report.summary()  # the vision tower's
+    if lora:
+        assert report.counts.get("lora", 0) > 0, report.summary()
     loss_fast, grads_fast = _loss_and_grads(model, batch)
     revert_optimizations(model)
     torch.testing.assert_close(loss_fast, loss_plain, rtol=1e-5, atol=1e-6)
@@ -203,3 +207,93 @@ def test_patched_model_still_generates():
         patched = model.generate(**batch, max_new_tokens=3, do_sample=False)
     revert_optimizations(model)
     assert torch.equal(patched, plain)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3_vl"])
+def test_vision_layer_norms_stay_in_the_autocast_dtype(arch):
+    # CUDA autocast runs layer_norm in fp32 and returns fp32, which each reading linear casts again; the
+    # swap returns bf16 with the fp32 result's values (the next linear would round them to bf16 anyway).
+    model, _ = _model(arch, lora=True)
+    norm = next(m for m in model.modules() if type(m) is torch.nn.LayerNorm)
+    x = torch.randn(5, norm.normalized_shape[0], dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    ref = torch.nn.functional.layer_norm(
+        x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps
+    )
+    (g_ref,) = torch.autograd.grad(ref.pow(2).sum(), x)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        plain = norm(x)
+    if DEVICE.type == "cuda":
+        assert plain.dtype == torch.float32
+    report = apply_optimizations(model, optimizations=True)
+    assert report.counts.get("layer_norm", 0) > 0, report.summary()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        fast = norm(x)
+    (g_fast,) = torch.autograd.grad(fast.float().pow(2).sum(), x)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast, ref.to(torch.bfloat16), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(g_fast.float(), g_ref.float(), rtol=2e-2, atol=5e-2)
+    # Outside autocast, and on an fp32 input, the module's own forward runs.
+    assert norm(x.float()).dtype == torch.float32
+    revert_optimizations(model)
+    assert "forward" not in vars(norm)
+
+
+def _zero_adapter_and_disabled_logits(model, processor, dtype, monkeypatch):
+    """Logits of ``model`` with LoRA B = 0, and with its adapters disabled, both under no grad; also how
+    many layers took the kernel's base-only path."""
+    import visionft.patching.modules as modules
+
+    calls, original = [], modules.base_linear
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(modules, "base_linear", counting)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.zero_()
+    batch = {k: v for k, v in _batch("qwen2_5_vl", processor).items() if k != "labels"}
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    report = apply_optimizations(model, optimizations=True)
+    assert report.counts.get("lora", 0) > 0, report.summary()
+    with torch.no_grad():
+        policy = model(**batch).logits
+        with model.disable_adapter():
+            reference = model(**batch).logits
+    revert_optimizations(model)
+    return policy, reference, len(calls)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapters_disabled_give_the_zero_adapter_output_bit_for_bit(dtype, monkeypatch):
+    # DPO's reference pass runs the policy model with its adapters disabled; before the first update
+    # (LoRA B = 0) it must equal the policy exactly, or the first implicit reward margin is noise
+    # (on NF4 bases bitsandbytes' own matmul differs from the kernel's: the GPU test below).
+    model, processor = _model("qwen2_5_vl", lora=True)
+    model.to(dtype)
+    policy, reference, base_calls = _zero_adapter_and_disabled_logits(model, processor, dtype, monkeypatch)
+    assert base_calls > 0
+    assert torch.equal(policy, reference), (policy - reference).abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes 4-bit needs CUDA")
+def test_adapters_disabled_on_a_4bit_model_give_the_zero_adapter_output_bit_for_bit(tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from visionft.model.loading import quantization_config
+    from visionft.testing.tiny import save_tiny_vlm
+
+    folder = save_tiny_vlm("qwen2_5_vl", tmp_path / "tiny")
+    quant = quantization_config(4, torch.bfloat16, ["model.visual", "lm_head"])
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0}
+    )
+    model = tiny_lora(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        policy, reference, base_calls = _zero_adapter_and_disabled_logits(
+            model, AutoProcessor.from_pretrained(folder), torch.bfloat16, monkeypatch
+        )
+    assert base_calls > 0
+    assert torch.equal(policy, reference), (policy - reference).abs().max()

@@ -70,7 +70,7 @@ def _load(folder, arch):
     model = tiny_lora(model, torch.Generator(device="cpu").manual_seed(1))
     model.train()
     report = apply_optimizations(model)
-    assert report.enabled or patch_set(arch) is None, report.summary()  # qwen3_vl: no kernels yet
+    assert report.enabled, report.summary()
     return model
 
 

@@ -37,6 +37,16 @@ def _base_weight(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tenso
     return dequantize_nf4(packed, state, dtype)
 
 
+def _base_out(x2: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x2 @ W^T (+ bias)`` in ``x2``'s dtype, the weight dequantized for this call only."""
+    w = _base_weight(packed, state, x2.dtype)
+    out = x2 @ w.t()
+    del w
+    if bias is not None:
+        out += bias.to(x2.dtype)
+    return out
+
+
 class LoRANF4Function(torch.autograd.Function):
     """``x @ W^T + bias + scale * (x @ A^T) @ B^T`` with ``W`` stored in NF4 (see module docstring)."""
 
@@ -48,11 +58,7 @@ class LoRANF4Function(torch.autograd.Function):
         dtype = x.dtype
         a = lora_a.to(dtype)
         b = lora_b.to(dtype)
-        w = _base_weight(packed, state, dtype)
-        out = x2 @ w.t()
-        del w
-        if bias is not None:
-            out += bias.to(dtype)
+        out = _base_out(x2, packed, state, bias)
         xa = x2 @ a.t()
         out.addmm_(xa, b.t(), alpha=scale)
         ctx.save_for_backward(x2, xa, lora_a, lora_b)
@@ -112,6 +118,20 @@ def lora_nf4_linear(
         with torch.autocast(x.device.type, enabled=False):
             return LoRANF4Function.apply(x.to(amp), packed, state, bias, lora_a, lora_b, scale)
     return LoRANF4Function.apply(x, packed, state, bias, lora_a, lora_b, scale)
+
+
+def base_linear(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None) -> torch.Tensor:
+    """The base layer alone, through the same dequantization and matmul as ``LoRANF4Function``'s forward.
+
+    A layer with its adapters disabled then gives bit for bit what it gives with a zero LoRA ``B``: a DPO
+    reference pass (adapters off) matches the policy before its first update, as it does in plain PEFT.
+    No gradient: it serves passes under ``torch.no_grad``.
+    """
+    amp = autocast_dtype(x.device.type)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        x = x.to(amp) if amp is not None else x
+        out = _base_out(x.reshape(-1, x.shape[-1]), packed, state, bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def lora_nf4_linear_reference(x, packed, state, bias, lora_a, lora_b, scale):

@@ -148,6 +148,8 @@ FAMILIES: tuple[ArchSpec, ...] = (
             "model.visual.deepstack_merger_list",
             "lm_head",
         ),
+        patches="visionft.patching.qwen3_vl",
+        modeling={"qwen3_vl": "transformers.models.qwen3_vl.modeling_qwen3_vl"},
         # The Qwen2-VL row layout covers it: resampled position table, DeepStack features, q/k norms.
         rows="visionft.patching.rows.qwen2_vl",
         # Norms its queries and keys per head (q_norm/k_norm) before the rotary embedding.

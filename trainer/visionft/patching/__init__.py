@@ -12,6 +12,8 @@ Which architecture gets which patch set is its family's entry in ``visionft.mode
 (``patches``). What is swapped (instance-level ``forward`` assignments, recorded for ``revert``):
 
 - ``*RMSNorm`` modules -> ``kernels.rms_norm`` (Gemma's ``1 + w`` recognised by class name);
+- ``nn.LayerNorm`` (vision towers: SigLIP, Qwen3-VL) -> the native kernel in the autocast dtype, so that
+  no fp32 copy of its output is cast again by every linear that reads it (``layer_norm``);
 - gated MLPs (``gate_proj``/``up_proj``/``down_proj`` + SiLU or tanh-GELU) -> ``kernels.glu``;
 - rotary application (Qwen2-VL/2.5-VL M-RoPE) -> ``kernels.rope`` (a module-global swap);
 - PEFT LoRA layers over NF4 or plain bases -> ``kernels.lora_nf4`` (no dequantized weight kept);
@@ -87,7 +89,7 @@ def apply_optimizations(model: nn.Module, optimizations: bool = True, **kinds: b
     Args:
         model (nn.Module): the loaded model, after ``get_peft_model`` if LoRA is used.
         optimizations (bool): the switch; False leaves the model plain. Default: True.
-        **kinds (bool): turn single kinds off: ``rope``, ``rms_norm``, ``glu``, ``lora``, ``fused_loss``,
+        **kinds (bool): turn single kinds off: ``rope``, ``rms_norm``, ``layer_norm``, ``glu``, ``lora``, ``fused_loss``,
             ``vision_attention``, ``offload_embeddings``, ``static_inputs`` (the hooks ``visionft.engine.cuda_graphs`` uses),
             ``packed_attention``.
 

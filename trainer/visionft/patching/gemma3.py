@@ -6,6 +6,8 @@ The loss: transformers 5.17-5.23 compute Gemma 3's loss through ``loss_function`
 2,000 tokens, and their fp32 copy in the loss). A config with ``final_logit_softcapping`` keeps the
 plain loss.
 
+The SigLIP tower's LayerNorms return bf16 under autocast (``modules.patch_layer_norms`` says why).
+
 Not swapped here: the SigLIP vision tower's attention (not windowed) and the input embeddings (scaled,
 and tied to ``lm_head``, so they stay on the GPU).
 """
@@ -16,7 +18,13 @@ import torch
 from torch import nn
 
 from visionft.patching.core import PatchReport
-from visionft.patching.modules import patch_gated_mlps, patch_lm_loss, patch_lora_layers, patch_rms_norms
+from visionft.patching.modules import (
+    patch_gated_mlps,
+    patch_layer_norms,
+    patch_lm_loss,
+    patch_lora_layers,
+    patch_rms_norms,
+)
 from visionft.patching.rope import patch_rope
 
 
@@ -31,6 +39,7 @@ def apply(
     glu: bool = True,
     lora: bool = True,
     fused_loss: bool = True,
+    layer_norm: bool = True,
     **_: bool,
 ) -> None:
     """Applies the Gemma 3 set to ``hf_model`` (and its PEFT wrapper ``model``)."""
@@ -40,6 +49,8 @@ def apply(
         patch_rope(modeling, device, dtype, report)
     if rms_norm:
         patch_rms_norms(hf_model, report)
+    if layer_norm:
+        patch_layer_norms(hf_model, report)
     if glu:
         patch_gated_mlps(hf_model, report)
     if lora:

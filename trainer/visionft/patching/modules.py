@@ -19,7 +19,7 @@ from torch import nn
 
 from visionft.kernels.fused_linear_ce import fused_linear_cross_entropy
 from visionft.kernels.glu import geglu, swiglu
-from visionft.kernels.lora_nf4 import lora_nf4_linear
+from visionft.kernels.lora_nf4 import base_linear, lora_nf4_linear
 from visionft.kernels.rms_norm import rms_norm, rms_norm_reference
 from visionft.patching.core import PatchReport, self_check
 
@@ -83,6 +83,36 @@ def _make_norm_forward(eps: float, mode: str, offset: float):
         return rms_norm(hidden_states, self.weight, eps, offset, mode)
 
     return forward
+
+
+# --------------------------------------------------------------------------------------------------
+# LayerNorm (vision towers) under autocast
+# --------------------------------------------------------------------------------------------------
+
+
+def patch_layer_norms(model: nn.Module, report: PatchReport) -> None:
+    """Makes every ``nn.LayerNorm`` in ``model`` return its input's half dtype under autocast.
+
+    Autocast runs ``layer_norm`` in fp32 and returns fp32, so each linear that reads the output casts it
+    back to bf16 on its own (three times for q, k and v), and the backward casts the gradients again:
+    in a SigLIP tower at 16k patches these copies take more device time than the norms. The native
+    kernel on a bf16 input already accumulates in fp32 and rounds once at the end, where the next
+    linear would have rounded it anyway. Outside autocast, or on an fp32 input, the forward is the
+    module's own.
+    """
+    for _, module in model.named_modules():
+        if type(module) is nn.LayerNorm and len(module.normalized_shape) == 1:
+            report.swap(module, "forward", types.MethodType(_half_layer_norm_forward, module), "layer_norm")
+
+
+def _half_layer_norm_forward(self, x):
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != x.dtype:
+        return nn.LayerNorm.forward(self, x)
+    weight = self.weight.to(x.dtype) if self.weight is not None else None
+    bias = self.bias.to(x.dtype) if self.bias is not None else None
+    with torch.autocast(device, enabled=False):
+        return nn.functional.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,7 +214,16 @@ def _make_lora_forward(kind: str, adapter: str):
 
     def forward(self, x, *args, **kwargs):
         nonlocal cls_forward
-        if args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [adapter]:
+        # Adapters off without grad (a DPO reference pass): the base through the kernel's own matmul, so
+        # that it equals the policy with a zero LoRA B bit for bit.
+        base_only = self.disable_adapters and not self.merged and not torch.is_grad_enabled()
+        if (
+            args
+            or kwargs
+            or self.merged
+            or list(self.active_adapters) != [adapter]
+            or (self.disable_adapters and not base_only)
+        ):
             cls_forward = cls_forward or type(self).forward
             return cls_forward(self, x, *args, **kwargs)
         base = self.base_layer
@@ -195,15 +234,18 @@ def _make_lora_forward(kind: str, adapter: str):
             weight, state = base.weight, None
             compute = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         in_dtype = x.dtype
-        out = lora_nf4_linear(
-            x.to(compute),
-            weight,
-            state,
-            base.bias,
-            self.lora_A[adapter].weight,
-            self.lora_B[adapter].weight,
-            self.scaling[adapter],
-        )
+        if base_only:
+            out = base_linear(x.to(compute), weight, state, base.bias)
+        else:
+            out = lora_nf4_linear(
+                x.to(compute),
+                weight,
+                state,
+                base.bias,
+                self.lora_A[adapter].weight,
+                self.lora_B[adapter].weight,
+                self.scaling[adapter],
+            )
         return out if out.dtype == in_dtype else out.to(in_dtype)
 
     return forward
@@ -327,4 +369,11 @@ def patch_lm_loss(hf_model: nn.Module, report: PatchReport) -> None:
     report.counts.pop("loss_forward", None)
 
 
-__all__ = ["patch_gated_mlps", "patch_lm_loss", "patch_lora_layers", "patch_rms_norms", "rms_norm_reference"]
+__all__ = [
+    "patch_gated_mlps",
+    "patch_layer_norms",
+    "patch_lm_loss",
+    "patch_lora_layers",
+    "patch_rms_norms",
+    "rms_norm_reference",
+]
