@@ -287,7 +287,9 @@ def _install_timer(record: dict, profile_from: int, profile_steps: int):
             tokens, samples = counts.popleft() if counts else (0, 0)
             record["steps"].append({"t": now - record["t0"], "tokens": tokens, "samples": samples})
             if cuda and len(record["steps"]) <= 8:  # where the peak is reached: warm-up, capture, replay
-                record.setdefault("peak_by_step_gib", []).append(round(torch.cuda.max_memory_allocated() / 2**30, 3))
+                record.setdefault("peak_by_step_gib", []).append(
+                    round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                )
             if self.prof is not None and state.global_step == profile_from + profile_steps:
                 wall = time.perf_counter() - self.prof_t0
                 self.prof.__exit__(None, None, None)
@@ -328,7 +330,11 @@ def _top_kernels(prof, steps: int, n: int = 30) -> list[list]:
     rows = sorted(totals.items(), key=lambda kv: -kv[1][0])
     table = [[name, round(ms / steps, 2), round(count / steps, 1)] for name, (ms, count) in rows[:n]]
     table.append(
-        ["(all kernels)", round(sum(v[0] for v in totals.values()) / steps, 2), sum(v[1] for v in totals.values()) / steps]
+        [
+            "(all kernels)",
+            round(sum(v[0] for v in totals.values()) / steps, 2),
+            sum(v[1] for v in totals.values()) / steps,
+        ]
     )
     return table
 

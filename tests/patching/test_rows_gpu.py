@@ -52,7 +52,7 @@ def _load(folder, arch):
     from transformers import AutoModelForImageTextToText
     from visionft.model.architectures import get_arch_spec
     from visionft.model.loading import quantization_config
-    from visionft.patching import apply_optimizations, patch_set
+    from visionft.patching import apply_optimizations
 
     keep = [get_arch_spec(arch).vision, "lm_head"]
     quant = quantization_config(4, torch.bfloat16, keep)
