@@ -297,3 +297,19 @@ def test_adapters_disabled_on_a_4bit_model_give_the_zero_adapter_output_bit_for_
         )
     assert base_calls > 0
     assert torch.equal(policy, reference), (policy - reference).abs().max()
+
+
+def test_a_no_grad_forward_with_labels_keeps_the_models_loss():
+    # Evaluation scores held-out samples with labels under no grad: the plain head runs, so the loss
+    # must be the model's own on real logits, not the fused one (which takes hidden states).
+    model, processor = _model("qwen2_vl", lora=True)
+    batch = _batch("qwen2_vl", processor)
+    with torch.no_grad():
+        plain = model(**batch).loss
+    report = apply_optimizations(model, optimizations=True)
+    assert report.counts.get("loss") == 1, report.summary()
+    with torch.no_grad():
+        patched = model(**batch)
+    revert_optimizations(model)
+    assert patched.logits is not None
+    torch.testing.assert_close(patched.loss, plain, rtol=1e-5, atol=1e-6)

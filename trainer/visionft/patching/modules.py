@@ -323,6 +323,7 @@ def patch_lm_loss(hf_model: nn.Module, report: PatchReport) -> None:
         report.skipped.append("loss: lm_head is not a plain Linear")
         return
     orig_forward = hf_model.forward  # bound (class) method
+    orig_loss = hf_model.loss_function
     state = {"active": False}
 
     def head_forward(self, hidden_states):
@@ -331,8 +332,18 @@ def patch_lm_loss(hf_model: nn.Module, report: PatchReport) -> None:
         return nn.Linear.forward(self, hidden_states)
 
     def loss_function(
-        logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **_
+        logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kw
     ):
+        if not state["active"]:  # a forward with real logits (no grad: evaluation) keeps the model's loss
+            return orig_loss(
+                logits,
+                labels,
+                vocab_size=vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                ignore_index=ignore_index,
+                shift_labels=shift_labels,
+                **kw,
+            )
         hidden = logits
         if shift_labels is None:
             labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
