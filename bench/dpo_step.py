@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from worker_process import BenchLog, offline_env, print_result, run_process
 
 HERE = Path(__file__).resolve().parent
 ENGINES = ("trl", "engine")
@@ -206,17 +206,12 @@ def main() -> None:
     parser.add_argument("--engine", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(run_worker(args)), flush=True)
+        print_result(run_worker(args))
         return
 
     folder = Path(args.model_dir)
-    log = open(args.log, "a")  # noqa: SIM115
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-        log.write(msg + "\n")
-        log.flush()
-
+    log = BenchLog(args.log)
+    say = log.say
     if not (folder / "config.json").exists():
         if args.tiny:
             from visionft.testing.tiny import save_tiny_vlm
@@ -233,17 +228,11 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--model-dir", str(folder)]
         cmd += ["--work-dir", args.work_dir, "--steps", str(args.steps), "--warmup", str(args.warmup)]
         cmd += ["--tiny"] if args.tiny else []
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-            out, rc = proc.stdout + proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as err:
-            out, rc = str(err.stdout or "") + str(err.stderr or ""), "timeout"
-        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        result, out, rc = run_process(cmd, args.timeout, offline_env())
         log.write(f"\n## {engine} rc={rc}\n{out[-6000:]}\n")
-        if lines:
-            results.append(json.loads(lines[-1][len("RESULT ") :]))
-            say(json.dumps(results[-1]))
+        if result is not None:
+            results.append(result)
+            say(json.dumps(result))
         else:
             results.append({"engine": engine, "error": f"rc={rc}", "tail": out[-1500:]})
             say(f"{engine}: FAILED rc={rc}\n{out[-1500:]}")

@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from worker_process import BenchLog, offline_env, print_result, run_process
 
 QWEN_SPECIALS = [
     "<|endoftext|>",
@@ -524,17 +525,12 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        result = run_worker(args)
-        print("RESULT " + json.dumps(result), flush=True)
+        print_result(run_worker(args))
         return
 
     folder = Path(args.model_dir)
-    log = open(args.log, "a")  # noqa: SIM115
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-        log.write(msg + "\n")
-        log.flush()
+    log = BenchLog(args.log)
+    say = log.say
 
     say(f"# qlora_step {time.strftime('%Y-%m-%d %H:%M:%S')} {_env_line()}")
     if not (folder / "config.json").exists():
@@ -570,28 +566,15 @@ def main() -> None:
             ]
             cmd += ["--profile"] if args.profile else []
             cmd += ["--deterministic"] if args.deterministic else []
-            env = dict(
-                os.environ, UNSLOTH_DISABLE_STATISTICS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"
-            )
+            env = offline_env(UNSLOTH_DISABLE_STATISTICS="1")
             if args.deterministic:
                 env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
             t0 = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-                out, rc = proc.stdout + proc.stderr, proc.returncode
-            except subprocess.TimeoutExpired as err:
-                out, rc = (
-                    (err.stdout or b"").decode() + (err.stderr or b"").decode()
-                    if isinstance(err.stdout, bytes)
-                    else f"{err.stdout or ''}{err.stderr or ''}",
-                    "timeout",
-                )
-            lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+            res, out, rc = run_process(cmd, args.timeout, env)
             log.write(
                 f"\n## {workload}/{engine} rc={rc} wall={time.perf_counter() - t0:.1f}s\n{out[-6000:]}\n"
             )
-            if lines:
-                res = json.loads(lines[-1][7:])
+            if res is not None:
                 results.append(res)
                 say(json.dumps(res))
             else:

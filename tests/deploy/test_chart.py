@@ -86,7 +86,12 @@ def test_default_render() -> None:
     assert config.trainer_image == "ghcr.io/visionft/trainer:0.1.0"
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"liveness": config.liveness_port, "metrics": config.metrics_port}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
+    # Kopf's health endpoint opens once the operator has started: Ready waits for it, and the liveness
+    # probe only starts counting once the startup probe has seen it.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "liveness"}, probe
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60, startup
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     # Pod Security Standard "restricted".
     assert pod["securityContext"]["runAsNonRoot"] is True

@@ -3,7 +3,8 @@ end with the same adapter weights (tiny model, CPU, fixed seed), for supervised 
 training.
 
 The "lost pod" is a second run with an empty work folder: nothing local survives, so the resume point can
-only come from S3 (`visionft.storage.checkpoint_callback` fetches it before HF Trainer looks for one).
+only come from S3 (`visionft.storage.checkpoint_callback` fetches it before HF Trainer looks for one). The
+checkpoints, local and in S3, hold no Hub model card (`visionft.engine.model_cards`).
 """
 
 from __future__ import annotations
@@ -135,3 +136,8 @@ def test_resume_from_s3_equals_uninterrupted(
     # The resumed run's final outputs are published with a manifest, and its newest checkpoint is 2N.
     assert storage.verify_prefix(s3_bucket.uri("b/"))
     assert [c.step for c in manager.list_checkpoints()] == [N, 2 * N]
+    # No Hub model card (TRL's or PEFT's README.md) in the checkpoints, local or uploaded.
+    keys = s3_bucket.server.list_keys(s3_bucket.name, "b/checkpoints/")
+    assert any(key.endswith("/adapter_model.safetensors") for key in keys), keys
+    assert not [key for key in keys if key.endswith("README.md")], keys
+    assert not list((tmp_path / "b2" / "output" / "checkpoints").rglob("README.md"))

@@ -125,10 +125,8 @@ class PreferenceCollator(VisionDataCollator):
             Default: ``to_preference`` with the default columns.
         image_loader (ImageLoader | None): a preconfigured loader.
 
-    Attributes:
-        skipped (int): pairs skipped so far under ``on_bad_sample="skip"``.
-        substituted (int): batches replaced by the last good pair because every pair was bad.
-        last_skip_reasons (list[str]): the messages of the most recent skips (at most 20).
+    Attributes: ``VisionDataCollator``'s bad-sample counts (``skipped``, ``substituted``,
+    ``last_skip_reasons``), counted in pairs.
     """
 
     def __init__(

@@ -13,7 +13,8 @@ What it changes in TRL's trainer, each for one reason:
   TRL casts them to bfloat16 on a quantized model;
 - datasets are not prepared by TRL (tokenized up front): the collator builds every batch, images included;
 - where kernels were swapped in, bitsandbytes' 8-bit AdamW becomes ``visionft.engine.optim``'s, which
-  skips the device sync after every parameter, as in ``visionft.engine.trainer``.
+  skips the device sync after every parameter, as in ``visionft.engine.trainer``;
+- no Hub model cards in the checkpoints (``visionft.engine.model_cards``): the run's record is its own.
 
 The log-probabilities come from TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``: the hidden
 states of the answer tokens projected in chunks, the full logits never built), over this engine's patched
@@ -54,8 +55,11 @@ def vision_dpo_trainer_class() -> type:
     from peft import PeftModel
     from trl import DPOTrainer
 
-    class VisionDPOTrainer(DPOTrainer):
-        """``DPOTrainer`` against the base model with the adapters off (module docstring)."""
+    from visionft.engine.model_cards import WithoutModelCards
+
+    class VisionDPOTrainer(WithoutModelCards, DPOTrainer):
+        """``DPOTrainer`` against the base model with the adapters off (module docstring), and no model
+        cards in the checkpoints (``visionft.engine.model_cards``)."""
 
         def __init__(
             self,

@@ -21,6 +21,9 @@ Two changes, both decided by what the run passes in: the engine's switches (``en
   the device sync after every parameter (same updates and state), whether or not the family has fused
   kernels to swap in (a family without them still replays its row steps from graphs).
 
+Neither this trainer nor the DPO one writes Hub model cards into the checkpoints
+(``visionft.engine.model_cards``).
+
 With a ``RowCollator`` (fixed-shape rows, ``training.packing``) the row step always runs, with or without
 the optimizations (eagerly where graphs are off), since only the row's family forward can read a row;
 the data loader runs in a prefetch thread (``visionft.data.prefetch``) that builds the next rows while
@@ -57,8 +60,11 @@ def vision_sft_trainer_class() -> type:
     """
     from trl import SFTTrainer
 
-    class VisionSFTTrainer(SFTTrainer):
-        """``SFTTrainer`` with CUDA-graph steps and the sync-free 8-bit AdamW (module docstring)."""
+    from visionft.engine.model_cards import WithoutModelCards
+
+    class VisionSFTTrainer(WithoutModelCards, SFTTrainer):
+        """``SFTTrainer`` with CUDA-graph steps and the sync-free 8-bit AdamW (module docstring), and no
+        model cards in the checkpoints (``visionft.engine.model_cards``)."""
 
         _graph_step: Any = None
         _graph_off: str | None = None

@@ -23,6 +23,7 @@ earlier evaluations back from the checkpoint), to ``status.evaluation``, and as 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -301,8 +302,12 @@ class _EvaluationCallback(TrainerCallback):
         if state.global_step > 0:  # resumed: the checkpoint's history holds the earlier evaluations
             self.stage.restore(state.log_history)
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         every = self.stage.settings.every_steps
         if not every or state.global_step % every:
             return
-        self.stage.evaluate_step(model, state)
+        # With fixed-shape rows a thread builds the next steps' rows (visionft.data.prefetch) through the
+        # sample collator that the evaluation encodes with (its tokenizer, its bad-sample counts): it waits.
+        paused = getattr(train_dataloader, "paused", None)
+        with paused() if paused is not None else contextlib.nullcontext():
+            self.stage.evaluate_step(model, state)
