@@ -100,7 +100,9 @@ class LlavaFamily:
         self.image_token_id = int(config.image_token_id)
         self.sliding_window = getattr(text, "sliding_window", None)
 
-    def _text(self, samples: Sequence[dict[str, torch.Tensor]], budget: RowBudget) -> tuple[TextRow, torch.Tensor]:
+    def _text(
+        self, samples: Sequence[dict[str, torch.Tensor]], budget: RowBudget
+    ) -> tuple[TextRow, torch.Tensor]:
         if self.sliding_window is not None and budget.max_sample_tokens > int(self.sliding_window):
             raise ValueError(
                 f"rows: samples of up to {budget.max_sample_tokens} tokens exceed the text model's sliding "
@@ -136,14 +138,19 @@ class LlavaFamily:
     ) -> torch.Tensor:
         embeds = inner.get_input_embeddings()(tensors["input_ids"])
         if features is not None:
-            embeds = scatter_features(embeds, features.reshape(-1, features.shape[-1]), tensors["image_positions"])
+            embeds = scatter_features(
+                embeds, features.reshape(-1, features.shape[-1]), tensors["image_positions"]
+            )
         passthrough = torch.ones((1, 1, 0, 0), dtype=torch.bool, device=embeds.device)
         out = inner.language_model(
             inputs_embeds=embeds,
             attention_mask=passthrough,
             position_ids=tensors["position_ids"],
             use_cache=False,
-            **{PACKED_CU_SEQLENS: tensors["text_cu_seqlens"], PACKED_MAX_SEQLEN: info.int("max_sample_tokens")},
+            **{
+                PACKED_CU_SEQLENS: tensors["text_cu_seqlens"],
+                PACKED_MAX_SEQLEN: info.int("max_sample_tokens"),
+            },
         )
         return row_loss(out.last_hidden_state, hf.lm_head, tensors["shift_labels"], num_items, self.fused)
 
@@ -275,7 +282,7 @@ class PixtralRows(LlavaFamily):
         if config.vision_feature_select_strategy != "full":
             raise ValueError(
                 f"rows: Pixtral with vision_feature_select_strategy={config.vision_feature_select_strategy!r} "
-                "is not covered (\"full\" only)"
+                'is not covered ("full" only)'
             )
         tower = inner.vision_tower
         self.patch_size = int(tower.patch_size)
@@ -323,7 +330,9 @@ class PixtralRows(LlavaFamily):
             pixels = sample.get("pixel_values")
             for i, (h, w) in enumerate(self._grid(sample)):
                 image = pixels[i, :, : h * p, : w * p]
-                pieces.append(image.reshape(self.channels, h, p, w, p).permute(1, 3, 0, 2, 4).reshape(h * w, -1))
+                pieces.append(
+                    image.reshape(self.channels, h, p, w, p).permute(1, 3, 0, 2, 4).reshape(h * w, -1)
+                )
                 rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
                 grid_pos.append(torch.stack((rows.reshape(-1), cols.reshape(-1)), dim=-1))
                 lengths.append(h * w)
@@ -413,7 +422,13 @@ def _make_pixtral_attention(orig, modeling, fused: bool):
         else:
             q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=0)
         out = segments_attention(
-            q[0].transpose(0, 1), k[0].transpose(0, 1), v, cu_seqlens, int(max_len), self.scaling, causal=False
+            q[0].transpose(0, 1),
+            k[0].transpose(0, 1),
+            v,
+            cu_seqlens,
+            int(max_len),
+            self.scaling,
+            causal=False,
         )
         return self.o_proj(out.reshape(1, n, -1)), None
 
