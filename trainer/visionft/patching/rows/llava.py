@@ -25,6 +25,7 @@ attention would fail on it rather than attend across samples.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import types
 from collections.abc import Sequence
@@ -112,7 +113,7 @@ class LlavaFamily:
         text = text_row(samples, budget, self.pad_id)
         positions = torch.zeros((1, budget.tokens), dtype=torch.long)
         bounds = text.cu_seqlens.tolist()
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):  # samples, then padding chunks
+        for start, end in itertools.pairwise(bounds):  # samples, then padding chunks
             positions[0, start:end] = torch.arange(end - start)
         return text, positions
 
