@@ -25,9 +25,9 @@ attention would fail on it rather than attend across samples.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +43,7 @@ from visionft.patching.rows.base import (
     ROW_KEY,
     RowInfo,
     TextRow,
+    install_once,
     padded_cu_seqlens,
     row_loss,
     scatter_features,
@@ -116,6 +117,17 @@ class LlavaFamily:
         for start, end in itertools.pairwise(bounds):  # samples, then padding chunks
             positions[0, start:end] = torch.arange(end - start)
         return text, positions
+
+    @staticmethod
+    def _text_tensors(text: TextRow, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": text.input_ids,
+            "labels": text.labels,
+            "shift_labels": text.shift_labels,
+            "attention_mask": text.attention_mask,
+            "position_ids": positions,
+            "text_cu_seqlens": text.cu_seqlens,
+        }
 
     def _image_positions(self, text: TextRow, units: int, real: int) -> torch.Tensor:
         at = (text.input_ids[0] == self.image_token_id).nonzero().reshape(-1)
@@ -212,12 +224,7 @@ class LlavaRows(LlavaFamily):
             pixels[:real] = torch.cat(pixel_list)
         ints = {"max_sample_tokens": budget.max_sample_tokens, "images": n_images}
         return {
-            "input_ids": text.input_ids,
-            "labels": text.labels,
-            "shift_labels": text.shift_labels,
-            "attention_mask": text.attention_mask,
-            "position_ids": positions,
-            "text_cu_seqlens": text.cu_seqlens,
+            **self._text_tensors(text, positions),
             "pixel_values": pixels,
             "image_positions": self._image_positions(
                 text, n_images * self.tokens_per_image, real * self.tokens_per_image
@@ -349,12 +356,7 @@ class PixtralRows(LlavaFamily):
             patches[:real] = torch.cat(pieces)
             vision_pos[:real] = torch.cat(grid_pos)
         return {
-            "input_ids": text.input_ids,
-            "labels": text.labels,
-            "shift_labels": text.shift_labels,
-            "attention_mask": text.attention_mask,
-            "position_ids": positions,
-            "text_cu_seqlens": text.cu_seqlens,
+            **self._text_tensors(text, positions),
             "pixel_values": patches,
             "vision_position_ids": vision_pos,
             "vision_cu_seqlens": padded_cu_seqlens(
@@ -452,12 +454,12 @@ def install(hf: nn.Module, report: PatchReport, fused: bool = True) -> bool:
                 report.skipped.append(f"rows: {cls.__name__} has an unexpected layout")
                 ok = False
                 continue
-            current = module.forward
-            if getattr(getattr(current, "__func__", None), "_visionft_row_vision", False):
-                continue
-            forward = _make_pixtral_attention(current, modeling, fused)
-            forward._visionft_row_vision = True  # type: ignore[attr-defined]
-            report.swap(module, "forward", types.MethodType(forward, module), "row_vision_attn")
+            install_once(
+                report,
+                module,
+                functools.partial(_make_pixtral_attention, modeling=modeling, fused=fused),
+                "row_vision_attn",
+            )
     if not packed_attention_installed(hf):
         ok = install_packed_attention(hf, report) and ok
     return ok
