@@ -4,6 +4,8 @@ each in its own documented path and its own process, on one GPU, in one command 
     python bench/e2e.py --arch qwen2_5_vl --out bench/logs/DATE/e2e-qwen --work /tmp/e2e
     python bench/e2e.py --arch gemma3 --out bench/logs/DATE/e2e-gemma --work /tmp/e2e
     python bench/e2e.py --arch qwen3_vl --out bench/logs/DATE/e2e-qwen3 --work /tmp/e2e
+    python bench/e2e.py --arch llava --out bench/logs/DATE/e2e-llava --work /tmp/e2e
+    python bench/e2e.py --arch pixtral --max-seq-length 4608 --out bench/logs/DATE/e2e-pixtral --work /tmp/e2e
     python bench/e2e.py --tiny --arch qwen2_5_vl --steps 3 --out /tmp/e2e-tiny   # CPU, tiny model (CI)
 
 What runs (same random-weight model folder, same generated data, batch 4, LoRA r=16 / alpha 16 /
@@ -29,7 +31,10 @@ process start to the first optimizer step, peak allocated memory, and the loss c
 The model folders: ``qwen2_5_vl`` is the Qwen2.5-VL-7B shape of ``bench/qlora_step.py`` (8.29 B
 parameters, its stand-in processor); ``gemma3`` is a Gemma-3-4B shape (SigLIP at 896 px, 256 tokens per
 image, 262,208-token vocabulary, 34 layers) with the stand-in Gemma tokenizer of ``visionft.testing``;
-``qwen3_vl`` is a Qwen3-VL-8B shape (16 px patches, DeepStack at layers 8/16/24, 36 text layers).
+``qwen3_vl`` is a Qwen3-VL-8B shape (16 px patches, DeepStack at layers 8/16/24, 36 text layers);
+``llava`` a LLaVA-1.5-7B shape (CLIP ViT-L/14 at 336 px, Llama-2-7B text) and ``pixtral`` a Pixtral-12B
+shape (Pixtral tower up to 1,024 px, Mistral-NeMo-12B text; a 1,008 px image is 4,032 tokens, hence its
+longer ``--max-seq-length``), each with a stand-in processor of ``visionft.testing.tiny``.
 ``--tiny`` uses the tiny models of ``visionft.testing.tiny`` on CPU (no 4 bit, AdamW in fp32).
 
 The dataset (``visionft.testing.varied``): one image per sample, sides drawn from 56-1,008 px (tiny: 28-
@@ -54,7 +59,9 @@ HERE = Path(__file__).resolve().parent
 SYSTEMS = ("visionft", "plain", "unsloth")  # Unsloth last: its compile takes what time is left
 SEED = 3407
 LR = 2e-4
-ARCHS = ("qwen2_5_vl", "gemma3", "qwen3_vl")
+ARCHS = ("qwen2_5_vl", "gemma3", "qwen3_vl", "llava", "pixtral")
+#: The model type of an architecture whose name is not one (Pixtral-12B is a LLaVA model).
+MODEL_TYPE = {"pixtral": "llava"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,6 +183,104 @@ def build_qwen3_vl_folder(folder: Path) -> None:
     _save(model, processor, folder)
 
 
+def build_llava_folder(folder: Path) -> None:
+    """A random-weight LLaVA-1.5-7B-shaped model (bf16, on the GPU): CLIP ViT-L/14 at 336 px (576 tokens
+    per image, features of the second-to-last layer), Llama-2-7B text, with the stand-in vicuna processor
+    of ``visionft.testing.tiny``."""
+    import torch
+    from transformers import AutoModelForImageTextToText, LlavaConfig
+    from visionft.testing.tiny import llava_processor
+
+    processor = llava_processor(image_size=336)
+    ids = dict(processor.tokenizer.get_added_vocab())
+    config = LlavaConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 336,
+            "patch_size": 14,
+            "projection_dim": 768,
+            "hidden_act": "quick_gelu",
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": 32064,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            "bos_token_id": ids["<s>"],
+            "eos_token_id": ids["</s>"],
+            "pad_token_id": ids["<pad>"],
+        },
+        image_token_index=ids["<image>"],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=576,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    _save(model, processor, folder)
+
+
+def build_pixtral_folder(folder: Path) -> None:
+    """A random-weight Pixtral-12B-shaped model (bf16, on the GPU): the Pixtral tower (16 px patches, images
+    up to 1,024 px at their own sizes, 2D rotary positions), Mistral-NeMo-12B text, with the stand-in
+    [INST] processor of ``visionft.testing.tiny``."""
+    import torch
+    from transformers import AutoModelForImageTextToText, LlavaConfig
+    from visionft.testing.tiny import pixtral_processor
+
+    processor = pixtral_processor(longest_edge=1024)
+    ids = dict(processor.tokenizer.get_added_vocab())
+    config = LlavaConfig(
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "head_dim": 64,
+            "image_size": 1024,
+            "patch_size": 16,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0},
+        },
+        text_config={
+            "model_type": "mistral",
+            "vocab_size": 131072,
+            "hidden_size": 5120,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 40,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "max_position_embeddings": 1024000,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e9},
+            "rms_norm_eps": 1e-5,
+            "sliding_window": None,
+            "bos_token_id": ids["<s>"],
+            "eos_token_id": ids["</s>"],
+            "pad_token_id": ids["<pad>"],
+        },
+        image_token_index=ids["[IMG]"],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    _save(model, processor, folder)
+
+
 def _save(model, processor, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".partial")
     model.save_pretrained(tmp)
@@ -199,6 +304,10 @@ def build_folder(arch: str, folder: Path, tiny: bool) -> None:
         build_gemma3_folder(folder)
     elif arch == "qwen3_vl":
         build_qwen3_vl_folder(folder)
+    elif arch == "llava":
+        build_llava_folder(folder)
+    elif arch == "pixtral":
+        build_pixtral_folder(folder)
     else:
         raise ValueError(f"--arch {arch}: one of {', '.join(ARCHS)}")
 
@@ -457,7 +566,9 @@ def run_unsloth(args, record: dict) -> None:
     model = unsloth_lora(model, random_state=SEED)
     FastVisionModel.for_training(model)
     images = args.data_dir / "train"
-    chat = get_arch_spec(args.arch).chat  # where the user and assistant turns start
+    chat = get_arch_spec(
+        MODEL_TYPE.get(args.arch, args.arch)
+    ).chat  # where the user and assistant turns start
     # Unsloth's notebooks hand SFTTrainer a list of {"messages": [...]} with PIL images inside.
     dataset: Any = [
         {"messages": _messages(r, Image.open(images / r["file_name"]).convert("RGB"))}
@@ -546,7 +657,7 @@ def run_plain(args, record: dict) -> None:
         from visionft.model.architectures import get_arch_spec
         from visionft.model.loading import quantization_config
 
-        vision = get_arch_spec(args.arch).vision
+        vision = get_arch_spec(MODEL_TYPE.get(args.arch, args.arch)).vision
         kwargs.update(
             quantization_config=quantization_config(4, torch.bfloat16, [vision, "lm_head"]),
             device_map={"": 0},

@@ -11,17 +11,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_end_to_end_benchmark_runs_every_system_on_tiny_models(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava", "pixtral"])
+def test_the_end_to_end_benchmark_runs_every_system_on_tiny_models(tmp_path, arch):
     steps = 3
     cmd = [
         sys.executable,
         str(ROOT / "bench" / "e2e.py"),
         "--tiny",
         "--arch",
-        "qwen2_5_vl",
+        arch,
         "--steps",
         str(steps),
         "--warmup",
@@ -37,7 +40,7 @@ def test_the_end_to_end_benchmark_runs_every_system_on_tiny_models(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((tmp_path / "out" / "e2e-qwen2_5_vl.json").read_text())
+    report = json.loads((tmp_path / "out" / f"e2e-{arch}.json").read_text())
     by_system = {r["system"]: r for r in report["results"]}
     assert set(by_system) == {"visionft", "unsloth", "plain"}
     for name in ("visionft", "plain"):
@@ -51,5 +54,5 @@ def test_the_end_to_end_benchmark_runs_every_system_on_tiny_models(tmp_path):
     assert ours["graphs"]["eager_steps"] == steps and ours["rows"]["rows"] == steps  # rows, eager on CPU
     unsloth = by_system["unsloth"]
     assert "samples_per_s" in unsloth or unsloth["error"] == "skipped: unsloth is not installed"
-    log = (tmp_path / "out" / "e2e-qwen2_5_vl.log").read_text()
+    log = (tmp_path / "out" / f"e2e-{arch}.log").read_text()
     assert "| system | samples/s |" in log and "visionft vs plain" in log

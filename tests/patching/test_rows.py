@@ -20,7 +20,7 @@ from visionft.testing.tiny import build_tiny_vlm
 
 from tests.patching.test_packed_attention import _image, _sample
 
-ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"]
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava", "pixtral"]
 #: fp32 on CPU: the row and the padded batch compute the same sums in different orders.
 LOSS_TOL = {"rtol": 1e-5, "atol": 1e-6}
 GRAD_REL_TOL = 1e-4
@@ -124,6 +124,8 @@ def _break(row: dict, how: str) -> dict:
         cu = torch.full_like(row["vision_cu_seqlens"], info.budget.patches)
         cu[0] = 0
         row["vision_cu_seqlens"] = cu
+    elif how == "vision-positions-transposed":  # each patch's (row, column) read as (column, row)
+        row["vision_position_ids"] = row["vision_position_ids"].flip(-1)
     elif how == "windows-in-raster-order":
         row["window_index"] = torch.arange(row["window_index"].shape[0])
     else:
@@ -144,6 +146,12 @@ def _break(row: dict, how: str) -> dict:
         ("gemma3", "one-text-segment"),
         ("gemma3", "features-shifted"),
         ("gemma3", "images-causal"),
+        ("llava", "one-text-segment"),
+        ("llava", "features-shifted"),
+        ("pixtral", "one-text-segment"),
+        ("pixtral", "features-shifted"),
+        ("pixtral", "one-vision-segment"),
+        ("pixtral", "vision-positions-transposed"),
     ],
 )
 def test_a_row_with_its_layout_broken_does_not(arch, how):
@@ -175,13 +183,14 @@ def test_the_row_step_is_capture_safe_and_its_shapes_do_not_depend_on_the_data(a
     revert_optimizations(model)
 
 
-def test_with_the_fused_kernels_a_row_still_matches_and_is_capture_safe():
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "pixtral"])
+def test_with_the_fused_kernels_a_row_still_matches_and_is_capture_safe(arch):
     """The vision rope and the fused loss (Triton's interpreter on CPU) in the row forward."""
     from visionft.kernels._utils import interpret_mode
 
     if not torch.cuda.is_available() and not interpret_mode():
         pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
-    model, collator, family, encoded, tiers = _setup("qwen2_5_vl", fused=True)
+    model, collator, family, encoded, tiers = _setup(arch, fused=True)
     row = family.assemble(encoded, tiers.tiers[0], 0)
     with CaptureSafety():
         loss, grads = _row_loss_and_grads(model, family, row)

@@ -122,6 +122,22 @@ _QWEN_VL = dict(
     chat=_CHATML,
 )
 
+_LLAVA = dict(
+    vision="model.vision_tower",
+    language="model.language_model",
+    projector=("model.multi_modal_projector",),
+    attention=("self_attn", "attention"),
+    mlp=("mlp", "feed_forward"),
+    keep_16bit=(
+        "model.vision_tower.embeddings",
+        "model.vision_tower.patch_conv",
+        "model.multi_modal_projector",
+        "lm_head",
+    ),
+    # Varies by checkpoint: vicuna "USER:/ASSISTANT:" (1.5) or Mistral "[INST]" (NeXT, Pixtral).
+    chat=None,
+)
+
 #: The families, one entry each.
 FAMILIES: tuple[ArchSpec, ...] = (
     ArchSpec(
@@ -181,24 +197,17 @@ FAMILIES: tuple[ArchSpec, ...] = (
         modeling={"gemma3": "transformers.models.gemma3.modeling_gemma3"},
         rows="visionft.patching.rows.gemma3",
     ),
-    # LLaVA 1.5 and LLaVA-NeXT (CLIP tower) and Pixtral-12B (model_type "llava" with a Pixtral tower,
-    # whose blocks call their parts "attention" and "feed_forward").
+    # LLaVA 1.5 (CLIP tower) and Pixtral-12B (model_type "llava" with a Pixtral tower, whose blocks call
+    # their parts "attention" and "feed_forward"); the row layout dispatches on the tower.
     ArchSpec(
-        model_types=("llava", "llava_next"),
-        vision="model.vision_tower",
-        language="model.language_model",
-        projector=("model.multi_modal_projector",),
-        attention=("self_attn", "attention"),
-        mlp=("mlp", "feed_forward"),
-        keep_16bit=(
-            "model.vision_tower.embeddings",
-            "model.vision_tower.patch_conv",
-            "model.multi_modal_projector",
-            "lm_head",
-        ),
-        # Varies by checkpoint: vicuna "USER:/ASSISTANT:" (1.5) or Mistral "[INST]" (NeXT, Pixtral).
-        chat=None,
+        model_types=("llava",),
+        rows="visionft.patching.rows.llava",
+        # Llama (LLaVA 1.5) or Mistral (Pixtral) text attention.
+        text_attention=("LlamaAttention", "MistralAttention"),
+        **_LLAVA,
     ),
+    # LLaVA-NeXT: the same parts; its anyres tiles have no fixed-shape rows.
+    ArchSpec(model_types=("llava_next",), **_LLAVA),
 )
 
 _BY_TYPE: dict[str, ArchSpec] = {t: s for s in FAMILIES for t in s.model_types}

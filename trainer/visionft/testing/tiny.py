@@ -425,20 +425,22 @@ def _llama_text(ids: dict[str, int], vocab_size: int, model_type: str) -> dict:
     }
 
 
-def _clip_image_processor(**extra):
+def _clip_image_processor(image_size: int = _CLIP_IMAGE, **extra):
     return image_processor_class("CLIPImageProcessor")(
-        size={"shortest_edge": _CLIP_IMAGE},
-        crop_size={"height": _CLIP_IMAGE, "width": _CLIP_IMAGE},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         **extra,
     )
 
 
-def _llava_processor():
+def llava_processor(image_size: int = _CLIP_IMAGE):
+    """A LLaVA 1.5 processor with the stand-in tokenizer (vicuna turns); the tiny model's ``image_size`` by
+    default (336 for a real-shaped one)."""
     from transformers import LlavaProcessor
 
     tokenizer = _llama2_tokenizer(chat_templates.vicuna("<image>"))
     return LlavaProcessor(
-        image_processor=_clip_image_processor(),
+        image_processor=_clip_image_processor(image_size),
         tokenizer=tokenizer,
         patch_size=14,
         vision_feature_select_strategy="default",
@@ -494,7 +496,9 @@ def _llava_next_config(ids: dict[str, int], vocab_size: int) -> PreTrainedConfig
     )
 
 
-def _pixtral_processor():
+def pixtral_processor(longest_edge: int = _PIXTRAL_IMAGE):
+    """A Pixtral processor with the stand-in tokenizer ([INST] turns); images fitted to ``longest_edge``,
+    the tiny model's by default (1024 for a real-shaped one)."""
     from transformers import PixtralProcessor
 
     tokenizer = build_bpe_tokenizer(
@@ -510,7 +514,7 @@ def _pixtral_processor():
         chat_template=chat_templates.mistral_inst("[IMG]", space=False),
     )
     image_processor = image_processor_class("PixtralImageProcessor")(
-        size={"longest_edge": _PIXTRAL_IMAGE}, patch_size=16
+        size={"longest_edge": longest_edge}, patch_size=16
     )
     return PixtralProcessor(
         image_processor=image_processor,
@@ -571,9 +575,9 @@ TINY_ARCHS: dict[str, TinyArch] = {
         ),
         TinyArch("mllama", _mllama_config, _mllama_processor, (_MLLAMA_TILE, _MLLAMA_TILE)),
         TinyArch("gemma3", _gemma3_config, gemma3_processor, (_GEMMA_IMAGE, _GEMMA_IMAGE)),
-        TinyArch("llava", _llava_config, _llava_processor, (_CLIP_IMAGE, _CLIP_IMAGE)),
+        TinyArch("llava", _llava_config, llava_processor, (_CLIP_IMAGE, _CLIP_IMAGE)),
         TinyArch("llava_next", _llava_next_config, _llava_next_processor, (_CLIP_IMAGE, _CLIP_IMAGE)),
-        TinyArch("pixtral", _pixtral_config, _pixtral_processor, (_PIXTRAL_IMAGE, 48)),
+        TinyArch("pixtral", _pixtral_config, pixtral_processor, (_PIXTRAL_IMAGE, 48)),
     )
 }
 
