@@ -2,12 +2,8 @@
 through `visionft-train`: the evaluation gets the row collator's sample collator (padded batches, prompts
 one at a time), scores the base model, each `everySteps` and the output, and writes metrics.json and the
 gallery; while it runs during training, the thread that builds the next rows waits (it shares that
-sample collator).
-
-With the optimizations on (the suite's TRITON_INTERPRET=1 swaps the kernels in on CPU) the evaluation loss
-fails: `visionft.patching.modules.patch_lm_loss` installs a loss function that always takes its input for
-the head's hidden states, also when the forward ran the plain head (a call without grad, as the evaluation
-makes). That case is marked xfail (strict) until the patch falls back to the model's own loss there.
+sample collator). With the optimizations on (the suite's TRITON_INTERPRET=1 swaps the kernels in on CPU)
+the evaluation's no-grad forward runs the plain head, so its loss must be the model's own, not the fused one.
 """
 
 from __future__ import annotations
@@ -26,20 +22,7 @@ pytestmark = pytest.mark.slow
 STEPS, EVERY, SAMPLES = 6, 3, 4
 
 
-@pytest.mark.parametrize(
-    "optimizations",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="patch_lm_loss's loss function treats the logits of a no-grad forward as hidden states",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("optimizations", [False, True], ids=["plain", "optimizations"])
 def test_a_packed_run_evaluates_before_during_and_after(tmp_path, monkeypatch, optimizations):
     raw = {
         "model": {"uri": "builtin://tiny-qwen2-vl", "loadIn4bit": False, "maxSeqLength": 256},
