@@ -23,7 +23,7 @@ def test_sync_free_optimizer_follows_the_optimizations_not_the_kernel_patch_set(
 ):
     from trl import SFTConfig
 
-    model, processor = build_tiny_vlm("qwen3_vl", seed=0)
+    model, processor = build_tiny_vlm("llava", seed=0)
     model = tiny_lora(model)
     report = patching.apply_optimizations(model, optimizations=optimizations)
     assert not report.enabled  # no fused kernels for this family
