@@ -22,6 +22,17 @@ pytestmark = pytest.mark.slow
 STEPS, EVERY, SAMPLES = 6, 3, 4
 
 
+@pytest.fixture(autouse=True)
+def _module_rope_restored():
+    """The in-process run swaps Qwen2-VL's module-level rotary function and does not revert it; later
+    tests in this process must get the original back (else they run the interpreted kernel)."""
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+    original = modeling_qwen2_vl.apply_multimodal_rotary_pos_emb
+    yield
+    modeling_qwen2_vl.apply_multimodal_rotary_pos_emb = original
+
+
 @pytest.mark.parametrize("optimizations", [False, True], ids=["plain", "optimizations"])
 def test_a_packed_run_evaluates_before_during_and_after(tmp_path, monkeypatch, optimizations):
     raw = {
