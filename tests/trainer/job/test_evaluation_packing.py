@@ -28,9 +28,11 @@ def _module_rope_restored():
     tests in this process must get the original back (else they run the interpreted kernel)."""
     from transformers.models.qwen2_vl import modeling_qwen2_vl
 
-    original = modeling_qwen2_vl.apply_multimodal_rotary_pos_emb
+    names = ("apply_multimodal_rotary_pos_emb", "apply_rotary_pos_emb")  # by transformers release
+    originals = {n: getattr(modeling_qwen2_vl, n) for n in names if hasattr(modeling_qwen2_vl, n)}
     yield
-    modeling_qwen2_vl.apply_multimodal_rotary_pos_emb = original
+    for name, fn in originals.items():
+        setattr(modeling_qwen2_vl, name, fn)
 
 
 @pytest.mark.parametrize("optimizations", [False, True], ids=["plain", "optimizations"])
