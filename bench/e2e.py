@@ -411,9 +411,11 @@ def _install_timer(record: dict, profile_from: int, profile_steps: int):
             if logs and "loss" in logs:
                 record["losses"].append(round(float(logs["loss"]), 5))
 
-        def on_train_end(self, args, state, control, **kwargs):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
             if cuda:
                 record["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            if model is not None:
+                record["lora_b_trained"] = _lora_b_trained(model)
 
     original = transformers.Trainer.__init__
 
@@ -424,6 +426,26 @@ def _install_timer(record: dict, profile_from: int, profile_steps: int):
         record["trainer"] = self
 
     transformers.Trainer.__init__ = init
+
+
+def _lora_b_trained(model) -> dict[str, list[int]]:
+    """[adapters whose B moved off its zero start, adapters] for the vision tower and the rest. A B that
+    never moved never got a gradient: that part of the recipe was not trained, whatever the flags said."""
+    import torch
+
+    out = {"vision": [0, 0], "language": [0, 0]}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" not in name:
+                continue
+            part = (
+                "vision"
+                if any(k in name for k in ("visual.", "vision_tower", "vision_model"))
+                else "language"
+            )
+            out[part][1] += 1
+            out[part][0] += int(bool(param.detach().abs().max() > 0))
+    return out
 
 
 def _top_kernels(prof, steps: int, n: int = 30) -> list[list]:
@@ -504,7 +526,7 @@ def run_visionft(args, record: dict) -> None:
                 "perDeviceBatchSize": args.batch,
                 "learningRate": LR,
                 "optimizer": "adamw_8bit",
-                "gradientCheckpointing": "on",
+                "gradientCheckpointing": args.checkpointing,
                 "checkpointEverySteps": 100_000,
                 "loggingSteps": 1,
                 "seed": SEED,
@@ -516,6 +538,7 @@ def run_visionft(args, record: dict) -> None:
     }
     path = args.run_dir / "visionft.yaml"
     path.write_text(yaml.safe_dump(manifest))
+    record["checkpointing"] = args.checkpointing
     rc = main([str(path), "--work-dir", str(args.run_dir / "visionft-work")])
     if rc != 0:
         raise RuntimeError(f"visionft-train exited {rc}")
@@ -548,6 +571,10 @@ def _sft_config(args, **extra):
     )
 
 
+#: Turn markers of the stand-in templates of families whose markers vary by checkpoint (ArchSpec.chat None).
+_TURNS = {"llava": ("USER:", "ASSISTANT:"), "pixtral": ("[INST]", "[/INST]")}
+
+
 def run_unsloth(args, record: dict) -> None:
     import unsloth
     from PIL import Image
@@ -566,9 +593,8 @@ def run_unsloth(args, record: dict) -> None:
     model = unsloth_lora(model, random_state=SEED)
     FastVisionModel.for_training(model)
     images = args.data_dir / "train"
-    chat = get_arch_spec(
-        MODEL_TYPE.get(args.arch, args.arch)
-    ).chat  # where the user and assistant turns start
+    chat = get_arch_spec(MODEL_TYPE.get(args.arch, args.arch)).chat  # where the turns start
+    instruction, response = (chat.instruction, chat.response) if chat else _TURNS[args.arch]
     # Unsloth's notebooks hand SFTTrainer a list of {"messages": [...]} with PIL images inside.
     dataset: Any = [
         {"messages": _messages(r, Image.open(images / r["file_name"]).convert("RGB"))}
@@ -579,8 +605,8 @@ def run_unsloth(args, record: dict) -> None:
         tokenizer,
         resize="max",
         train_on_responses_only=True,  # the answers only, as in the other two systems
-        instruction_part=chat.instruction,
-        response_part=chat.response,
+        instruction_part=instruction,
+        response_part=response,
     )
     config = _sft_config(
         args,
@@ -755,21 +781,27 @@ def _env_line() -> str:
 
 
 def _table(results: list[dict]) -> list[str]:
-    head = "| system | samples/s | real tokens/s | s/step | samples/step | GPU busy | graph replays | first step s | peak GiB | loss first→last |"
-    lines = [head, "|---" * 10 + "|"]
+    head = "| system | samples/s | real tokens/s | s/step | samples/step | GPU busy | graph replays | first step s | peak GiB | loss first→last | LoRA B trained (vision, language) |"
+    lines = [head, "|---" * 11 + "|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['system']} | {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['system']} | {r['error']} | | | | | | | | | |")
             continue
         g = r.get("graphs") or {}
         share = f"{100 * g['replay_share']:.0f}%" if g.get("replay_share") is not None else "—"
         losses = r.get("losses") or []
         curve = f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "—"
         busy = f"{100 * r['gpu_busy_share']:.0f}%" if "gpu_busy_share" in r else "—"
+        moved = r.get("lora_b_trained")
+        trained = (
+            f"{moved['vision'][0]}/{moved['vision'][1]}, {moved['language'][0]}/{moved['language'][1]}"
+            if moved
+            else "—"
+        )
         lines.append(
             f"| {r['system']} | {r.get('samples_per_s', '—')} | {r.get('real_tokens_per_s', '—')} | "
             f"{r.get('s_per_step_median', '—')} | {r.get('samples_per_step', '—')} | {busy} | {share} | "
-            f"{r.get('first_step_s', '—')} | {r.get('peak_alloc_gib', '—')} | {curve} |"
+            f"{r.get('first_step_s', '—')} | {r.get('peak_alloc_gib', '—')} | {curve} | {trained} |"
         )
     return lines
 
@@ -788,6 +820,15 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for the JSON and the log")
     parser.add_argument("--work", default=None, help="model folder, data and runs (default: OUT/work)")
     parser.add_argument("--timeout", type=int, default=560, help="seconds for all systems together")
+    parser.add_argument(
+        "--checkpointing",
+        default="on",
+        choices=["on", "offload"],
+        help="visionft's training.gradientCheckpointing (Unsloth's recipe offloads its checkpoints)",
+    )
+    parser.add_argument(
+        "--reserve", type=int, default=140, help="seconds kept back for each system still to run"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
@@ -826,7 +867,7 @@ def main() -> None:
     systems = args.systems.split(",")
     for i, system in enumerate(systems):
         left = deadline - time.monotonic()
-        budget = int(left - 140 * (len(systems) - i - 1))  # room for the systems still to run
+        budget = int(left - args.reserve * (len(systems) - i - 1))  # room for the systems still to run
         cmd = [sys.executable, __file__, "--worker", system, *sys.argv[1:]]
         env = dict(
             os.environ,

@@ -113,13 +113,34 @@ def _rel(a, b) -> float:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_row_graphs_replay_eager_numbers_on_varied_data_without_syncs(tmp_path, arch):
+    _replay_rows(tmp_path, arch, offload=False)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "gemma3"])
+def test_row_graphs_with_checkpoints_held_on_the_host_replay_eager_numbers(tmp_path, arch):
+    step = _replay_rows(tmp_path, arch, offload=True)
+    # The captures found the warm-up's pinned buffers for every block input.
+    assert step._offload.last["kept_on_device"] == 0
+    assert step._offload.last["offloaded_bytes"] > 0 and step._offload.host_bytes() > 0
+
+
+def _replay_rows(tmp_path, arch: str, offload: bool):
     from visionft.engine.cuda_graphs import CudaGraphTrainStep
+    from visionft.engine.options import EngineOptions
     from visionft.patching import patch_report
 
     n_steps = 20
     eager, graphed, (col_e, col_g), batches = _rows(arch, tmp_path, n_steps)
-    step = CudaGraphTrainStep(graphed, patch_report(graphed), warmup=1, rows=col_g.family)
+    step = CudaGraphTrainStep(
+        graphed,
+        patch_report(graphed),
+        warmup=1,
+        rows=col_g.family,
+        options=EngineOptions(offload_checkpoints=offload),
+    )
     assert step.disabled is None, step.disabled
+    if offload:
+        step._offload.min_bytes = 0  # tiny models: every block input goes to the host
     params_e = [p for p in eager.parameters() if p.requires_grad]
     params_g = [p for p in graphed.parameters() if p.requires_grad]
     opt_e = torch.optim.AdamW(params_e, lr=5e-3)
@@ -168,3 +189,4 @@ def test_row_graphs_replay_eager_numbers_on_varied_data_without_syncs(tmp_path, 
     assert len(shapes) <= 2  # 20 batches of different samples, at most two shapes
     assert losses_g == pytest.approx(losses_e, rel=5e-2), (losses_e, losses_g)
     assert losses_g[-1] < losses_g[0], losses_g
+    return step

@@ -48,3 +48,9 @@ def test_the_environment_is_read_when_resolving_not_later(monkeypatch):
     assert options.cuda_graphs is False
     with pytest.raises(AttributeError):
         options.cuda_graphs = True  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("mode,offload", [("offload", True), ("on", False), ("off", False)])
+def test_offloaded_checkpointing_comes_from_the_recipe(mode, offload):
+    training = TrainingSettings(max_steps=1, gradient_checkpointing=mode)
+    assert EngineOptions.from_recipe(training, env={}).offload_checkpoints is offload

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionft.engine.host_offload import HostOffload
 from visionft.engine.options import EngineOptions
 from visionft.model.architectures import get_arch_spec
 from visionft.patching import PatchReport, hf_model, static_inputs
@@ -194,6 +195,8 @@ class CudaGraphTrainStep:
         #: Allocated bytes around each capture (for benchmarks): (allocated before, process peak
         #: before, process peak after, allocated after).
         self.capture_memory: list[tuple[int, int, int, int]] = []
+        #: Holds checkpointed block inputs on the host (``training.gradientCheckpointing: offload``).
+        self._offload = HostOffload() if self.options.offload_checkpoints else None
         if self.disabled:
             self._say(f"CUDA graphs off: {self.disabled}")
             return
@@ -242,13 +245,20 @@ class CudaGraphTrainStep:
 
     def summary(self) -> dict[str, Any]:
         """Counts for logs and the run summary."""
-        return {
+        out: dict[str, Any] = {
             "captured": self.captured,
             "replays": self.replays,
             "eager_steps": self.eager_steps,
             "replay_share": round(self.replay_share, 4),
             "off": self.disabled,
         }
+        if self._offload is not None and not self.disabled:
+            out["offload"] = {
+                "host_gib": round(self._offload.host_bytes() / 2**30, 3),
+                "last_step_gib": round(self._offload.last["offloaded_bytes"] / 2**30, 3),
+                "kept_on_device": self._offload.last["kept_on_device"],
+            }
+        return out
 
     # -- internals -------------------------------------------------------------------------------------
 
@@ -287,20 +297,29 @@ class CudaGraphTrainStep:
             return torch.autocast("cuda", enabled=False)
         return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=cache_enabled)
 
+    def _offloading(self, key: tuple | None, capturing: bool = False):
+        """Around a forward + backward: checkpointed inputs go to the host (when asked for)."""
+        if self._offload is None or self.disabled:
+            return contextlib.nullcontext()
+        return self._offload.step(key, capturing=capturing)
+
     def _eager(
         self, batch: dict[str, Any], plan: static_inputs.StaticPlan | RowPlan | None, scale: float
     ) -> torch.Tensor:
         self.eager_steps += 1
-        if isinstance(plan, RowPlan):
-            with self._autocast():
-                loss = plan.loss(self.model)
-        elif plan is None:
-            with self._autocast():
-                loss = self.model(**batch).loss
-        else:
-            with static_inputs.active(plan), self._autocast():
-                loss = self.model(**plan.model_kwargs()).loss
-        (loss * scale if scale != 1.0 else loss).backward()
+        # A signature that may still be captured keeps its host buffers for the capture.
+        key = plan.signature if plan is not None and self.captured < self.max_graphs else None
+        with self._offloading(key):
+            if isinstance(plan, RowPlan):
+                with self._autocast():
+                    loss = plan.loss(self.model)
+            elif plan is None:
+                with self._autocast():
+                    loss = self.model(**batch).loss
+            else:
+                with static_inputs.active(plan), self._autocast():
+                    loss = self.model(**plan.model_kwargs()).loss
+            (loss * scale if scale != 1.0 else loss).backward()
         return loss.detach()
 
     def _use_graph_safe_checkpointing(self) -> None:
@@ -311,7 +330,9 @@ class CudaGraphTrainStep:
         if getattr(self.hf, flag or "is_gradient_checkpointing", False):
             from torch.utils.checkpoint import checkpoint
 
-            func = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
+            func: Any = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
+            if self._offload is not None:
+                func = self._offload.checkpoint
             for module in self.hf.modules():
                 if getattr(module, "gradient_checkpointing", False) and hasattr(
                     module, "_gradient_checkpointing_func"
@@ -372,7 +393,11 @@ class CudaGraphTrainStep:
         peak_so_far = torch.cuda.max_memory_allocated()
         guard = self.capture_guard() if self.capture_guard is not None else contextlib.nullcontext()
         # thread_local: other threads (the data loader's) may use CUDA while this one records.
-        with guard, torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with (
+            guard,
+            torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
+            self._offloading(plan.signature, capturing=True),
+        ):
             if isinstance(plan, RowPlan):
                 with self._autocast(cache_enabled=False):
                     loss = plan.loss(self.model, sig.buffers)

@@ -50,6 +50,9 @@ class EngineOptions:
             ``visionft.patching.rows``): set by ``for_model_type`` where ``packing`` is on and the family has
             them (``ArchSpec.rows``); otherwise packed rows take each batch's own shape
             (``visionft.data.packing``). Default: False.
+        offload_checkpoints (bool): checkpointed blocks keep their inputs in pinned host memory
+            (``training.gradientCheckpointing: offload``); graph steps do it in a capturable form
+            (``visionft.engine.host_offload``). Default: False.
     """
 
     optimizations: bool = True
@@ -57,6 +60,7 @@ class EngineOptions:
     sync_debug: bool = False
     packing: bool = False
     rows: bool = False
+    offload_checkpoints: bool = False
 
     @classmethod
     def resolve(
@@ -64,12 +68,14 @@ class EngineOptions:
         optimizations: bool | None = None,
         packing: bool = False,
         env: Mapping[str, str] | None = None,
+        offload_checkpoints: bool = False,
     ) -> EngineOptions:
         """The options from explicit values and the environment switches (module docstring).
 
         Args:
             optimizations (bool | None): the switch; None reads ``VISIONFT_DISABLE_KERNELS``. Default: None.
             packing (bool): train on packed rows. Default: False.
+            offload_checkpoints (bool): keep checkpointed inputs on the host. Default: False.
             env (Mapping[str, str] | None): the environment; ``os.environ`` when None. Default: None.
 
         Returns:
@@ -83,12 +89,18 @@ class EngineOptions:
             cuda_graphs=env.get(GRAPHS_ENV, "1").strip().lower() not in _OFF,
             sync_debug=env.get(SYNC_DEBUG_ENV) == "1",
             packing=packing,
+            offload_checkpoints=offload_checkpoints,
         )
 
     @classmethod
     def from_recipe(cls, training: TrainingSettings, env: Mapping[str, str] | None = None) -> EngineOptions:
-        """The options of a recipe's ``training`` (its ``optimizations`` and ``packing``)."""
-        return cls.resolve(optimizations=training.optimizations, packing=training.packing, env=env)
+        """The options of a recipe's ``training`` (``optimizations``, ``packing``, ``gradientCheckpointing``)."""
+        return cls.resolve(
+            optimizations=training.optimizations,
+            packing=training.packing,
+            env=env,
+            offload_checkpoints=training.gradient_checkpointing == "offload",
+        )
 
     def for_model_type(self, model_type: str | None) -> EngineOptions:
         """These options with the row layout settled for a model of ``model_type`` (``rows``)."""
