@@ -572,7 +572,8 @@ def _sft_config(args, **extra):
 
 
 #: Turn markers of the stand-in templates of families whose markers vary by checkpoint (ArchSpec.chat None).
-_TURNS = {"llava": ("USER:", "ASSISTANT:"), "pixtral": ("[INST]", "[/INST]")}
+#: " ASSISTANT:" with its space: the byte-level stand-in tokenizes it so only after a space, as in the chat.
+_TURNS = {"llava": ("USER:", " ASSISTANT:"), "pixtral": ("[INST]", "[/INST]")}
 
 
 def run_unsloth(args, record: dict) -> None:

@@ -133,9 +133,11 @@ class _Signature:
     graph: torch.cuda.CUDAGraph | None = None
     buffers: dict[str, torch.Tensor] | None = None
     loss: torch.Tensor | None = None
-    grads: list[torch.Tensor] | None = None
+    grads: list[torch.Tensor | None] | None = None
     scale: torch.Tensor | None = None
     plan: static_inputs.StaticPlan | RowPlan | None = None
+    #: Trainable parameters (indices) the warm-up step gave no gradient: the forward never uses them.
+    unused: frozenset[int] | None = None
 
 
 class CudaGraphTrainStep:
@@ -282,8 +284,8 @@ class CudaGraphTrainStep:
                 sig.warm += 1
                 if sig.warm == self.warmup and self.options.sync_debug:
                     with _report_syncs():
-                        return self._eager(batch or {}, plan, loss_scale)
-                return self._eager(batch or {}, plan, loss_scale)
+                        return self._eager(batch or {}, plan, loss_scale, sig)
+                return self._eager(batch or {}, plan, loss_scale, sig)
             self._capture(sig, plan)
         return self._replay(sig, plan, loss_scale)
 
@@ -304,9 +306,14 @@ class CudaGraphTrainStep:
         return self._offload.step(key, capturing=capturing)
 
     def _eager(
-        self, batch: dict[str, Any], plan: static_inputs.StaticPlan | RowPlan | None, scale: float
+        self,
+        batch: dict[str, Any],
+        plan: static_inputs.StaticPlan | RowPlan | None,
+        scale: float,
+        sig: _Signature | None = None,
     ) -> torch.Tensor:
         self.eager_steps += 1
+        fresh = [p.grad is None for p in self._params]
         # A signature that may still be captured keeps its host buffers for the capture.
         key = plan.signature if plan is not None and self.captured < self.max_graphs else None
         with self._offloading(key):
@@ -320,6 +327,10 @@ class CudaGraphTrainStep:
                 with static_inputs.active(plan), self._autocast():
                     loss = self.model(**plan.model_kwargs()).loss
             (loss * scale if scale != 1.0 else loss).backward()
+        if sig is not None:
+            sig.unused = frozenset(
+                i for i, (p, f) in enumerate(zip(self._params, fresh, strict=True)) if f and p.grad is None
+            )
         return loss.detach()
 
     def _use_graph_safe_checkpointing(self) -> None:
@@ -359,11 +370,18 @@ class CudaGraphTrainStep:
             buf.copy_(plan.dynamic[key], non_blocking=True)
         sig.scale.fill_(scale)
         sig.graph.replay()
+        grads: list[torch.Tensor | None]
         if accumulate:
-            torch._foreach_add_(acc, sig.grads)
-            grads = acc
+            pairs = [(a, g) for a, g in zip(acc, sig.grads, strict=True) if g is not None]
+            if pairs:
+                torch._foreach_add_([a for a, _ in pairs], [g for _, g in pairs])
+            # A parameter that has no gradient in this graph keeps what was pending (or none).
+            grads = [
+                a if g is not None or p is not None else None
+                for a, g, p in zip(acc, sig.grads, pending, strict=True)
+            ]
         else:
-            grads = sig.grads
+            grads = list(sig.grads)
         for p, g in zip(self._params, grads, strict=True):
             p.grad = g
         self.replays += 1
@@ -406,9 +424,20 @@ class CudaGraphTrainStep:
                     loss = self.model(**plan.model_kwargs(sig.buffers)).loss
             (loss.float() * sig.scale).backward()
         sig.grads = [p.grad for p in self._params]
-        if any(g is None for g in sig.grads):
-            missing = next(n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None)
-            raise RuntimeError(f"CUDA graphs: the captured backward gives {missing} no gradient")
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        missing = [i for i, g in enumerate(sig.grads) if g is None]
+        lost = [i for i in missing if sig.unused is None or i not in sig.unused]
+        if lost:
+            raise RuntimeError(
+                f"CUDA graphs: the captured backward gives {names[lost[0]]} no gradient, "
+                "which the eager step gave one"
+            )
+        if missing:
+            # E.g. LLaVA's last vision layer: its output is not among the features the model takes.
+            self._say(
+                f"CUDA graphs: {len(missing)} trainable parameters get no gradient from this forward "
+                f"(e.g. {names[missing[0]]}): they stay untrained"
+            )
         for p, g in zip(self._params, pending, strict=True):
             p.grad = g  # the capture ran nothing: what was pending is still pending
         sig.loss = loss.detach()
