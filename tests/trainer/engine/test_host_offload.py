@@ -105,3 +105,19 @@ def test_outside_a_step_it_is_plain_checkpointing_and_a_capture_needs_a_key():
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref, strict=True))
     with pytest.raises(ValueError, match="needs a key"), offload.step(None, capturing=True):
         pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream copy needs CUDA")
+def test_an_input_changed_in_place_during_its_copy_stops_the_step():
+    offload = HostOffload(min_bytes=1024)  # the hidden input goes to the host, the small scale stays
+    block = Block(16).cuda()
+    x = torch.randn(32, 16, device="cuda", requires_grad=True)
+    scale = torch.full((32, 1), 0.5, device="cuda")
+
+    with pytest.raises(RuntimeError, match="modified in place"), offload.step("sig"):
+        hidden = x * 1.0
+        out = offload.checkpoint(block, hidden, scale)
+        with torch.no_grad():
+            hidden.mul_(2.0)  # while its copy to the host may still run
+        offload.checkpoint(block, out, scale)

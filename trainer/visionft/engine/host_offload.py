@@ -21,8 +21,9 @@ checkpointing's), and of those only tensors of at least ``min_bytes`` that no ea
 step passed (position embeddings shared by every layer stay on the device). A capture that finds no
 buffer for a tensor (a signature captured without a warm-up) keeps that tensor on the device.
 
-Copies overlap compute only if the blocks do not modify their inputs in place after saving them, which
-holds for the transformers blocks this engine trains.
+Copies overlap compute only if nothing modifies a block's input in place while it is being copied, which
+holds for the transformers blocks this engine trains; a change seen when the copy is waited for stops the
+step with an error rather than train on a torn copy.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class _Step:
     count: int = 0
     seen: dict[int, weakref.ref] = field(default_factory=dict)
     packed: dict[int, _Packed] = field(default_factory=dict)
-    to_host: tuple[torch.Tensor, torch.cuda.Event] | None = None
+    to_host: tuple[torch.Tensor, torch.cuda.Event, int] | None = None
     to_device: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = field(default_factory=dict)
     offloaded_bytes: int = 0
     kept: int = 0
@@ -155,7 +156,7 @@ class HostOffload:
             host.copy_(tensor, non_blocking=True)
             done = torch.cuda.Event()
             done.record(side)
-        state.to_host = (tensor, done)  # alive until the copy is waited for
+        state.to_host = (tensor, done, tensor._version)  # alive until the copy is waited for
         return packed
 
     def _unpack(self, packed: Any) -> torch.Tensor:
@@ -207,8 +208,15 @@ class HostOffload:
 
     def _wait_to_host(self, state: _Step) -> None:
         if state.to_host is not None:
-            torch.cuda.current_stream().wait_event(state.to_host[1])
+            tensor, done, version = state.to_host
+            torch.cuda.current_stream().wait_event(done)
             state.to_host = None
+            if tensor._version != version:
+                # The copy may have read the tensor before or after the change: refuse, do not guess.
+                raise RuntimeError(
+                    "a checkpointed block input was modified in place while it was being copied to the "
+                    "host; set training.gradientCheckpointing to 'on' for this model"
+                )
 
     def _prefetch(self, state: _Step, index: int) -> None:
         packed = state.packed.get(index)
