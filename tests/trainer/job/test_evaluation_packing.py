@@ -3,7 +3,8 @@ through `visionft-train`: the evaluation gets the row collator's sample collator
 one at a time), scores the base model, each `everySteps` and the output, and writes metrics.json and the
 gallery; while it runs during training, the thread that builds the next rows waits (it shares that
 sample collator). With the optimizations on (the suite's TRITON_INTERPRET=1 swaps the kernels in on CPU)
-the evaluation's no-grad forward runs the plain head, so its loss must be the model's own, not the fused one.
+the evaluation's no-grad forward runs the plain head, so its loss must be the model's own, not the fused one;
+and the run leaves transformers' module functions as it found them.
 """
 
 from __future__ import annotations
@@ -22,21 +23,21 @@ pytestmark = pytest.mark.slow
 STEPS, EVERY, SAMPLES = 6, 3, 4
 
 
-@pytest.fixture(autouse=True)
-def _module_rope_restored():
-    """The in-process run swaps Qwen2-VL's module-level rotary function and does not revert it; later
-    tests in this process must get the original back (else they run the interpreted kernel)."""
+@pytest.fixture
+def module_rope():
+    """Qwen2-VL's module-level rotary functions before the run (the kernels swap them in); put back after
+    the test whatever happened, so that later tests in this process never run the interpreted kernel."""
     from transformers.models.qwen2_vl import modeling_qwen2_vl
 
     names = ("apply_multimodal_rotary_pos_emb", "apply_rotary_pos_emb")  # by transformers release
     originals = {n: getattr(modeling_qwen2_vl, n) for n in names if hasattr(modeling_qwen2_vl, n)}
-    yield
+    yield modeling_qwen2_vl, originals
     for name, fn in originals.items():
         setattr(modeling_qwen2_vl, name, fn)
 
 
 @pytest.mark.parametrize("optimizations", [False, True], ids=["plain", "optimizations"])
-def test_a_packed_run_evaluates_before_during_and_after(tmp_path, monkeypatch, optimizations):
+def test_a_packed_run_evaluates_before_during_and_after(tmp_path, monkeypatch, optimizations, module_rope):
     raw = {
         "model": {"uri": "builtin://tiny-qwen2-vl", "loadIn4bit": False, "maxSeqLength": 256},
         "lora": {"r": 16, "alpha": 16},
@@ -88,6 +89,9 @@ def test_a_packed_run_evaluates_before_during_and_after(tmp_path, monkeypatch, o
     monkeypatch.setattr(EvaluationStage, "evaluate_step", evaluate_step)
 
     assert main([str(config)]) == 0
+    # The run undid its swaps: a later model in this process gets transformers' own functions.
+    module, originals = module_rope
+    assert originals and all(getattr(module, n) is fn for n, fn in originals.items())
     out = tmp_path / "work" / "output"
     run = json.loads((out / "run.json").read_text())
     assert run["rows"] is not None and run["rows"]["rows"] == STEPS, run["rows"]  # trained on packed rows

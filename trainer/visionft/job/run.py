@@ -119,6 +119,20 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
         WorseThanBaseError: ``evaluation.failIfWorseThanBase`` is set and the output's headline metric is
             worse than the base model's (raised after the outputs are published).
     """
+    loaded: list = []
+    try:
+        return _train(config, echo, loaded)
+    finally:
+        # The kernels also swap functions of transformers' modules: the next model in this process (a
+        # notebook's next run, a test) must find them as they were.
+        from visionft import patching
+
+        for model in loaded:
+            patching.revert_optimizations(model)
+
+
+def _train(config: TrainerConfig, echo, loaded: list) -> RunResult:
+    """``train``, with the model put in ``loaded`` once it is built (for the revert)."""
     t0, cpu0 = time.monotonic(), time.process_time()
     from visionft.engine import distributed
     from visionft.engine.options import EngineOptions
@@ -156,6 +170,7 @@ def train(config: TrainerConfig, echo=print) -> RunResult:
     # The data first: a held-out split that can't serve the evaluation fails before the model loads.
     train_set, stage, held_out = _load_data(config, dataset_dir, output_dir)
     model, processor, patch_report, options = _load_model(config, model_dir, options)
+    loaded.append(model)
     collator = _collator(config, model, processor, dataset_dir, options, patch_report, train_set)
     result = RunResult(output_dir=str(output_dir))
     if config.method == "dpo":
