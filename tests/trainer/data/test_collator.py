@@ -314,3 +314,45 @@ def test_placeholder_and_image_counts_must_agree():
     record = two_turns("qwen2_vl")
     with pytest.raises(BadSampleError, match="no more entries"):
         collator([{**record, "images": record["images"][:1]}])
+
+
+def test_a_held_out_batch_leaves_the_training_counts_and_the_stand_in_alone():
+    model, processor = tiny("qwen2_vl")
+    collator = VisionDataCollator(model, processor, on_bad_sample="skip")
+    trained = collator([one_image("qwen2_vl", "red")])  # the training run's last good sample
+    bad = one_image("qwen2_vl", image="gopher://x/y.png")
+    held_out = one_image("qwen2_vl", "blue")
+
+    batch, reasons = collator.held_out_batch([bad, held_out])
+    assert len(reasons) == 1 and "unsupported scheme gopher://" in reasons[0]
+    alone = VisionDataCollator(model, processor)([held_out])
+    assert all(torch.equal(batch[k], alone[k]) for k in alone)
+    # A batch of bad held-out samples gives nothing to score, not the training stand-in.
+    none, both = collator.held_out_batch([bad, bad])
+    assert none is None and [r.split(",")[0] for r in both] == ["sample 0", "sample 1"]
+    assert collator.skipped == 0 and collator.substituted == 0
+    # And no held-out sample becomes the stand-in of a later all-bad training batch.
+    again = collator([bad])
+    assert collator.substituted == 1
+    assert all(torch.equal(again[k], trained[k]) for k in trained)
+
+
+def test_the_evaluation_loss_leaves_bad_held_out_samples_out_and_the_training_counts_alone(caplog):
+    from visionft.evaluation.heldout import HeldOutSample
+    from visionft.evaluation.predict import eval_loss
+
+    model, processor = tiny("qwen2_vl")
+    collator = VisionDataCollator(model, processor, on_bad_sample="skip")
+    good = [one_image("qwen2_vl", answer) for answer in ("red", "a blue square")]
+    bad = one_image("qwen2_vl", image="gopher://x/y.png")
+
+    def held_out(records):
+        return [HeldOutSample(index=i, record=r, prompt="", reference="") for i, r in enumerate(records)]
+
+    expected = eval_loss(model, collator, held_out(good), batch_size=2)
+    with caplog.at_level("WARNING"):
+        # [good, bad] [good]: a bad sample is left out of its batch; [bad, bad] is no batch at all.
+        got = eval_loss(model, collator, held_out([good[0], bad, good[1], bad, bad]), batch_size=2)
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert collator.skipped == 0 and collator.substituted == 0
+    assert sum("left out of the evaluation loss" in r.getMessage() for r in caplog.records) == 3

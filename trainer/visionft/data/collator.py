@@ -206,9 +206,8 @@ class VisionDataCollator:
         """
         encoded = []
         for position, record in enumerate(features):
-            index = record.get("__index__", position) if isinstance(record, dict) else position
             try:
-                encoded.append(self._encode_item(record, index))
+                encoded.append(self._encode_item(record, _index(record, position)))
             except BadSampleError as err:
                 if self.on_bad_sample == "error":
                     raise
@@ -228,6 +227,21 @@ class VisionDataCollator:
             encoded = [self._last_good]
         self._last_good = encoded[-1]
         return encoded
+
+    def held_out_batch(self, features: Sequence[dict]) -> tuple[dict[str, Any] | None, list[str]]:
+        """The records that encode, batched as training batches them, and the reasons of the others; None
+        for the batch when none encodes. For scoring held-out samples: the training run's bad-sample
+        counts stay as they are, and no stand-in is used either way (a held-out sample is never trained
+        on, and a training sample never scored)."""
+        encoded, reasons = [], []
+        for position, record in enumerate(features):
+            try:
+                encoded.append(self._encode_item(record, _index(record, position)))
+            except BadSampleError as err:
+                reasons.append(str(err))
+        if not encoded:
+            return None, reasons
+        return (self.pack(encoded) if self.packing else self.pad(encoded)), reasons
 
     def _encode_item(self, record: dict, index: int | None) -> Any:
         """One batch item (a subclass may encode a record as several sequences)."""
@@ -424,6 +438,11 @@ class VisionDataCollator:
         mask_sample_starts(batch["labels"], layout[PACKED_CU_SEQLENS])  # type: ignore[arg-type]
         batch.update(layout)
         return batch
+
+
+def _index(record: Any, position: int) -> int:
+    """A record's sample index for messages: its ``__index__``, else its place in the batch."""
+    return record.get("__index__", position) if isinstance(record, dict) else position
 
 
 def _is_sequence_key(key: str, encoded: list[dict[str, torch.Tensor]]) -> bool:

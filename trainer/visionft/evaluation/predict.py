@@ -97,17 +97,18 @@ def generate_answers(
 
 def eval_loss(model, collator, samples: Sequence[HeldOutSample], batch_size: int) -> float | None:
     """The mean teacher-forced loss per supervised token over ``samples``, in batches as training builds
-    them (``batch_size`` samples each, through the collator); None when no sample could be encoded."""
+    them (``batch_size`` samples each, ``VisionDataCollator.held_out_batch``: a bad sample is left out and
+    warned about, without touching the training run's counts); None when no sample could be encoded."""
     device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64)  # (loss x tokens, tokens)
     indices = list(_shard(len(samples)))
     with _eval_mode(model):
         for start in range(0, len(indices), batch_size):
             records = [samples[i].record for i in indices[start : start + batch_size]]
-            try:
-                batch = collator(records)
-            except BadSampleError as err:
-                logger.warning("no evaluation loss for a batch of held-out samples: %s", err)
+            batch, reasons = collator.held_out_batch(records)
+            for reason in reasons:
+                logger.warning("held-out sample left out of the evaluation loss: %s", reason)
+            if batch is None:
                 continue
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             tokens = int((batch["labels"][..., 1:] != -100).sum())
