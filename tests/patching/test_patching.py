@@ -1,5 +1,6 @@
-"""The patch layer on tiny Qwen2-VL / Qwen2.5-VL / Gemma 3 models: same loss and gradients as the plain
-model, the same loss curve over a few steps, an exact revert, the one switch and the fallback line."""
+"""The patch layer on tiny models of every family with a patch set: same loss and gradients as the plain
+model, the same loss curve over a few steps, an exact revert, the one switch, single kinds switched off,
+and the fallback line."""
 
 from __future__ import annotations
 
@@ -125,13 +126,39 @@ def test_one_switch_turns_everything_off(monkeypatch, caplog):
     revert_optimizations(model)
 
 
-def test_uncovered_architecture_falls_back_with_one_log_line(caplog):
+def test_uncovered_architecture_falls_back_with_one_log_line(caplog, monkeypatch):
+    import dataclasses
+
+    from visionft.model import architectures
+
+    # An architecture whose family names no patch set (as one registered without kernels would).
+    plain = dataclasses.replace(architectures.get_arch_spec("llava"), patches=None, modeling={})
+    monkeypatch.setitem(architectures._BY_TYPE, "llava", plain)
     model, _ = build_tiny_vlm("llava", seed=0)
     with caplog.at_level(logging.INFO, logger="visionft.patching"):
         report = apply_optimizations(model)
     assert not report.enabled
     lines = [r for r in caplog.records if r.name == "visionft.patching"]
     assert len(lines) == 1 and "no patch set for model_type='llava'" in lines[0].getMessage()
+
+
+def test_a_switch_that_names_no_kind_is_refused():
+    model, _ = _model("qwen2_vl", lora=False)
+    with pytest.raises(ValueError, match=r"no kind of swap is called rpoe; the kinds are rope, "):
+        apply_optimizations(model, rpoe=False)
+    revert_optimizations(model)
+
+
+def test_a_switched_off_kind_is_left_plain():
+    from transformers.models.llama import modeling_llama
+
+    rope = modeling_llama.apply_rotary_pos_emb
+    model, _ = _model("llava", lora=True)
+    report = apply_optimizations(model, rope=False, lora=False)
+    assert "rope" not in report.counts and "lora" not in report.counts, report.summary()
+    assert report.counts.get("rms_norm", 0) > 0, report.summary()
+    assert modeling_llama.apply_rotary_pos_emb is rope
+    revert_optimizations(model)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes 4-bit needs CUDA")
@@ -167,9 +194,24 @@ def test_patched_matches_plain_on_a_4bit_qlora_model(tmp_path):
         assert err < 0.25, f"{name}: relative gradient error {err:.2e}"
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "qwen3_vl"])
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_gemma3_and_qwen3_vl_patched_match_plain(arch, lora):
+#: What each family's patch set must swap on its tiny model (Pixtral's tower has RMSNorms, no LayerNorm;
+#: its tiny MLP is gated GELU, left plain; CLIP's and Mllama's vision MLPs are not gated).
+PATCH_SET_KINDS = {
+    "gemma3": {"rope", "rms_norm", "layer_norm", "glu", "loss"},
+    "qwen3_vl": {"rope", "rms_norm", "layer_norm", "glu", "loss"},
+    "llava": {"rope", "rms_norm", "layer_norm", "glu", "loss"},
+    "pixtral": {"rope", "rms_norm", "glu", "loss"},
+    "llava_next": {"rope", "rms_norm", "layer_norm", "glu", "loss"},
+    "mllama": {"rope", "rms_norm", "layer_norm", "glu", "loss"},
+}
+
+
+@pytest.mark.parametrize(
+    "arch, lora",
+    [("gemma3", False), ("gemma3", True), ("qwen3_vl", False), ("qwen3_vl", True)]
+    + [(arch, True) for arch in ("llava", "pixtral", "llava_next", "mllama")],
+)
+def test_patch_sets_match_plain(arch, lora):
     model, processor = _model(arch, lora)
     msgs = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
@@ -181,14 +223,13 @@ def test_gemma3_and_qwen3_vl_patched_match_plain(arch, lora):
     batch = {k: v.to(DEVICE) for k, v in batch.items()}
     loss_plain, grads_plain = _loss_and_grads(model, batch)
     report = apply_optimizations(model, optimizations=True)
-    assert report.counts.get("rms_norm", 0) > 0 and report.counts.get("glu", 0) > 0, report.summary()
-    assert report.counts.get("rope") == 1 and report.counts.get("loss") == 1
-    assert report.counts.get("layer_norm", 0) > 0, report.summary()  # the vision tower's
-    if lora:
-        assert report.counts.get("lora", 0) > 0, report.summary()
+    for kind in PATCH_SET_KINDS[arch] | ({"lora"} if lora else set()):
+        assert report.counts.get(kind, 0) > 0, f"{kind}: {report.summary()}"
+    assert report.counts["rope"] == 1 and report.counts["loss"] == 1
     loss_fast, grads_fast = _loss_and_grads(model, batch)
     revert_optimizations(model)
     torch.testing.assert_close(loss_fast, loss_plain, rtol=1e-5, atol=1e-6)
+    assert grads_fast.keys() == grads_plain.keys()
     for name, g in grads_plain.items():
         err = (grads_fast[name] - g).norm() / g.norm().clamp(min=1e-12)
         assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"

@@ -21,12 +21,18 @@ from visionft.testing.tiny import build_tiny_vlm
 def test_sync_free_optimizer_follows_the_optimizations_not_the_kernel_patch_set(
     optimizations, tmp_path, monkeypatch
 ):
-    from trl import SFTConfig
+    import dataclasses
 
+    from trl import SFTConfig
+    from visionft.model import architectures
+
+    # A family without fused kernels (one registered without a patch set).
+    plain = dataclasses.replace(architectures.get_arch_spec("llava"), patches=None, modeling={})
+    monkeypatch.setitem(architectures._BY_TYPE, "llava", plain)
     model, processor = build_tiny_vlm("llava", seed=0)
     model = tiny_lora(model)
     report = patching.apply_optimizations(model, optimizations=optimizations)
-    assert not report.enabled  # no fused kernels for this family
+    assert not report.enabled
     calls = []
     monkeypatch.setattr(optim, "remove_per_parameter_sync", lambda opt: calls.append(opt) or False)
     args = SFTConfig(

@@ -182,6 +182,8 @@ FAMILIES: tuple[ArchSpec, ...] = (
         mlp=("mlp",),
         keep_16bit=("model.vision_model.patch_embedding", "model.multi_modal_projector", "lm_head"),
         chat=_LLAMA3,
+        patches="visionft.patching.mllama",
+        modeling={"mllama": "transformers.models.mllama.modeling_mllama"},
         per_sample_images=True,
     ),
     ArchSpec(
@@ -201,13 +203,20 @@ FAMILIES: tuple[ArchSpec, ...] = (
     # their parts "attention" and "feed_forward"); the row layout dispatches on the tower.
     ArchSpec(
         model_types=("llava",),
+        patches="visionft.patching.llava",
+        modeling={"llava": "transformers.models.llava.modeling_llava"},
         rows="visionft.patching.rows.llava",
         # Llama (LLaVA 1.5) or Mistral (Pixtral) text attention.
         text_attention=("LlamaAttention", "MistralAttention"),
         **_LLAVA,
     ),
     # LLaVA-NeXT: the same parts; its anyres tiles have no fixed-shape rows.
-    ArchSpec(model_types=("llava_next",), **_LLAVA),
+    ArchSpec(
+        model_types=("llava_next",),
+        patches="visionft.patching.llava",
+        modeling={"llava_next": "transformers.models.llava_next.modeling_llava_next"},
+        **_LLAVA,
+    ),
 )
 
 _BY_TYPE: dict[str, ArchSpec] = {t: s for s in FAMILIES for t in s.model_types}

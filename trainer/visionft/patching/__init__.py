@@ -9,13 +9,17 @@ Usage::
     revert_optimizations(model)                  # plain modules again
 
 Which architecture gets which patch set is its family's entry in ``visionft.model.architectures``
-(``patches``). What is swapped (instance-level ``forward`` assignments, recorded for ``revert``):
+(``patches``); a patch set is the ordered list of kinds its family takes, and each kind is written once in
+``visionft.patching.kinds``. Every family has one: Qwen2-VL / Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA 1.5 /
+LLaVA-NeXT / Pixtral and Mllama. What is swapped (instance-level ``forward`` assignments, recorded for
+``revert``):
 
 - ``*RMSNorm`` modules -> ``kernels.rms_norm`` (Gemma's ``1 + w`` recognised by class name);
-- ``nn.LayerNorm`` (vision towers: SigLIP, Qwen3-VL) -> the native kernel in the autocast dtype, so that
-  no fp32 copy of its output is cast again by every linear that reads it (``layer_norm``);
+- ``nn.LayerNorm`` (vision towers: SigLIP, CLIP, Qwen3-VL, Mllama) -> the native kernel in the autocast
+  dtype, so that no fp32 copy of its output is cast again by every linear that reads it (``layer_norm``);
 - gated MLPs (``gate_proj``/``up_proj``/``down_proj`` + SiLU or tanh-GELU) -> ``kernels.glu``;
-- rotary application (Qwen2-VL/2.5-VL M-RoPE) -> ``kernels.rope`` (a module-global swap);
+- rotary application -> ``kernels.rope`` (a module-global swap in the family's modeling module, or, for
+  the LLaVA families, in their text model's);
 - PEFT LoRA layers over NF4 or plain bases -> ``kernels.lora_nf4`` (no dequantized weight kept);
 - ``lm_head`` + loss under training -> ``kernels.fused_linear_ce`` (no full logits);
 - vision attention (Qwen2-VL/2.5-VL) -> one SDPA call over all windows instead of one per window
@@ -30,9 +34,11 @@ its own when the optimizations are off or can't run (kept in a separate report, 
 ``VisionDataCollator(..., packing=True)`` refuses a model without it.
 
 The one switch: ``apply_optimizations(model, optimizations=False)`` leaves the model plain (a run resolves
-it from ``training.optimizations`` and the environment: ``visionft.engine.options``). Architectures
-without a patch set, an unsupported transformers release, or a device where Triton cannot run (CPU
-without ``TRITON_INTERPRET=1``) also leave it plain; each case logs one line saying so.
+it from ``training.optimizations`` and the environment: ``visionft.engine.options``); a keyword per kind
+(``rope=False``) leaves that kind alone, and a keyword that names no kind is refused. An architecture
+without a patch set (one registered without kernels), an unsupported transformers release, or a device
+where Triton cannot run (CPU without ``TRITON_INTERPRET=1``) also leave it plain; each case logs one line
+saying so.
 """
 
 from __future__ import annotations

@@ -215,6 +215,21 @@ def scatter_features(embeds: torch.Tensor, features: torch.Tensor, positions: to
     return flat[:total].unsqueeze(0)
 
 
+def embed_on_host(embedding: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with ``inputs_embeds`` (pinned) when ``embedding``'s table lives in host memory (the
+    offload patch), so that the lookup happens on the host-built row rather than inside a captured
+    forward; ``batch`` itself otherwise. A row forward uses ``inputs_embeds`` when the batch has it."""
+    if "inputs_embeds" in batch:
+        return batch
+    weight = getattr(embedding, "weight", None)
+    if weight is None or weight.device.type != "cpu" or not torch.cuda.is_available():
+        return batch
+    with torch.no_grad():
+        ids = batch["input_ids"].to("cpu")  # already there when called on the host-built row
+        rows = F.embedding(ids, weight, getattr(embedding, "padding_idx", None))
+    return {**batch, "inputs_embeds": rows.pin_memory()}
+
+
 def row_loss(
     hidden: torch.Tensor,
     head: nn.Module,
@@ -265,6 +280,7 @@ __all__ = [
     "RowFamily",
     "RowInfo",
     "TextRow",
+    "embed_on_host",
     "install_once",
     "padded_cu_seqlens",
     "row_loss",

@@ -43,6 +43,7 @@ from visionft.patching.rows.base import (
     ROW_KEY,
     RowInfo,
     TextRow,
+    embed_on_host,
     install_once,
     padded_cu_seqlens,
     row_loss,
@@ -138,7 +139,9 @@ class LlavaFamily:
         return out
 
     def host_inputs(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-        return batch
+        from visionft.patching import hf_model
+
+        return embed_on_host(_inner(hf_model(model)).get_input_embeddings(), batch)
 
     def _text_loss(
         self,
@@ -149,7 +152,9 @@ class LlavaFamily:
         info: RowInfo,
         num_items: Any,
     ) -> torch.Tensor:
-        embeds = inner.get_input_embeddings()(tensors["input_ids"])
+        embeds = tensors.get("inputs_embeds")
+        if embeds is None:
+            embeds = inner.get_input_embeddings()(tensors["input_ids"])
         if features is not None:
             embeds = scatter_features(
                 embeds, features.reshape(-1, features.shape[-1]), tensors["image_positions"]

@@ -42,6 +42,7 @@ from visionft.patching.packed_attention import install as install_packed_attenti
 from visionft.patching.rows.base import (
     ROW_KEY,
     RowInfo,
+    embed_on_host,
     padded_cu_seqlens,
     row_loss,
     scatter_features,
@@ -292,12 +293,9 @@ class QwenRows:
         return row_loss(out.last_hidden_state, hf.lm_head, tensors["shift_labels"], num_items, self.fused)
 
     def host_inputs(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-        """Adds ``inputs_embeds`` when the embedding table lives in host memory (the offload patch), so
-        that the lookup happens here rather than inside a captured forward."""
         from visionft.patching import hf_model
 
-        if "inputs_embeds" in batch:
-            return batch
+        return embed_on_host(_inner(hf_model(model)).get_input_embeddings(), batch)
         emb = _inner(hf_model(model)).get_input_embeddings()
         weight = getattr(emb, "weight", None)
         if weight is not None and weight.device.type == "cpu" and torch.cuda.is_available():
