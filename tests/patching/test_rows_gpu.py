@@ -22,7 +22,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA"),
 ]
 
-ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava", "pixtral"]
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava", "llava_next", "pixtral"]
 #: The model type of a tiny architecture whose name is not one (Pixtral is a LLaVA model).
 MODEL_TYPE = {"pixtral": "llava"}
 

@@ -206,8 +206,13 @@ FAMILIES: tuple[ArchSpec, ...] = (
         text_attention=("LlamaAttention", "MistralAttention"),
         **_LLAVA,
     ),
-    # LLaVA-NeXT: the same parts; its anyres tiles have no fixed-shape rows.
-    ArchSpec(model_types=("llava_next",), **_LLAVA),
+    # LLaVA-NeXT: the same parts; rows of a tile budget with the unpad/newline layout as a gather.
+    ArchSpec(
+        model_types=("llava_next",),
+        rows="visionft.patching.rows.llava_next",
+        text_attention=("LlamaAttention", "MistralAttention"),
+        **_LLAVA,
+    ),
 )
 
 _BY_TYPE: dict[str, ArchSpec] = {t: s for s in FAMILIES for t in s.model_types}
