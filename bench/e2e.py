@@ -5,6 +5,7 @@ each in its own documented path and its own process, on one GPU, in one command 
     python bench/e2e.py --arch gemma3 --out bench/logs/DATE/e2e-gemma --work /tmp/e2e
     python bench/e2e.py --arch qwen3_vl --out bench/logs/DATE/e2e-qwen3 --work /tmp/e2e
     python bench/e2e.py --arch llava --out bench/logs/DATE/e2e-llava --work /tmp/e2e
+    python bench/e2e.py --arch llava_next --out bench/logs/DATE/e2e-llava-next --work /tmp/e2e
     python bench/e2e.py --arch pixtral --max-seq-length 4608 --out bench/logs/DATE/e2e-pixtral --work /tmp/e2e
     python bench/e2e.py --tiny --arch qwen2_5_vl --steps 3 --out /tmp/e2e-tiny   # CPU, tiny model (CI)
 
@@ -32,8 +33,9 @@ The model folders: ``qwen2_5_vl`` is the Qwen2.5-VL-7B shape of ``bench/qlora_st
 parameters, its stand-in processor); ``gemma3`` is a Gemma-3-4B shape (SigLIP at 896 px, 256 tokens per
 image, 262,208-token vocabulary, 34 layers) with the stand-in Gemma tokenizer of ``visionft.testing``;
 ``qwen3_vl`` is a Qwen3-VL-8B shape (16 px patches, DeepStack at layers 8/16/24, 36 text layers);
-``llava`` a LLaVA-1.5-7B shape (CLIP ViT-L/14 at 336 px, Llama-2-7B text) and ``pixtral`` a Pixtral-12B
-shape (Pixtral tower up to 1,024 px, Mistral-NeMo-12B text; a 1,008 px image is 4,032 tokens, hence its
+``llava`` a LLaVA-1.5-7B shape (CLIP ViT-L/14 at 336 px, Llama-2-7B text), ``llava_next`` a
+LLaVA-NeXT-7B (Mistral) shape (the same tower on 336 px tiles of five grids up to 1,008 px, plus the
+downscaled image, Mistral-7B text) and ``pixtral`` a Pixtral-12B shape (Pixtral tower up to 1,024 px, Mistral-NeMo-12B text; a 1,008 px image is 4,032 tokens, hence its
 longer ``--max-seq-length``), each with a stand-in processor of ``visionft.testing.tiny``.
 ``--tiny`` uses the tiny models of ``visionft.testing.tiny`` on CPU (no 4 bit, AdamW in fp32).
 
@@ -59,7 +61,7 @@ HERE = Path(__file__).resolve().parent
 SYSTEMS = ("visionft", "plain", "unsloth")  # Unsloth last: its compile takes what time is left
 SEED = 3407
 LR = 2e-4
-ARCHS = ("qwen2_5_vl", "gemma3", "qwen3_vl", "llava", "pixtral")
+ARCHS = ("qwen2_5_vl", "gemma3", "qwen3_vl", "llava", "llava_next", "pixtral")
 #: The model type of an architecture whose name is not one (Pixtral-12B is a LLaVA model).
 MODEL_TYPE = {"pixtral": "llava"}
 
@@ -230,6 +232,58 @@ def build_llava_folder(folder: Path) -> None:
     _save(model, processor, folder)
 
 
+def build_llava_next_folder(folder: Path) -> None:
+    """A random-weight LLaVA-NeXT-7B (Mistral)-shaped model (bf16, on the GPU): CLIP ViT-L/14 on 336 px
+    tiles (576 tokens each, features of the second-to-last layer) laid on the grids 1x2, 2x1, 2x2, 1x3 and
+    3x1 plus the downscaled image, the learned newline after each feature row, Mistral-7B text, with the
+    stand-in [INST] processor of ``visionft.testing.tiny``."""
+    import torch
+    from transformers import AutoModelForImageTextToText, LlavaNextConfig
+    from visionft.testing.tiny import llava_next_processor
+
+    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    processor = llava_next_processor(image_size=336, pinpoints=pinpoints)
+    ids = dict(processor.tokenizer.get_added_vocab())
+    config = LlavaNextConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 336,
+            "patch_size": 14,
+            "projection_dim": 768,
+            "hidden_act": "quick_gelu",
+        },
+        text_config={
+            "model_type": "mistral",
+            "vocab_size": 32064,
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "max_position_embeddings": 32768,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+            "rms_norm_eps": 1e-5,
+            "sliding_window": None,
+            "bos_token_id": ids["<s>"],
+            "eos_token_id": ids["</s>"],
+            "pad_token_id": ids["<pad>"],
+        },
+        image_token_index=ids["<image>"],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=576,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    _save(model, processor, folder)
+
+
 def build_pixtral_folder(folder: Path) -> None:
     """A random-weight Pixtral-12B-shaped model (bf16, on the GPU): the Pixtral tower (16 px patches, images
     up to 1,024 px at their own sizes, 2D rotary positions), Mistral-NeMo-12B text, with the stand-in
@@ -306,6 +360,8 @@ def build_folder(arch: str, folder: Path, tiny: bool) -> None:
         build_qwen3_vl_folder(folder)
     elif arch == "llava":
         build_llava_folder(folder)
+    elif arch == "llava_next":
+        build_llava_next_folder(folder)
     elif arch == "pixtral":
         build_pixtral_folder(folder)
     else:
@@ -573,7 +629,11 @@ def _sft_config(args, **extra):
 
 #: Turn markers of the stand-in templates of families whose markers vary by checkpoint (ArchSpec.chat None).
 #: " ASSISTANT:" with its space: the byte-level stand-in tokenizes it so only after a space, as in the chat.
-_TURNS = {"llava": ("USER:", " ASSISTANT:"), "pixtral": ("[INST]", "[/INST]")}
+_TURNS = {
+    "llava": ("USER:", " ASSISTANT:"),
+    "llava_next": ("[INST]", "[/INST]"),
+    "pixtral": ("[INST]", "[/INST]"),
+}
 
 
 def run_unsloth(args, record: dict) -> None:

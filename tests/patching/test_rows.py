@@ -20,7 +20,7 @@ from visionft.testing.tiny import build_tiny_vlm
 
 from tests.patching.test_packed_attention import _image, _sample
 
-ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava", "pixtral"]
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava", "llava_next", "pixtral"]
 #: fp32 on CPU: the row and the padded batch compute the same sums in different orders.
 LOSS_TOL = {"rtol": 1e-5, "atol": 1e-6}
 GRAD_REL_TOL = 1e-4
@@ -37,6 +37,18 @@ SAMPLES = [
 ]
 
 
+def _two_images() -> dict:
+    """A sample with a wide and a tall image, both letterboxed by their grid (LLaVA-NeXT unpads them)."""
+    sample = _sample("a wide one, then a tall one", _image((84, 70), (30, 200, 200)))
+    sample["messages"][0]["content"].insert(1, {"type": "image", "image": _image((70, 84), (200, 30, 200))})
+    return sample
+
+
+#: Samples an architecture's rows hold on top of ``SAMPLES``: several images in one sample, so that an
+#: image's features are laid out after those of another image of its own sample.
+EXTRA_SAMPLES = {"llava_next": [_two_images()]}
+
+
 def _setup(arch: str, checkpointing: bool = False, fused: bool = False):
     """Model, collator, row family, encoded samples and budgets. ``fused``: the row forward's Triton
     kernels (on CPU through the slow interpreter), as with the optimizations on; off by default."""
@@ -51,7 +63,7 @@ def _setup(arch: str, checkpointing: bool = False, fused: bool = False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = tiny_lora(model, torch.Generator().manual_seed(1))
     collator = VisionDataCollator(model, processor)
-    encoded = [collator.encode(s) for s in SAMPLES]
+    encoded = [collator.encode(s) for s in SAMPLES + EXTRA_SAMPLES.get(arch, [])]
     family = enable_rows(model, collator.pad_token_id, fused=fused)
     sizes = [family.sample_size(e) for e in encoded]
     tiers = plan_tiers(sizes, batch_size=len(sizes), max_sample_tokens=256, **family.plan_kwargs(256))
@@ -126,11 +138,33 @@ def _break(row: dict, how: str) -> dict:
         row["vision_cu_seqlens"] = cu
     elif how == "vision-positions-transposed":  # each patch's (row, column) read as (column, row)
         row["vision_position_ids"] = row["vision_position_ids"].flip(-1)
+    elif how in ("tiles-swapped", "newline-misplaced"):
+        row["image_sources"] = _broken_sources(row, how)
     elif how == "windows-in-raster-order":
         row["window_index"] = torch.arange(row["window_index"].shape[0])
     else:
         raise ValueError(how)
     return row
+
+
+def _broken_sources(row: dict, how: str) -> torch.Tensor:
+    """LLaVA-NeXT's gather index broken: ``"tiles-swapped"`` reads each feature from the neighbouring tile
+    (tile ``t`` from ``t ^ 1``: an image's base tile and its first grid tile trade places), and
+    ``"newline-misplaced"`` puts every newline one feature earlier in its image."""
+    info = row[ROW_KEY]
+    sources = row["image_sources"].clone()
+    newline = int(sources[-1])  # the row has padding slots, and they read the newline
+    real = int((row["image_positions"] < info.budget.tokens).sum())
+    if how == "tiles-swapped":
+        per_tile = newline // info.int("tiles")
+        tile, patch = sources // per_tile, sources % per_tile
+        other = tile ^ 1
+        moved = (sources < newline) & (other < info.int("tiles"))
+        return torch.where(moved, other * per_tile + patch, sources)
+    for i in (sources[:real] == newline).nonzero().reshape(-1).tolist():
+        if i > 0:
+            sources[i - 1], sources[i] = sources[i].clone(), sources[i - 1].clone()
+    return sources
 
 
 @pytest.mark.parametrize(
@@ -148,6 +182,10 @@ def _break(row: dict, how: str) -> dict:
         ("gemma3", "images-causal"),
         ("llava", "one-text-segment"),
         ("llava", "features-shifted"),
+        ("llava_next", "one-text-segment"),
+        ("llava_next", "features-shifted"),
+        ("llava_next", "tiles-swapped"),
+        ("llava_next", "newline-misplaced"),
         ("pixtral", "one-text-segment"),
         ("pixtral", "features-shifted"),
         ("pixtral", "one-vision-segment"),

@@ -22,7 +22,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA"),
 ]
 
-ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava", "pixtral"]
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava", "llava_next", "pixtral"]
 #: The model type of a tiny architecture whose name is not one (Pixtral is a LLaVA model).
 MODEL_TYPE = {"pixtral": "llava"}
 
@@ -86,9 +86,9 @@ def _rows(arch, tmp_path, n_steps: int):
     from visionft.testing.tiny import save_tiny_vlm
 
     folder = save_tiny_vlm(arch, tmp_path / arch)
-    if arch == "llava":
-        # LLaVA 1.5's layout: features of the second-to-last vision layer, so the last layer's
-        # adapters get no gradient, in eager steps and replays alike.
+    if arch in ("llava", "llava_next"):
+        # LLaVA 1.5's and NeXT's layout: features of the second-to-last vision layer, so the last
+        # layer's adapters get no gradient, in eager steps and replays alike.
         config = json.loads((folder / "config.json").read_text())
         config["vision_feature_layer"] = -2
         (folder / "config.json").write_text(json.dumps(config))

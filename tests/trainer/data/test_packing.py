@@ -90,15 +90,22 @@ def test_the_collator_refuses_a_model_whose_attention_would_mix_the_samples():
 def test_packing_for_another_architecture_stops_before_training(tmp_path, tiny_dir, capsys):
     path = config(tmp_path, tiny_dir, packing=True)
     raw = yaml.safe_load(path.read_text())
-    raw["model"]["uri"] = str(tiny_dir("llava_next"))
+    raw["model"]["uri"] = str(tiny_dir("mllama"))
     path.write_text(yaml.safe_dump(raw))
     assert main([str(path)]) == EXIT_CONFIG
     captured = capsys.readouterr()
     last = captured.err.strip().splitlines()[-1]
     assert last.startswith("visionft-train: error: training.packing:")
     families = last.split("packing is supported for ")[1].split(" only, and this model is ")
-    assert set(families[0].split(", ")) == {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava"}
-    assert families[1].startswith("model_type='llava_next'")
+    assert set(families[0].split(", ")) == {
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "qwen3_vl",
+        "gemma3",
+        "llava",
+        "llava_next",
+    }
+    assert families[1].startswith("model_type='mllama'")
     assert "set training.packing to false" in last
     assert "evaluation of the base model" not in captured.out
     assert not (tmp_path / "out" / "checkpoints").exists()

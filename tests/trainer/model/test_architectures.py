@@ -44,7 +44,7 @@ def test_each_familys_patch_set_and_modeling_modules_import(spec):
 def test_the_packing_flag_is_what_the_packed_attention_covers(arch):
     model, _ = build_tiny_vlm(arch)
     spec = get_arch_spec(model.config.model_type)
-    # The family's own classes: LLaVA-NeXT's Mistral attention is covered for LLaVA's rows, not for it.
+    # The family's own text attention classes, which the packed attention must know.
     covered = any(type(m).__name__ in spec.text_attention for m in model.modules())
     assert set(spec.text_attention) <= set(TEXT_ATTENTION_CLASSES)
     # Qwen3-VL's text attention is covered for its fixed-shape rows only (``rows``), not per-batch packing.
@@ -88,11 +88,18 @@ def test_the_graph_step_flag_decides_whether_a_family_takes_graph_steps(arch):
 
 
 def test_packing_refusal_names_the_families_that_pack():
-    reason = packing_unsupported_reason("llava_next")
+    reason = packing_unsupported_reason("mllama")
     assert reason is not None
     families = reason.split("packing is supported for ")[1].split(" only, and this model is ")
-    assert set(families[0].split(", ")) == {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava"}
-    assert families[1] == "model_type='llava_next'"
+    assert set(families[0].split(", ")) == {
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "qwen3_vl",
+        "gemma3",
+        "llava",
+        "llava_next",
+    }
+    assert families[1] == "model_type='mllama'"
 
 
 def test_a_registered_family_is_seen_by_every_lookup():

@@ -210,11 +210,13 @@ FAMILIES: tuple[ArchSpec, ...] = (
         text_attention=("LlamaAttention", "MistralAttention"),
         **_LLAVA,
     ),
-    # LLaVA-NeXT: the same parts; its anyres tiles have no fixed-shape rows.
+    # LLaVA-NeXT: the same parts; rows of a tile budget with the unpad/newline layout as a gather.
     ArchSpec(
         model_types=("llava_next",),
         patches="visionft.patching.llava",
         modeling={"llava_next": "transformers.models.llava_next.modeling_llava_next"},
+        rows="visionft.patching.rows.llava_next",
+        text_attention=("LlamaAttention", "MistralAttention"),
         **_LLAVA,
     ),
 )

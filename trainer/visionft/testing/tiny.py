@@ -464,14 +464,18 @@ def _llava_config(ids: dict[str, int], vocab_size: int) -> PreTrainedConfig:
 _NEXT_PINPOINTS = [[_CLIP_IMAGE, _CLIP_IMAGE], [_CLIP_IMAGE, 2 * _CLIP_IMAGE], [2 * _CLIP_IMAGE, _CLIP_IMAGE]]
 
 
-def _llava_next_processor():
+def llava_next_processor(image_size: int = _CLIP_IMAGE, pinpoints: list[list[int]] | None = None):
+    """A LLaVA-NeXT processor with the stand-in tokenizer ([INST] turns): tiles of ``image_size`` (the tiny
+    model's by default, 336 for a real-shaped one) on the grids ``pinpoints`` (default: 1x1, 1x2 and 2x1
+    tiles, the tiny model's)."""
     from transformers import LlavaNextProcessor
 
     tokenizer = _llama2_tokenizer(chat_templates.mistral_inst("<image>\\n", space=True))
     image_processor = image_processor_class("LlavaNextImageProcessor")(
-        size={"shortest_edge": _CLIP_IMAGE},
-        crop_size={"height": _CLIP_IMAGE, "width": _CLIP_IMAGE},
-        image_grid_pinpoints=_NEXT_PINPOINTS,
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints
+        or [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]],
     )
     return LlavaNextProcessor(
         image_processor=image_processor,
@@ -576,7 +580,7 @@ TINY_ARCHS: dict[str, TinyArch] = {
         TinyArch("mllama", _mllama_config, _mllama_processor, (_MLLAMA_TILE, _MLLAMA_TILE)),
         TinyArch("gemma3", _gemma3_config, gemma3_processor, (_GEMMA_IMAGE, _GEMMA_IMAGE)),
         TinyArch("llava", _llava_config, llava_processor, (_CLIP_IMAGE, _CLIP_IMAGE)),
-        TinyArch("llava_next", _llava_next_config, _llava_next_processor, (_CLIP_IMAGE, _CLIP_IMAGE)),
+        TinyArch("llava_next", _llava_next_config, llava_next_processor, (_CLIP_IMAGE, _CLIP_IMAGE)),
         TinyArch("pixtral", _pixtral_config, pixtral_processor, (_PIXTRAL_IMAGE, 48)),
     )
 }

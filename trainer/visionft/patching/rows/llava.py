@@ -253,17 +253,20 @@ class LlavaRows(LlavaFamily):
 
         hf = hf_model(model)
         inner = _inner(hf)
-        features = None
-        if info.int("images"):
-            pixels = tensors["pixel_values"].to(inner.vision_tower.dtype)
-            out = inner.get_image_features(
-                pixel_values=pixels,
-                vision_feature_layer=self.feature_layer,
-                vision_feature_select_strategy=self.strategy,
-                return_dict=True,
-            )
-            features = torch.cat(list(out.pooler_output))
+        features = self.tile_features(inner, tensors["pixel_values"]) if info.int("images") else None
         return self._text_loss(hf, inner, features, tensors, info, num_items)
+
+    def tile_features(self, inner: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """The projected features ``(N, tokens_per_image, D)`` of ``(N, 3, S, S)`` images (or tiles): the
+        tower's hidden states of ``vision_feature_layer`` (several concatenated), the CLS token dropped
+        under ``"default"``, then the projector, as the model's ``get_image_features`` computes them."""
+        tower = inner.vision_tower
+        out = tower(pixels.to(tower.dtype), output_hidden_states=True, return_dict=True)
+        layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
+        hidden = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
+        if self.strategy == "default":
+            hidden = hidden[:, 1:]
+        return inner.multi_modal_projector(hidden)
 
 
 class PixtralRows(LlavaFamily):
