@@ -27,7 +27,10 @@ collator is wrapped to count the real (unpadded) tokens and samples of each batc
 Reported per system (JSON and a table): samples/s and real tokens/s over the steady steps (after
 ``--warmup``), median s/step, GPU busy share (``torch.profiler`` over the last ``--profile-steps``
 steps: merged kernel intervals / wall time), graph-replay share (VisionFT's ``run.json``), time from
-process start to the first optimizer step, peak allocated memory, and the loss curve.
+process start to the first optimizer step, peak allocated memory, and the loss curve. ``--systems
+visionft,plain,plain:1`` runs plain twice with two seeds (LoRA init and data order): the log and the JSON
+(``loss_band``) then give plain's own run-to-run spread of the mean loss over the last 10 steps, and how far
+visionft's mean is from plain's.
 
 The model folders: ``qwen2_5_vl`` is the Qwen2.5-VL-7B shape of ``bench/qlora_step.py`` (8.29 B
 parameters, its stand-in processor); ``gemma3`` is a Gemma-3-4B shape (SigLIP at 896 px, 256 tokens per
@@ -565,6 +568,8 @@ def run_visionft(args, record: dict) -> None:
     import yaml
     from visionft.job.cli import main
 
+    tag = args.system.replace(":", "-")
+
     manifest = {
         "apiVersion": "visionft.io/v1alpha1",
         "kind": "VisionFineTune",
@@ -585,20 +590,20 @@ def run_visionft(args, record: dict) -> None:
                 "gradientCheckpointing": args.checkpointing,
                 "checkpointEverySteps": 100_000,
                 "loggingSteps": 1,
-                "seed": SEED,
+                "seed": args.seed,
                 "optimizations": True,
                 "packing": True,
             },
-            "output": {"uri": str(args.run_dir / "visionft-out"), "saveMethod": "lora"},
+            "output": {"uri": str(args.run_dir / f"{tag}-out"), "saveMethod": "lora"},
         },
     }
-    path = args.run_dir / "visionft.yaml"
+    path = args.run_dir / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(manifest))
     record["checkpointing"] = args.checkpointing
-    rc = main([str(path), "--work-dir", str(args.run_dir / "visionft-work")])
+    rc = main([str(path), "--work-dir", str(args.run_dir / f"{tag}-work")])
     if rc != 0:
         raise RuntimeError(f"visionft-train exited {rc}")
-    summary = json.loads((args.run_dir / "visionft-out" / "run.json").read_text())
+    summary = json.loads((args.run_dir / f"{tag}-out" / "run.json").read_text())
     record["graphs"] = summary.get("graphs")
     record["rows"] = summary.get("rows")
 
@@ -609,7 +614,7 @@ def _sft_config(args, **extra):
 
     cuda = torch.cuda.is_available()
     return SFTConfig(
-        output_dir=str(args.run_dir / f"{args.system}-out"),
+        output_dir=str(args.run_dir / f"{args.system.replace(':', '-')}-out"),
         per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1,
         max_steps=args.steps,
@@ -618,8 +623,8 @@ def _sft_config(args, **extra):
         bf16=cuda,
         logging_steps=1,
         save_strategy="no",
-        seed=SEED,
-        data_seed=SEED,
+        seed=args.seed,
+        data_seed=args.seed,
         report_to="none",
         max_length=args.max_seq_length,
         use_cpu=not cuda,
@@ -651,7 +656,7 @@ def run_unsloth(args, record: dict) -> None:
     sys.path.insert(0, str(HERE))
     from qlora_step import unsloth_lora
 
-    model = unsloth_lora(model, random_state=SEED)
+    model = unsloth_lora(model, random_state=args.seed)
     FastVisionModel.for_training(model)
     images = args.data_dir / "train"
     chat = get_arch_spec(MODEL_TYPE.get(args.arch, args.arch)).chat  # where the turns start
@@ -775,6 +780,40 @@ def run_plain(args, record: dict) -> None:
     trainer.train()
 
 
+def system_seed(system: str) -> tuple[str, int]:
+    """``"plain"`` -> ``("plain", SEED)``; ``"plain:2"`` -> ``("plain", SEED + 2)``: the same system again with
+    another seed (LoRA init and data order), which measures the system's own run-to-run loss band."""
+    kind, _, repeat = system.partition(":")
+    if kind not in SYSTEMS or (repeat and not repeat.isdigit()):
+        raise ValueError(f"unknown system {system!r}: one of {', '.join(SYSTEMS)}, optionally with ':N'")
+    return kind, SEED + int(repeat or 0)
+
+
+#: Steps at the end of the run over which the loss is averaged for the band (the curves of rows and of
+#: padded batches see other samples per step, so only their level over several steps compares).
+LOSS_TAIL = 10
+
+
+def loss_band(results: list[dict], tail: int = LOSS_TAIL) -> dict[str, Any]:
+    """Each system's mean loss over its last ``tail`` steps, the spread of the plain runs among themselves
+    (the noise band: the largest difference between two plain runs of other seeds), and how far every
+    other system is from the plain runs' mean. Empty where fewer than two plain runs finished."""
+    means = {
+        r["system"]: statistics.fmean(r["losses"][-tail:])
+        for r in results
+        if len(r.get("losses") or []) >= tail
+    }
+    plain = [v for k, v in means.items() if system_seed(k)[0] == "plain"]
+    out: dict[str, Any] = {"tail_steps": tail, "means": {k: round(v, 4) for k, v in means.items()}}
+    if len(plain) < 2:
+        return out
+    centre = statistics.fmean(plain)
+    out["plain_band"] = round(max(plain) - min(plain), 4)
+    out["from_plain"] = {k: round(v - centre, 4) for k, v in means.items() if system_seed(k)[0] != "plain"}
+    out["within_band"] = {k: abs(d) <= out["plain_band"] for k, d in out["from_plain"].items()}
+    return out
+
+
 def worker(args) -> dict:
     record: dict = {
         "system": args.system,
@@ -783,14 +822,15 @@ def worker(args) -> dict:
         "steps": [],
         "losses": [],
     }
-    if args.system == "unsloth":
+    if system_seed(args.system)[0] == "unsloth":
         import unsloth  # noqa: F401  (before transformers)
     _install_timer(
         record,
         profile_from=max(args.steps - args.profile_steps, args.warmup),
         profile_steps=args.profile_steps,
     )
-    {"visionft": run_visionft, "unsloth": run_unsloth, "plain": run_plain}[args.system](args, record)
+    kind, args.seed = system_seed(args.system)
+    {"visionft": run_visionft, "unsloth": run_unsloth, "plain": run_plain}[kind](args, record)
     record.pop("trainer", None)
     return _summarise(record, args)
 
@@ -870,7 +910,11 @@ def _table(results: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="qwen2_5_vl", choices=ARCHS)
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="comma-separated; NAME:N runs NAME again with seed + N (plain,plain:1: plain's loss band)",
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=6, help="steps before the steady state")
     parser.add_argument("--profile-steps", type=int, default=3, help="steady steps profiled at the end")
@@ -892,6 +936,11 @@ def main() -> None:
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for system in args.systems.split(","):
+        try:
+            system_seed(system)  # refuses a name that is no system before anything runs
+        except ValueError as err:
+            parser.error(f"--systems: {err}")
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"
     size = "tiny" if args.tiny else "full"
@@ -967,8 +1016,12 @@ def main() -> None:
         say(f"{system}: {json.dumps({k: v for k, v in result.items() if k != 'tail'})}")
         if "tail" in result:
             say(result["tail"])
+    band = loss_band(results)
     (out / f"e2e-{args.arch}.json").write_text(
-        json.dumps({"env": _env_line(), "args": sys.argv[1:], "results": results}, indent=1) + "\n"
+        json.dumps(
+            {"env": _env_line(), "args": sys.argv[1:], "results": results, "loss_band": band}, indent=1
+        )
+        + "\n"
     )
     say("")
     for line in _table(results):
@@ -977,6 +1030,9 @@ def main() -> None:
     for r in results:
         if ours and r is not ours and r.get("samples_per_s"):
             say(f"visionft vs {r['system']}: {ours['samples_per_s'] / r['samples_per_s']:.2f}x samples/s")
+    say(f"loss, mean of the last {band['tail_steps']} steps: {band['means']}")
+    if "plain_band" in band:
+        say(f"plain against itself: {band['plain_band']}; from the plain mean: {band['from_plain']}")
     log.close()
 
 

@@ -56,3 +56,37 @@ def test_the_end_to_end_benchmark_runs_every_system_on_tiny_models(tmp_path, arc
     assert "samples_per_s" in unsloth or unsloth["error"] == "skipped: unsloth is not installed"
     log = (tmp_path / "out" / f"e2e-{arch}.log").read_text()
     assert "| system | samples/s |" in log and "visionft vs plain" in log
+
+
+def _e2e_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "bench" / "e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_repeated_system_gets_its_own_seed_and_a_wrong_name_is_refused():
+    e2e = _e2e_module()
+    assert e2e.system_seed("plain") == ("plain", e2e.SEED)
+    assert e2e.system_seed("plain:2") == ("plain", e2e.SEED + 2)
+    for bad in ("plian", "plain:x"):
+        with pytest.raises(ValueError, match="unknown system"):
+            e2e.system_seed(bad)
+
+
+def test_the_loss_band_is_plains_spread_and_says_who_is_inside_it():
+    e2e = _e2e_module()
+    results = [
+        {"system": "visionft", "losses": [9.0] * 5 + [2.0] * 10},
+        {"system": "plain", "losses": [9.0] * 5 + [2.1] * 10},
+        {"system": "plain:1", "losses": [9.0] * 5 + [1.9] * 10},
+        {"system": "unsloth", "losses": [9.0] * 5 + [2.5] * 10},
+        {"system": "plain:2", "error": "failed"},
+    ]
+    band = e2e.loss_band(results)
+    assert band["plain_band"] == pytest.approx(0.2)
+    assert band["from_plain"] == {"visionft": pytest.approx(0.0), "unsloth": pytest.approx(0.5)}
+    assert band["within_band"] == {"visionft": True, "unsloth": False}
+    assert "plain_band" not in e2e.loss_band(results[:2])  # one plain run has no band

@@ -34,10 +34,14 @@ def test_each_familys_patch_set_and_modeling_modules_import(spec):
     if spec.patches is None:
         assert all(patch_set(t) is None for t in spec.model_types)
         return
-    assert callable(importlib.import_module(spec.patches).apply)
+    from visionft.patching.kinds import KINDS
+
+    module = importlib.import_module(spec.patches)
+    assert module.KINDS and set(module.KINDS) <= set(KINDS), module.KINDS
     for model_type in spec.model_types:
         found = patch_set(model_type)
-        assert found is not None and found.keywords == {"modeling": spec.modeling[model_type]}
+        assert found is not None and found.args == (tuple(module.KINDS),)
+        assert found.keywords["modeling"] == spec.modeling[model_type]
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_ARCHS))

@@ -58,8 +58,8 @@ class ArchSpec:
             embedding, projector, ``lm_head``); passed as ``llm_int8_skip_modules``, which transformers 5.x
             matches from the start of the full name.
         chat (ChatMarkers | None): the turn markers of the family's usual chat template. Default: None.
-        patches (str | None): the module of ``visionft.patching`` whose ``apply`` swaps the fused kernels
-            in; None leaves the family's models plain. Default: None.
+        patches (str | None): the module of ``visionft.patching`` whose ``KINDS`` (``patching.kinds``) are
+            the fused kernels swapped in; None leaves the family's models plain. Default: None.
         modeling (Mapping[str, str]): model type -> its transformers modeling module, whose module-level
             functions (the rotary embedding) the patch set swaps. Default: none.
         packing (bool): trains on packed rows of each batch's own shape (``visionft.patching.packed_attention``

@@ -57,16 +57,24 @@ from visionft.patching.core import (
     kernels_can_run,
     transformers_supported,
 )
+from visionft.patching.kinds import apply_kinds
 
 logger = logging.getLogger(__name__)
 
 
 def patch_set(model_type: str | None) -> Callable[..., None] | None:
-    """The ``apply`` function of ``model_type``'s patch set (the module its family's entry names), or None."""
+    """``model_type``'s patch set as one call ``(model, hf_model, report, **switches)``: the kinds that the
+    module its family's entry names lists, run by ``kinds.apply_kinds``; None without a patch set."""
     spec = get_arch_spec(model_type)
     if spec is None or spec.patches is None:
         return None
-    return functools.partial(importlib.import_module(spec.patches).apply, modeling=spec.modeling[model_type])
+    module = importlib.import_module(spec.patches)
+    return functools.partial(
+        apply_kinds,
+        tuple(module.KINDS),
+        modeling=spec.modeling[model_type],
+        left_plain=getattr(module, "LEFT_PLAIN", None),
+    )
 
 
 _REPORT_ATTR = "_visionft_patch_report"

@@ -14,18 +14,8 @@ and tied to ``lm_head``, so they stay on the GPU).
 
 from __future__ import annotations
 
-from torch import nn
-
-from visionft.patching.core import PatchReport
-from visionft.patching.kinds import apply_kinds
-
 #: The kinds this family takes, in order (``visionft.patching.kinds``).
 KINDS = ("rope", "rms_norm", "layer_norm", "glu", "lora", "fused_loss")
 
-
-def apply(
-    model: nn.Module, hf_model: nn.Module, report: PatchReport, *, modeling: str, **switches: bool
-) -> None:
-    """Applies the Gemma 3 set to ``hf_model`` (and its PEFT wrapper ``model``)."""
-    apply_kinds(KINDS, model, hf_model, report, modeling=modeling, switches=switches)
-    report.skipped.append("gemma3: vision attention and embeddings left plain (not covered)")
+#: Reported as not covered.
+LEFT_PLAIN = "vision attention and embeddings left plain (not covered)"

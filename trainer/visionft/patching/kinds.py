@@ -1,15 +1,16 @@
 """The kinds of swap that patch sets are made of: one entry per kind, and ``apply_kinds``, which runs a
 family's kinds under the switches of ``visionft.patching.apply_optimizations``.
 
-A family's patch set (``visionft.patching.qwen2_vl``, ``gemma3``, ``qwen3_vl``) is the ordered list of the
-kinds it takes; what each kind does is written once, here.
+A family's patch set (``visionft.patching.qwen2_vl``, ``qwen3_vl``, ``gemma3``, ``llava``, ``mllama``) is a
+module whose docstring says what it covers and why, with ``KINDS``, the ordered kinds it takes, and
+optionally ``LEFT_PLAIN``, what it leaves alone (reported); what each kind does is written once, here.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -111,15 +112,17 @@ def apply_kinds(
     report: PatchReport,
     *,
     modeling: str,
-    switches: Mapping[str, bool],
+    left_plain: str | None = None,
+    **switches: bool,
 ) -> None:
     """Runs ``kinds`` in order on the model, each unless its switch is False.
 
     Args:
         kinds (Sequence[str]): the family's kinds (names of ``KINDS``).
         model, hf_model, report, modeling: as in ``Target``.
-        switches (Mapping[str, bool]): ``apply_optimizations``' keyword switches; a kind the family does not
-            take is ignored, a name that is no kind is refused.
+        left_plain (str | None): what the family's set does not cover, for the report. Default: None.
+        **switches (bool): ``apply_optimizations``' keyword switches; a kind the family does not take is
+            ignored, a name that is no kind is refused.
 
     Raises:
         ValueError: a switch names no kind.
@@ -138,6 +141,8 @@ def apply_kinds(
     for kind in kinds:
         if switches.get(kind, True):
             KINDS[kind](target)
+    if left_plain:
+        report.skipped.append(f"{report.model_type}: {left_plain}")
 
 
 __all__ = ["KINDS", "Target", "apply_kinds"]

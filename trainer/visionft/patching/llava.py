@@ -14,18 +14,5 @@ varlen segments, ``visionft.patching.rows.llava``) and the projector.
 
 from __future__ import annotations
 
-from torch import nn
-
-from visionft.patching.core import PatchReport
-from visionft.patching.kinds import apply_kinds
-
 #: The kinds this family takes, in order (``visionft.patching.kinds``).
 KINDS = ("rope", "rms_norm", "layer_norm", "glu", "lora", "fused_loss", "offload_embeddings")
-
-
-def apply(
-    model: nn.Module, hf_model: nn.Module, report: PatchReport, *, modeling: str, **switches: bool
-) -> None:
-    """Applies the LLaVA set to ``hf_model`` (and its PEFT wrapper ``model``); one switch per kind
-    (``visionft.patching.apply_optimizations``)."""
-    apply_kinds(KINDS, model, hf_model, report, modeling=modeling, switches=switches)

@@ -7,11 +7,6 @@ and the packed attention are inert until a graph step or a packed batch uses the
 
 from __future__ import annotations
 
-from torch import nn
-
-from visionft.patching.core import PatchReport
-from visionft.patching.kinds import apply_kinds
-
 #: The kinds this family takes, in order (``visionft.patching.kinds``).
 KINDS = (
     "rope",
@@ -24,11 +19,3 @@ KINDS = (
     "static_inputs",
     "packed_attention",
 )
-
-
-def apply(
-    model: nn.Module, hf_model: nn.Module, report: PatchReport, *, modeling: str, **switches: bool
-) -> None:
-    """Applies the Qwen2-VL / Qwen2.5-VL set to ``hf_model`` (and its PEFT wrapper ``model``); one switch
-    per kind (``visionft.patching.apply_optimizations``)."""
-    apply_kinds(KINDS, model, hf_model, report, modeling=modeling, switches=switches)
