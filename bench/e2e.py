@@ -188,6 +188,20 @@ def build_qwen3_vl_folder(folder: Path) -> None:
     _save(model, processor, folder)
 
 
+#: CLIP ViT-L/14 at 336 px, the tower of LLaVA 1.5 and LLaVA-NeXT.
+_CLIP_L_336 = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+
+
 def build_llava_folder(folder: Path) -> None:
     """A random-weight LLaVA-1.5-7B-shaped model (bf16, on the GPU): CLIP ViT-L/14 at 336 px (576 tokens
     per image, features of the second-to-last layer), Llama-2-7B text, with the stand-in vicuna processor
@@ -199,17 +213,7 @@ def build_llava_folder(folder: Path) -> None:
     processor = llava_processor(image_size=336)
     ids = dict(processor.tokenizer.get_added_vocab())
     config = LlavaConfig(
-        vision_config={
-            "model_type": "clip_vision_model",
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 16,
-            "image_size": 336,
-            "patch_size": 14,
-            "projection_dim": 768,
-            "hidden_act": "quick_gelu",
-        },
+        vision_config=dict(_CLIP_L_336),
         text_config={
             "model_type": "llama",
             "vocab_size": 32064,
@@ -248,17 +252,7 @@ def build_llava_next_folder(folder: Path) -> None:
     processor = llava_next_processor(image_size=336, pinpoints=pinpoints)
     ids = dict(processor.tokenizer.get_added_vocab())
     config = LlavaNextConfig(
-        vision_config={
-            "model_type": "clip_vision_model",
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 16,
-            "image_size": 336,
-            "patch_size": 14,
-            "projection_dim": 768,
-            "hidden_act": "quick_gelu",
-        },
+        vision_config=dict(_CLIP_L_336),
         text_config={
             "model_type": "mistral",
             "vocab_size": 32064,

@@ -119,8 +119,19 @@ class LlavaFamily:
             positions[0, start:end] = torch.arange(end - start)
         return text, positions
 
-    @staticmethod
-    def _text_tensors(text: TextRow, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _row_batch(
+        self,
+        text: TextRow,
+        positions: torch.Tensor,
+        vision: dict[str, torch.Tensor],
+        *,
+        budget: RowBudget,
+        tier: int,
+        ints: dict[str, int],
+        samples: int,
+        real_patches: int,
+    ) -> dict[str, Any]:
+        """The row batch: the text tensors, the family's ``vision`` tensors and the ``RowInfo``."""
         return {
             "input_ids": text.input_ids,
             "labels": text.labels,
@@ -128,6 +139,16 @@ class LlavaFamily:
             "attention_mask": text.attention_mask,
             "position_ids": positions,
             "text_cu_seqlens": text.cu_seqlens,
+            **vision,
+            ROW_KEY: RowInfo(
+                family=self.name,
+                tier=tier,
+                budget=budget,
+                ints=tuple(sorted(ints.items())),
+                samples=samples,
+                real_tokens=text.real,
+                real_patches=real_patches,
+            ),
         }
 
     def _image_positions(self, text: TextRow, units: int, real: int) -> torch.Tensor:
@@ -227,23 +248,19 @@ class LlavaRows(LlavaFamily):
         )
         if pixel_list:
             pixels[:real] = torch.cat(pixel_list)
-        ints = {"max_sample_tokens": budget.max_sample_tokens, "images": n_images}
-        return {
-            **self._text_tensors(text, positions),
-            "pixel_values": pixels,
-            "image_positions": self._image_positions(
-                text, n_images * self.tokens_per_image, real * self.tokens_per_image
-            ),
-            ROW_KEY: RowInfo(
-                family=self.name,
-                tier=tier,
-                budget=budget,
-                ints=tuple(sorted(ints.items())),
-                samples=len(samples),
-                real_tokens=text.real,
-                real_patches=real * self.tokens_per_image,
-            ),
-        }
+        image_positions = self._image_positions(
+            text, n_images * self.tokens_per_image, real * self.tokens_per_image
+        )
+        return self._row_batch(
+            text,
+            positions,
+            {"pixel_values": pixels, "image_positions": image_positions},
+            budget=budget,
+            tier=tier,
+            ints={"max_sample_tokens": budget.max_sample_tokens, "images": n_images},
+            samples=len(samples),
+            real_patches=real * self.tokens_per_image,
+        )
 
     def forward(
         self, model: nn.Module, tensors: dict[str, torch.Tensor], info: RowInfo, num_items: Any = None
@@ -363,24 +380,24 @@ class PixtralRows(LlavaFamily):
         if pieces:
             patches[:real] = torch.cat(pieces)
             vision_pos[:real] = torch.cat(grid_pos)
-        return {
-            **self._text_tensors(text, positions),
+        vision = {
             "pixel_values": patches,
             "vision_position_ids": vision_pos,
             "vision_cu_seqlens": padded_cu_seqlens(
                 lengths, total, bounds["image_max"], bounds["image_segments"]
             ),
             "image_positions": self._image_positions(text, total, real),
-            ROW_KEY: RowInfo(
-                family=self.name,
-                tier=tier,
-                budget=budget,
-                ints=tuple(sorted(bounds.items())),
-                samples=len(samples),
-                real_tokens=text.real,
-                real_patches=real,
-            ),
         }
+        return self._row_batch(
+            text,
+            positions,
+            vision,
+            budget=budget,
+            tier=tier,
+            ints=bounds,
+            samples=len(samples),
+            real_patches=real,
+        )
 
     def forward(
         self, model: nn.Module, tensors: dict[str, torch.Tensor], info: RowInfo, num_items: Any = None

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from visionft.data.rows import RowBudget, SampleSize
-from visionft.patching.rows.base import ROW_KEY, RowInfo
+from visionft.patching.rows.base import RowInfo
 from visionft.patching.rows.llava import LlavaRows, _inner, install
 
 
@@ -134,22 +134,21 @@ class LlavaNextRows(LlavaRows):
         tokens = sum(int(s.shape[0]) for s in sources)
         if tokens:
             image_sources[:tokens] = torch.cat(sources)
-        ints = {"max_sample_tokens": budget.max_sample_tokens, "tiles": n_tiles}
-        return {
-            **self._text_tensors(text, positions),
+        vision = {
             "pixel_values": pixels,
             "image_sources": image_sources,
             "image_positions": self._image_positions(text, slots, tokens),
-            ROW_KEY: RowInfo(
-                family=self.name,
-                tier=tier,
-                budget=budget,
-                ints=tuple(sorted(ints.items())),
-                samples=len(samples),
-                real_tokens=text.real,
-                real_patches=real,
-            ),
         }
+        return self._row_batch(
+            text,
+            positions,
+            vision,
+            budget=budget,
+            tier=tier,
+            ints={"max_sample_tokens": budget.max_sample_tokens, "tiles": n_tiles},
+            samples=len(samples),
+            real_patches=real,
+        )
 
     def forward(
         self, model: nn.Module, tensors: dict[str, torch.Tensor], info: RowInfo, num_items: Any = None
