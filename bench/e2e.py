@@ -302,6 +302,8 @@ def build_pixtral_folder(folder: Path) -> None:
             "image_size": 1024,
             "patch_size": 16,
             "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0},
+            # Pixtral-12B's own setting (the config class defaults to GELU): a SwiGLU feed-forward.
+            "hidden_act": "silu",
         },
         text_config={
             "model_type": "mistral",
