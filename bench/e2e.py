@@ -7,6 +7,7 @@ each in its own documented path and its own process, on one GPU, in one command 
     python bench/e2e.py --arch llava --out bench/logs/DATE/e2e-llava --work /tmp/e2e
     python bench/e2e.py --arch llava_next --out bench/logs/DATE/e2e-llava-next --work /tmp/e2e
     python bench/e2e.py --arch pixtral --max-seq-length 4608 --out bench/logs/DATE/e2e-pixtral --work /tmp/e2e
+    python bench/e2e.py --arch mllama --out bench/logs/DATE/e2e-mllama --work /tmp/e2e
     python bench/e2e.py --tiny --arch qwen2_5_vl --steps 3 --out /tmp/e2e-tiny   # CPU, tiny model (CI)
 
 What runs (same random-weight model folder, same generated data, batch 4, LoRA r=16 / alpha 16 /
@@ -39,7 +40,9 @@ image, 262,208-token vocabulary, 34 layers) with the stand-in Gemma tokenizer of
 ``llava`` a LLaVA-1.5-7B shape (CLIP ViT-L/14 at 336 px, Llama-2-7B text), ``llava_next`` a
 LLaVA-NeXT-7B (Mistral) shape (the same tower on 336 px tiles of five grids up to 1,008 px, plus the
 downscaled image, Mistral-7B text) and ``pixtral`` a Pixtral-12B shape (Pixtral tower up to 1,024 px, Mistral-NeMo-12B text; a 1,008 px image is 4,032 tokens, hence its
-longer ``--max-seq-length``), each with a stand-in processor of ``visionft.testing.tiny``.
+longer ``--max-seq-length``) and ``mllama`` a Llama-3.2-11B-Vision shape (560 px tiles, up to four per
+image, Llama-3.1-8B-sized text with eight gated cross-attention layers added), each with a stand-in
+processor of ``visionft.testing.tiny``.
 ``--tiny`` uses the tiny models of ``visionft.testing.tiny`` on CPU (no 4 bit, AdamW in fp32).
 
 The dataset (``visionft.testing.varied``): one image per sample, sides drawn from 56-1,008 px (tiny: 28-
@@ -64,7 +67,7 @@ HERE = Path(__file__).resolve().parent
 SYSTEMS = ("visionft", "plain", "unsloth")  # Unsloth last: its compile takes what time is left
 SEED = 3407
 LR = 2e-4
-ARCHS = ("qwen2_5_vl", "gemma3", "qwen3_vl", "llava", "llava_next", "pixtral")
+ARCHS = ("qwen2_5_vl", "gemma3", "qwen3_vl", "llava", "llava_next", "pixtral", "mllama")
 #: The model type of an architecture whose name is not one (Pixtral-12B is a LLaVA model).
 MODEL_TYPE = {"pixtral": "llava"}
 
@@ -334,6 +337,69 @@ def build_pixtral_folder(folder: Path) -> None:
     _save(model, processor, folder)
 
 
+def build_mllama_folder(folder: Path) -> None:
+    """A random-weight Llama-3.2-11B-Vision-shaped model (bf16, on the GPU): the tiled ViT-H/14 on 560 px
+    tiles (up to four per image, 1,601 tokens each, the 32 local and 8 global layers, five intermediate
+    layers in the features), Llama-3.1-8B-sized text (32 self-attention layers, the llama3 rotary
+    scaling) with eight gated cross-attention layers among them, 40 in all, with the stand-in Llama 3
+    processor of ``visionft.testing.tiny``."""
+    import torch
+    from transformers import AutoModelForImageTextToText, MllamaConfig
+    from visionft.testing.tiny import mllama_processor
+
+    processor = mllama_processor(tile_size=560, max_image_tiles=4)
+    ids = dict(processor.tokenizer.get_added_vocab())
+    config = MllamaConfig(
+        vision_config={
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "num_hidden_layers": 32,
+            "num_global_layers": 8,
+            "attention_heads": 16,
+            "image_size": 560,
+            "patch_size": 14,
+            "max_num_tiles": 4,
+            "intermediate_layers_indices": [3, 7, 15, 23, 30],
+            "vision_output_dim": 7680,
+            "supported_aspect_ratios": [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+            "norm_eps": 1e-5,
+        },
+        text_config={
+            "vocab_size": 128256,
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 40,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38],
+            "max_position_embeddings": 131072,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            "rms_norm_eps": 1e-5,
+            "bos_token_id": ids["<|begin_of_text|>"],
+            "eos_token_id": ids["<|eot_id|>"],
+            "pad_token_id": ids["<|finetune_right_pad_id|>"],
+        },
+        image_token_index=ids["<|image|>"],
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        # A new model starts its cross-attention and tile-embedding gates at zero, so the images would
+        # reach neither the text nor the vision adapters' gradients; a trained checkpoint's are open.
+        for name, gate in model.named_parameters():
+            if name.endswith("gate") and not gate.any():
+                gate.fill_(0.5)
+    _save(model, processor, folder)
+
+
 def _save(model, processor, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".partial")
     model.save_pretrained(tmp)
@@ -363,6 +429,8 @@ def build_folder(arch: str, folder: Path, tiny: bool) -> None:
         build_llava_next_folder(folder)
     elif arch == "pixtral":
         build_pixtral_folder(folder)
+    elif arch == "mllama":
+        build_mllama_folder(folder)
     else:
         raise ValueError(f"--arch {arch}: one of {', '.join(ARCHS)}")
 
@@ -773,6 +841,8 @@ def run_plain(args, record: dict) -> None:
     trainer = SFTTrainer(
         model=model, args=_sft_config(args), train_dataset=dataset, processing_class=processor
     )
+    if MODEL_TYPE.get(args.arch, args.arch) == "mllama":
+        trainer.data_collator = _FullCrossAttentionMask(trainer.data_collator, processor)
     trainer.train()
 
 
@@ -808,6 +878,39 @@ def loss_band(results: list[dict], tail: int = LOSS_TAIL) -> dict[str, Any]:
     out["from_plain"] = {k: round(v - centre, 4) for k, v in means.items() if system_seed(k)[0] != "plain"}
     out["within_band"] = {k: abs(d) <= out["plain_band"] for k, d in out["from_plain"].items()}
     return out
+
+
+class _FullCrossAttentionMask:
+    """TRL's prompt-completion collator keeps Mllama's ``cross_attention_mask`` of the prompts alone (the
+    completions have no rows in it, and the prompts' left padding is not flushed out of it); this one
+    rebuilds it from the batch's final ``input_ids`` with the processor's own rule, as the processor
+    would on the whole text."""
+
+    def __init__(self, collate, processor) -> None:
+        self.collate = collate
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.max_tiles = processor.image_processor.max_image_tiles
+
+    def __call__(self, examples):
+        import torch
+        from transformers.models.mllama import processing_mllama
+
+        batch = self.collate(examples)
+        if "cross_attention_mask" not in batch:
+            return batch
+        ids = batch["input_ids"]
+        sparse = [
+            processing_mllama.get_cross_attention_token_mask(row, self.image_token_id) for row in ids.tolist()
+        ]
+        tiles = [
+            [int(t) for t in row[: len(masks)]]
+            for row, masks in zip(batch["aspect_ratio_mask"].sum(-1).tolist(), sparse, strict=True)
+        ]
+        dense = processing_mllama.convert_sparse_cross_attention_mask_to_dense(
+            sparse, num_tiles=tiles, max_num_tiles=self.max_tiles, length=int(ids.shape[1])
+        )
+        batch["cross_attention_mask"] = torch.as_tensor(dense)
+        return batch
 
 
 def worker(args) -> dict:

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava", "llava_next", "pixtral"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava", "llava_next", "pixtral", "mllama"])
 def test_the_end_to_end_benchmark_runs_every_system_on_tiny_models(tmp_path, arch):
     steps = 3
     cmd = [

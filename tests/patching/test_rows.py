@@ -20,7 +20,7 @@ from visionft.testing.tiny import build_tiny_vlm
 
 from tests.patching.test_packed_attention import _image, _sample
 
-ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava", "llava_next", "pixtral"]
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava", "llava_next", "pixtral", "mllama"]
 #: fp32 on CPU: the row and the padded batch compute the same sums in different orders.
 LOSS_TOL = {"rtol": 1e-5, "atol": 1e-6}
 GRAD_REL_TOL = 1e-4
@@ -46,7 +46,10 @@ def _two_images() -> dict:
 
 #: Samples an architecture's rows hold on top of ``SAMPLES``: several images in one sample, so that an
 #: image's features are laid out after those of another image of its own sample.
-EXTRA_SAMPLES = {"llava_next": [_two_images()]}
+EXTRA_SAMPLES = {"llava_next": [_two_images()], "mllama": [_two_images()]}
+#: Architectures whose reference is each sample in a batch of its own: Mllama's padded batch lets a
+#: text-only sample's tokens attend to the other samples' empty image slots, so it depends on the batch.
+ALONE_REFERENCE = {"mllama"}
 
 
 def _setup(arch: str, checkpointing: bool = False, fused: bool = False):
@@ -59,6 +62,11 @@ def _setup(arch: str, checkpointing: bool = False, fused: bool = False):
     )
     if projection is not None:  # Gemma 3 starts it at zero: the images would add nothing to the text
         torch.nn.init.normal_(projection, std=0.2, generator=torch.Generator().manual_seed(2))
+    if arch == "mllama":  # it starts its gates at zero: tiles and images would add nothing to the text
+        with torch.no_grad():
+            for name, gate in model.named_parameters():
+                if name.endswith("gate") and not gate.any():
+                    gate.fill_(0.5)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = tiny_lora(model, torch.Generator().manual_seed(1))
@@ -86,9 +94,17 @@ def _row_loss_and_grads(model, family, row):
 
 def _unpacked_loss_and_grads(model, collator, encoded):
     model.zero_grad(set_to_none=True)
-    out = model(**collator.pad(encoded))
-    out.loss.backward()
-    return out.loss.detach(), _grads(model)
+    if model.config.model_type not in ALONE_REFERENCE:
+        out = model(**collator.pad(encoded))
+        out.loss.backward()
+        return out.loss.detach(), _grads(model)
+    counts = [int((e["labels"][0, 1:] != -100).sum()) for e in encoded]
+    total = torch.zeros(())
+    for sample, count in zip(encoded, counts, strict=True):
+        loss = model(**collator.pad([sample])).loss * (count / sum(counts))
+        loss.backward()
+        total = total + loss.detach()
+    return total, _grads(model)
 
 
 def _assert_same(loss, grads, ref_loss, ref_grads):
@@ -140,6 +156,10 @@ def _break(row: dict, how: str) -> dict:
         row["vision_position_ids"] = row["vision_position_ids"].flip(-1)
     elif how in ("tiles-swapped", "newline-misplaced"):
         row["image_sources"] = _broken_sources(row, how)
+    elif how == "cross-sees-another-image":  # each image slot is also seen by the next image's tokens
+        row["cross_tiles"] = row["cross_tiles"] | torch.roll(row["cross_tiles"], 1, dims=2)
+    elif how == "cross-rows-unmasked":  # tokens before their sample's first image get the MLP output
+        row["cross_rows"] = torch.ones_like(row["cross_rows"])
     elif how == "windows-in-raster-order":
         row["window_index"] = torch.arange(row["window_index"].shape[0])
     else:
@@ -190,6 +210,9 @@ def _broken_sources(row: dict, how: str) -> torch.Tensor:
         ("pixtral", "features-shifted"),
         ("pixtral", "one-vision-segment"),
         ("pixtral", "vision-positions-transposed"),
+        ("mllama", "one-text-segment"),
+        ("mllama", "cross-sees-another-image"),
+        ("mllama", "cross-rows-unmasked"),
     ],
 )
 def test_a_row_with_its_layout_broken_does_not(arch, how):

@@ -22,7 +22,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA"),
 ]
 
-ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava", "llava_next", "pixtral"]
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava", "llava_next", "pixtral", "mllama"]
 #: The model type of a tiny architecture whose name is not one (Pixtral is a LLaVA model).
 MODEL_TYPE = {"pixtral": "llava"}
 
@@ -69,6 +69,11 @@ def _load(folder, arch):
     if projection is not None:  # Gemma 3 starts it at zero: the images would add nothing to the text
         with torch.no_grad():
             projection.copy_(torch.randn(projection.shape, generator=torch.Generator().manual_seed(2)) * 0.2)
+    if arch == "mllama":  # it starts its gates at zero: tiles and images would add nothing to the text
+        with torch.no_grad():
+            for name, gate in model.named_parameters():
+                if name.endswith("gate") and not gate.any():
+                    gate.fill_(0.5)
     torch.manual_seed(0)
     model = tiny_lora(model, torch.Generator(device="cpu").manual_seed(1))
     model.train()

@@ -87,7 +87,14 @@ def test_the_collator_refuses_a_model_whose_attention_would_mix_the_samples():
         VisionDataCollator(model, processor, packing=True)
 
 
-def test_packing_for_another_architecture_stops_before_training(tmp_path, tiny_dir, capsys):
+def test_packing_for_another_architecture_stops_before_training(tmp_path, tiny_dir, capsys, monkeypatch):
+    import dataclasses
+
+    from visionft.model import architectures
+
+    # Every real family packs now: Mllama registered as one that neither packs nor has rows.
+    plain = dataclasses.replace(architectures.get_arch_spec("mllama"), rows=None, packing=False)
+    monkeypatch.setitem(architectures._BY_TYPE, "mllama", plain)
     path = config(tmp_path, tiny_dir, packing=True)
     raw = yaml.safe_load(path.read_text())
     raw["model"]["uri"] = str(tiny_dir("mllama"))

@@ -91,7 +91,16 @@ def test_the_graph_step_flag_decides_whether_a_family_takes_graph_steps(arch):
     assert spec.graph_steps <= (spec.patches is not None)
 
 
-def test_packing_refusal_names_the_families_that_pack():
+def _without_rows(monkeypatch, model_type: str = "mllama") -> None:
+    """Registers ``model_type``'s family without rows or packing: every real family now has one or both."""
+    from visionft.model import architectures
+
+    spec = dataclasses.replace(get_arch_spec(model_type), rows=None, packing=False, text_attention=())
+    monkeypatch.setitem(architectures._BY_TYPE, model_type, spec)
+
+
+def test_packing_refusal_names_the_families_that_pack(monkeypatch):
+    _without_rows(monkeypatch)
     reason = packing_unsupported_reason("mllama")
     assert reason is not None
     families = reason.split("packing is supported for ")[1].split(" only, and this model is ")

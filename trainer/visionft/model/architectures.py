@@ -184,6 +184,9 @@ FAMILIES: tuple[ArchSpec, ...] = (
         chat=_LLAMA3,
         patches="visionft.patching.mllama",
         modeling={"mllama": "transformers.models.mllama.modeling_mllama"},
+        rows="visionft.patching.rows.mllama",
+        # Llama-style self-attention; the cross-attention layers keep their own (rows pass their mask).
+        text_attention=("MllamaTextSelfAttention",),
         per_sample_images=True,
     ),
     ArchSpec(

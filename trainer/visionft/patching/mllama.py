@@ -8,7 +8,7 @@
 - vision: the tower's LayerNorms return bf16 under autocast.
 
 Left plain: the vision MLP (not gated, GELU), the vision and cross attention, and the tile and
-aspect-ratio embeddings. Mllama has no fixed-shape rows: its batches keep the shapes of their samples.
+aspect-ratio embeddings. Its fixed-shape rows: ``visionft.patching.rows.mllama``.
 """
 
 from __future__ import annotations

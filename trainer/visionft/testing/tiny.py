@@ -229,7 +229,8 @@ _LLAMA3_SPECIALS = [
 _MLLAMA_TILE = 28
 
 
-def _mllama_processor():
+def mllama_processor(tile_size: int = _MLLAMA_TILE, max_image_tiles: int = 2):
+    """The stand-in Llama 3 processor: tiles of ``tile_size`` px, at most ``max_image_tiles`` per image."""
     from transformers import MllamaProcessor
 
     tokenizer = build_bpe_tokenizer(
@@ -241,7 +242,7 @@ def _mllama_processor():
         chat_template=chat_templates.llama3("<|image|>"),
     )
     image_processor = image_processor_class("MllamaImageProcessor")(
-        size={"height": _MLLAMA_TILE, "width": _MLLAMA_TILE}, max_image_tiles=2
+        size={"height": tile_size, "width": tile_size}, max_image_tiles=max_image_tiles
     )
     return MllamaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
@@ -577,7 +578,7 @@ TINY_ARCHS: dict[str, TinyArch] = {
             lambda: _qwen_processor("Qwen3VLProcessor", "Qwen3VLVideoProcessor", 16, None),
             (64, 64),
         ),
-        TinyArch("mllama", _mllama_config, _mllama_processor, (_MLLAMA_TILE, _MLLAMA_TILE)),
+        TinyArch("mllama", _mllama_config, mllama_processor, (_MLLAMA_TILE, _MLLAMA_TILE)),
         TinyArch("gemma3", _gemma3_config, gemma3_processor, (_GEMMA_IMAGE, _GEMMA_IMAGE)),
         TinyArch("llava", _llava_config, llava_processor, (_CLIP_IMAGE, _CLIP_IMAGE)),
         TinyArch("llava_next", _llava_next_config, llava_next_processor, (_CLIP_IMAGE, _CLIP_IMAGE)),
