@@ -345,7 +345,7 @@ def build_mllama_folder(folder: Path) -> None:
     processor of ``visionft.testing.tiny``."""
     import torch
     from transformers import AutoModelForImageTextToText, MllamaConfig
-    from visionft.testing.tiny import mllama_processor
+    from visionft.testing.tiny import mllama_processor, open_image_paths
 
     processor = mllama_processor(tile_size=560, max_image_tiles=4)
     ids = dict(processor.tokenizer.get_added_vocab())
@@ -391,12 +391,7 @@ def build_mllama_folder(folder: Path) -> None:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        # A new model starts its cross-attention and tile-embedding gates at zero, so the images would
-        # reach neither the text nor the vision adapters' gradients; a trained checkpoint's are open.
-        for name, gate in model.named_parameters():
-            if name.endswith("gate") and not gate.any():
-                gate.fill_(0.5)
+    open_image_paths(model)  # a new model's gates are closed: the images would reach nothing
     _save(model, processor, folder)
 
 

@@ -16,7 +16,7 @@ from visionft.patching import revert_optimizations
 from visionft.patching.rows import ROW_KEY, enable_rows
 from visionft.testing.capture_safety import CaptureSafety, CaptureUnsafe
 from visionft.testing.lora import tiny_lora
-from visionft.testing.tiny import build_tiny_vlm
+from visionft.testing.tiny import build_tiny_vlm, open_image_paths
 
 from tests.patching.test_packed_attention import _image, _sample
 
@@ -57,16 +57,7 @@ def _setup(arch: str, checkpointing: bool = False, fused: bool = False):
     kernels (on CPU through the slow interpreter), as with the optimizations on; off by default."""
     model, processor = build_tiny_vlm(arch, seed=0)
     model.train()
-    projection = getattr(
-        getattr(model.model, "multi_modal_projector", None), "mm_input_projection_weight", None
-    )
-    if projection is not None:  # Gemma 3 starts it at zero: the images would add nothing to the text
-        torch.nn.init.normal_(projection, std=0.2, generator=torch.Generator().manual_seed(2))
-    if arch == "mllama":  # it starts its gates at zero: tiles and images would add nothing to the text
-        with torch.no_grad():
-            for name, gate in model.named_parameters():
-                if name.endswith("gate") and not gate.any():
-                    gate.fill_(0.5)
+    open_image_paths(model)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = tiny_lora(model, torch.Generator().manual_seed(1))

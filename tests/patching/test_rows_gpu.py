@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from visionft.testing.lora import tiny_lora
+from visionft.testing.tiny import open_image_paths
 
 pytestmark = [
     pytest.mark.gpu,
@@ -63,17 +64,7 @@ def _load(folder, arch):
         folder, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0}
     )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    projection = getattr(
-        getattr(model.model, "multi_modal_projector", None), "mm_input_projection_weight", None
-    )
-    if projection is not None:  # Gemma 3 starts it at zero: the images would add nothing to the text
-        with torch.no_grad():
-            projection.copy_(torch.randn(projection.shape, generator=torch.Generator().manual_seed(2)) * 0.2)
-    if arch == "mllama":  # it starts its gates at zero: tiles and images would add nothing to the text
-        with torch.no_grad():
-            for name, gate in model.named_parameters():
-                if name.endswith("gate") and not gate.any():
-                    gate.fill_(0.5)
+    open_image_paths(model)
     torch.manual_seed(0)
     model = tiny_lora(model, torch.Generator(device="cpu").manual_seed(1))
     model.train()

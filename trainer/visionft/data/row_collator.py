@@ -6,8 +6,9 @@ architecture family's row layout (``visionft.patching.rows``) into host tensors 
 Samples that did not fit this row wait in the packer for the next one, so a row holds
 ``perDeviceBatchSize`` samples on average and an epoch has as many steps as without packing.
 
-A sample larger than the largest tier (more images than a row of a fixed-resolution tower holds) is a
-bad sample: skipped or raised under ``onBadSample`` like any other.
+A sample larger than the largest tier (more images than a row of a fixed-resolution tower holds, seen
+where the probe of the dataset saw none so large) is trained all the same: it waits in a queue of its
+own and gets a row to itself, of a budget grown to it (``RowTiers.overflow``), one such row per call.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class RowCollator:
         self.family = family
         self.tiers = tiers
         self.packer: RowPacker = RowPacker(tiers)
+        #: Samples larger than every tier, each to be trained in a row of its own.
+        self.oversize: list[tuple[dict, SampleSize]] = []
         self.pin = pin
 
     def __getattr__(self, name: str) -> Any:
@@ -82,25 +85,28 @@ class RowCollator:
             size = self.family.sample_size(sample)
             if largest.fits(SampleSize(0, 0, 0), 0, size):
                 fitting.append((sample, size))
-                continue
-            err = BadSampleError(
-                f"the sample has {size.images} images and {size.tokens} tokens; a packed row holds at most "
-                f"{largest.images} images and {largest.tokens} tokens; set training.packing to false for "
-                "this data",
-                None,
-                "images",
-            )
-            if self.collator.on_bad_sample == "error":
-                raise err
-            self.collator._note_skip(err)
+            else:
+                self.oversize.append((sample, size))
         self.packer.add(fitting)
-        row = self.packer.take()
-        if row is None:  # every sample of the batch was too large: stand in with the last good one
-            last = self.collator._last_good
-            self.packer.add([(last, self.family.sample_size(last))])
+        if self.oversize:
+            sample, size = self.oversize.pop(0)
+            tier = self.tiers.overflow_tier
+            logger.info(
+                "visionft: a sample of %d images and %d tokens fits no packed row (at most %d images); it "
+                "trains in a row of its own",
+                size.images,
+                size.tokens,
+                largest.images,
+            )
+            batch = self.family.assemble([sample], self.tiers.overflow(size), tier)
+        else:
             row = self.packer.take()
-        assert row is not None
-        batch = self.family.assemble(row.items, self.tiers.tiers[row.tier], row.tier)
+            if row is None:  # every sample of the batch was bad: stand in with the last good one
+                last = self.collator._last_good
+                self.packer.add([(last, self.family.sample_size(last))])
+                row = self.packer.take()
+            assert row is not None
+            batch = self.family.assemble(row.items, self.tiers.tiers[row.tier], row.tier)
         if self.prepare is not None:
             batch = self.prepare(batch)
         if self.pin:
@@ -121,11 +127,15 @@ class RowStats:
     def __init__(self, tiers: RowTiers) -> None:
         self.tiers = tiers
         self.tier_rows = [0] * len(tiers.tiers)
+        self.overflow_rows = 0
         self.samples = self.real_tokens = self.slot_tokens = self.real_patches = self.slot_patches = 0
 
     def add(self, info: Any) -> None:
         """Counts one trained row (its ``RowInfo``)."""
-        self.tier_rows[info.tier] += 1
+        if info.tier < len(self.tier_rows):
+            self.tier_rows[info.tier] += 1
+        else:
+            self.overflow_rows += 1
         self.samples += info.samples
         self.real_tokens += info.real_tokens
         self.slot_tokens += info.budget.tokens
@@ -133,10 +143,11 @@ class RowStats:
         self.slot_patches += info.budget.patches
 
     def summary(self) -> dict[str, Any]:
-        rows = sum(self.tier_rows)
+        rows = sum(self.tier_rows) + self.overflow_rows
         return {
             "rows": rows,
             "tier_rows": list(self.tier_rows),
+            "overflow_rows": self.overflow_rows,
             "samples_per_row": round(self.samples / max(rows, 1), 3),
             "token_fill": round(self.real_tokens / max(self.slot_tokens, 1), 4),
             "patch_fill": round(self.real_patches / max(self.slot_patches, 1), 4),

@@ -18,7 +18,8 @@ buffer then stays short, and the unused share of the budgets (padding) is about 
 
 Tiers: a second, larger budget (tier 1) serves a row whose oldest sample does not fit tier 0, and rows
 taken while the buffer holds a backlog (more than ``drain_after`` samples). Each tier is one graph
-signature, so a run has at most two.
+signature, so a run has at most two. A sample that fits neither (more images than the probed data
+suggested) is not dropped: it gets a row of its own, of a budget grown to it (``RowTiers.overflow``).
 
 ``simulate`` replays the packer on sample sizes alone (no tensors), for choosing the margin and for
 reporting padding and replay shares.
@@ -96,6 +97,24 @@ class RowTiers:
 
     def largest(self) -> RowBudget:
         return self.tiers[-1]
+
+    @property
+    def overflow_tier(self) -> int:
+        """The tier index of rows that hold one sample larger than every tier (``overflow``)."""
+        return len(self.tiers)
+
+    def overflow(self, size: SampleSize) -> RowBudget:
+        """A budget for one sample that fits no tier (more images than the largest tier holds): the
+        largest tier grown to the sample's vision units and images. Such rows are rare, each size is a
+        signature of its own, and a signature seen once runs eagerly rather than being captured."""
+        largest = self.largest()
+        return RowBudget(
+            tokens=max(largest.tokens, size.tokens),
+            patches=max(largest.patches, size.patches),
+            images=max(largest.images, size.images),
+            samples=largest.samples,
+            max_sample_tokens=largest.max_sample_tokens,
+        )
 
 
 def _round_up(x: float, multiple: int) -> int:

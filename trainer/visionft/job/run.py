@@ -294,6 +294,11 @@ def _train(config: TrainerConfig, echo, loaded: list) -> RunResult:
             f"visionft: {r['rows']} packed rows (per tier {r['tier_rows']}, {r['samples_per_row']} samples "
             f"each on average), budgets filled {100 * r['token_fill']:.1f}% (tokens) and "
             f"{100 * r['patch_fill']:.1f}% (vision)"
+            + (
+                f"; {r['overflow_rows']} samples larger than every row trained in rows of their own"
+                if r.get("overflow_rows")
+                else ""
+            )
         )
     if collator.skipped:
         echo(

@@ -642,6 +642,21 @@ def build_tiny_vlm(arch: str, seed: int = 0) -> tuple[PreTrainedModel, Processor
     return model, processor
 
 
+def open_image_paths(model: torch.nn.Module, seed: int = 2) -> None:
+    """Opens what a new model starts closed and a trained checkpoint has open: Gemma 3's projection of the
+    image features (zero) and Mllama's cross-attention and tile-embedding gates (zero). Closed, the images
+    add nothing to the text, and the vision adapters get no gradient to train on."""
+    inner = getattr(model, "model", model)
+    projection = getattr(getattr(inner, "multi_modal_projector", None), "mm_input_projection_weight", None)
+    with torch.no_grad():
+        if projection is not None and not projection.any():
+            noise = torch.randn(projection.shape, generator=torch.Generator().manual_seed(seed))
+            projection.copy_(noise.to(projection) * 0.2)
+        for name, gate in model.named_parameters():
+            if name.endswith("gate") and gate.dim() <= 1 and not gate.any():
+                gate.fill_(0.5)
+
+
 def save_tiny_vlm(arch: str, path: str | os.PathLike, seed: int = 0) -> Path:
     """Builds the tiny model and processor for ``arch`` and saves both to ``path``.
 
