@@ -249,3 +249,25 @@ def test_with_the_fused_kernels_a_row_still_matches_and_is_capture_safe(arch):
     ref_loss, ref_grads = _unpacked_loss_and_grads(model, collator, encoded)
     _assert_same(loss, grads, ref_loss, ref_grads)
     revert_optimizations(model)
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "mllama"])
+def test_with_the_patch_set_a_row_matches_the_plain_model_and_is_capture_safe(arch):
+    """What a run does with the optimizations on: the family's patch set (LoRA over NF4's kernel, norms,
+    SwiGLU, rotary, fused loss; Triton's interpreter on CPU) and the fixed-shape rows together, against
+    the unpacked samples through the plain model."""
+    from visionft.kernels._utils import interpret_mode
+    from visionft.patching import apply_optimizations
+
+    if not torch.cuda.is_available() and not interpret_mode():
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    model, collator, family, encoded, tiers = _setup(arch, fused=True)
+    ref_loss, ref_grads = _unpacked_loss_and_grads(model, collator, encoded)
+    report = apply_optimizations(model)
+    for kind in ("lora", "rms_norm", "glu", "rope", "loss"):
+        assert report.counts.get(kind, 0) > 0, f"{kind}: {report.summary()}"
+    row = family.assemble(encoded, tiers.tiers[0], 0)
+    with CaptureSafety():
+        loss, grads = _row_loss_and_grads(model, family, row)
+    _assert_same(loss, grads, ref_loss, ref_grads)
+    revert_optimizations(model)
