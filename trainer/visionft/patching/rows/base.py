@@ -215,6 +215,37 @@ def scatter_features(embeds: torch.Tensor, features: torch.Tensor, positions: to
     return flat[:total].unsqueeze(0)
 
 
+def row_batch(
+    family: str,
+    text: TextRow,
+    tensors: dict[str, torch.Tensor],
+    *,
+    budget: RowBudget,
+    tier: int,
+    ints: dict[str, int],
+    samples: int,
+    real_patches: int,
+) -> dict[str, Any]:
+    """A row batch: the text row's tensors, the family's own ``tensors`` (positions, layout, pixels) and
+    the ``RowInfo`` under ``ROW_KEY``."""
+    return {
+        "input_ids": text.input_ids,
+        "labels": text.labels,
+        "shift_labels": text.shift_labels,
+        "attention_mask": text.attention_mask,
+        **tensors,
+        ROW_KEY: RowInfo(
+            family=family,
+            tier=tier,
+            budget=budget,
+            ints=tuple(sorted(ints.items())),
+            samples=samples,
+            real_tokens=text.real,
+            real_patches=real_patches,
+        ),
+    }
+
+
 def embed_on_host(embedding: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
     """``batch`` with ``inputs_embeds`` (pinned) when ``embedding``'s table lives in host memory (the
     offload patch), so that the lookup happens on the host-built row rather than inside a captured
@@ -283,6 +314,7 @@ __all__ = [
     "embed_on_host",
     "install_once",
     "padded_cu_seqlens",
+    "row_batch",
     "row_loss",
     "scatter_features",
     "segments_attention",

@@ -24,7 +24,7 @@ from torch import nn
 
 from visionft.data.rows import RowBudget, SampleSize
 from visionft.patching.core import PatchReport
-from visionft.patching.rows.base import ROW_KEY, RowInfo, row_loss, scatter_features, text_row
+from visionft.patching.rows.base import RowInfo, row_batch, row_loss, scatter_features, text_row
 
 
 def _inner(hf: nn.Module) -> nn.Module:
@@ -126,27 +126,23 @@ class GemmaRows:
             pixels[:real_images] = torch.cat(pixel_list)
         feature_at = torch.full((n_images * self.tokens_per_image,), total, dtype=torch.long)
         feature_at[: image_at.shape[0]] = image_at
-        ints = {"max_sample_tokens": budget.max_sample_tokens, "images": n_images}
-        return {
-            "input_ids": text.input_ids,
-            "labels": text.labels,
-            "shift_labels": text.shift_labels,
-            "attention_mask": text.attention_mask,
+        tensors = {
             "position_ids": positions,
             "segment_ids": segment,
             "image_blocks": block,
             "pixel_values": pixels,
             "image_positions": feature_at,
-            ROW_KEY: RowInfo(
-                family=self.name,
-                tier=tier,
-                budget=budget,
-                ints=tuple(sorted(ints.items())),
-                samples=len(samples),
-                real_tokens=text.real,
-                real_patches=real_images * self.patches_per_image,
-            ),
         }
+        return row_batch(
+            self.name,
+            text,
+            tensors,
+            budget=budget,
+            tier=tier,
+            ints={"max_sample_tokens": budget.max_sample_tokens, "images": n_images},
+            samples=len(samples),
+            real_patches=real_images * self.patches_per_image,
+        )
 
     def host_inputs(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         return batch  # the embedding table is tied to lm_head: it stays on the device

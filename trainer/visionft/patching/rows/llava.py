@@ -40,12 +40,12 @@ from visionft.patching.core import PatchReport, kernels_can_run
 from visionft.patching.packed_attention import install as install_packed_attention
 from visionft.patching.packed_attention import installed as packed_attention_installed
 from visionft.patching.rows.base import (
-    ROW_KEY,
     RowInfo,
     TextRow,
     embed_on_host,
     install_once,
     padded_cu_seqlens,
+    row_batch,
     row_loss,
     scatter_features,
     text_row,
@@ -120,36 +120,12 @@ class LlavaFamily:
         return text, positions
 
     def _row_batch(
-        self,
-        text: TextRow,
-        positions: torch.Tensor,
-        vision: dict[str, torch.Tensor],
-        *,
-        budget: RowBudget,
-        tier: int,
-        ints: dict[str, int],
-        samples: int,
-        real_patches: int,
+        self, text: TextRow, positions: torch.Tensor, vision: dict[str, torch.Tensor], **info: Any
     ) -> dict[str, Any]:
-        """The row batch: the text tensors, the family's ``vision`` tensors and the ``RowInfo``."""
-        return {
-            "input_ids": text.input_ids,
-            "labels": text.labels,
-            "shift_labels": text.shift_labels,
-            "attention_mask": text.attention_mask,
-            "position_ids": positions,
-            "text_cu_seqlens": text.cu_seqlens,
-            **vision,
-            ROW_KEY: RowInfo(
-                family=self.name,
-                tier=tier,
-                budget=budget,
-                ints=tuple(sorted(ints.items())),
-                samples=samples,
-                real_tokens=text.real,
-                real_patches=real_patches,
-            ),
-        }
+        """The row batch: the text (positions and segments), the family's ``vision`` tensors, the
+        ``RowInfo`` of ``info`` (``base.row_batch``)."""
+        tensors = {"position_ids": positions, "text_cu_seqlens": text.cu_seqlens, **vision}
+        return row_batch(self.name, text, tensors, **info)
 
     def _image_positions(self, text: TextRow, units: int, real: int) -> torch.Tensor:
         at = (text.input_ids[0] == self.image_token_id).nonzero().reshape(-1)

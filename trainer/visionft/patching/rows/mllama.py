@@ -46,7 +46,7 @@ from visionft.data.rows import RowBudget, SampleSize
 from visionft.patching.core import PatchReport
 from visionft.patching.packed_attention import install as install_packed_attention
 from visionft.patching.packed_attention import installed as packed_attention_installed
-from visionft.patching.rows.base import ROW_KEY, RowInfo, embed_on_host, row_loss, text_row
+from visionft.patching.rows.base import RowInfo, embed_on_host, row_batch, row_loss, text_row
 
 
 def _inner(hf: nn.Module) -> nn.Module:
@@ -177,12 +177,7 @@ class MllamaRows:
             cross_tiles[0, start : start + n, slot:end] = sees
             cross_rows[0, start : start + n] = seen
             slot = end
-        ints = {"max_sample_tokens": budget.max_sample_tokens, "images": n_images}
-        return {
-            "input_ids": text.input_ids,
-            "labels": text.labels,
-            "shift_labels": text.shift_labels,
-            "attention_mask": text.attention_mask,
+        tensors = {
             "position_ids": self._positions(text.cu_seqlens, total),
             "text_cu_seqlens": text.cu_seqlens,
             "pixel_values": pixels,
@@ -190,16 +185,17 @@ class MllamaRows:
             "aspect_ratio_mask": ratio_mask,
             "cross_tiles": cross_tiles,
             "cross_rows": cross_rows,
-            ROW_KEY: RowInfo(
-                family=self.name,
-                tier=tier,
-                budget=budget,
-                ints=tuple(sorted(ints.items())),
-                samples=len(samples),
-                real_tokens=text.real,
-                real_patches=real * self.patches_per_image,
-            ),
         }
+        return row_batch(
+            self.name,
+            text,
+            tensors,
+            budget=budget,
+            tier=tier,
+            ints={"max_sample_tokens": budget.max_sample_tokens, "images": n_images},
+            samples=len(samples),
+            real_patches=real * self.patches_per_image,
+        )
 
     def host_inputs(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         from visionft.patching import hf_model

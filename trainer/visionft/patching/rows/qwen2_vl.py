@@ -40,10 +40,10 @@ from visionft.data.rows import RowBudget, SampleSize
 from visionft.patching.core import PatchReport, kernels_can_run
 from visionft.patching.packed_attention import install as install_packed_attention
 from visionft.patching.rows.base import (
-    ROW_KEY,
     RowInfo,
     embed_on_host,
     padded_cu_seqlens,
+    row_batch,
     row_loss,
     scatter_features,
     segments_attention,
@@ -169,14 +169,7 @@ class QwenRows:
         if real > patches:
             raise ValueError(f"rows: {real} patches do not fit the row's {patches}")
         units, real_units = patches // self.unit, real // self.unit
-        batch: dict[str, Any] = {
-            "input_ids": text.input_ids,
-            "labels": text.labels,
-            "shift_labels": text.shift_labels,
-            "attention_mask": text.attention_mask,
-            "position_ids": positions,
-            "text_cu_seqlens": text.cu_seqlens,
-        }
+        batch: dict[str, Any] = {"position_ids": positions, "text_cu_seqlens": text.cu_seqlens}
         if width == 0:  # no image in the row: the tower still runs, on zeros, at the fixed shape
             width = 3 * 2 * self.patch_size**2
         pixels = torch.zeros((patches, width), dtype=pixel_list[0].dtype if pixel_list else torch.float32)
@@ -230,16 +223,16 @@ class QwenRows:
         positions_out = torch.full((units,), total, dtype=torch.long)
         positions_out[:real_units] = image_at
         batch["image_positions"] = positions_out
-        batch[ROW_KEY] = RowInfo(
-            family=self.name,
-            tier=tier,
+        return row_batch(
+            self.name,
+            text,
+            batch,
             budget=budget,
-            ints=tuple(sorted(bounds.items())),
+            tier=tier,
+            ints=bounds,
             samples=len(samples),
-            real_tokens=text.real,
             real_patches=real,
         )
-        return batch
 
     # -- device ---------------------------------------------------------------------------------------
 
@@ -296,14 +289,6 @@ class QwenRows:
         from visionft.patching import hf_model
 
         return embed_on_host(_inner(hf_model(model)).get_input_embeddings(), batch)
-        emb = _inner(hf_model(model)).get_input_embeddings()
-        weight = getattr(emb, "weight", None)
-        if weight is not None and weight.device.type == "cpu" and torch.cuda.is_available():
-            with torch.no_grad():
-                ids = batch["input_ids"].to("cpu")  # already there when called on the host-built row
-                rows = nn.functional.embedding(ids, weight, getattr(emb, "padding_idx", None))
-            batch = {**batch, "inputs_embeds": rows.pin_memory()}
-        return batch
 
 
 def _make_vision_forward(orig, modeling, fused: bool):
