@@ -17,6 +17,7 @@ bf16/fp16, padded-segment SDPA elsewhere), the image-feature scatter with a tras
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -246,12 +247,16 @@ def row_batch(
     }
 
 
-def embed_on_host(embedding: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-    """``batch`` with ``inputs_embeds`` (pinned) when ``embedding``'s table lives in host memory (the
-    offload patch), so that the lookup happens on the host-built row rather than inside a captured
-    forward; ``batch`` itself otherwise. A row forward uses ``inputs_embeds`` when the batch has it."""
+def embed_on_host(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with ``inputs_embeds`` (pinned) when ``model``'s input-embedding table lives in host
+    memory (the offload patch), so that the lookup happens on the host-built row rather than inside a
+    captured forward; ``batch`` itself otherwise. A row forward uses ``inputs_embeds`` when the batch has
+    it. ``model``: the HF model or its PEFT wrapper."""
+    from visionft.patching import hf_model
+
     if "inputs_embeds" in batch:
         return batch
+    embedding = hf_model(model).get_input_embeddings()
     weight = getattr(embedding, "weight", None)
     if weight is None or weight.device.type != "cpu" or not torch.cuda.is_available():
         return batch
@@ -259,6 +264,30 @@ def embed_on_host(embedding: nn.Module, batch: dict[str, Any]) -> dict[str, Any]
         ids = batch["input_ids"].to("cpu")  # already there when called on the host-built row
         rows = F.embedding(ids, weight, getattr(embedding, "padding_idx", None))
     return {**batch, "inputs_embeds": rows.pin_memory()}
+
+
+def segment_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """``(1, total)`` positions counting from 0 in each segment of ``cu_seqlens`` (samples, then padding
+    chunks), as each sample alone would have them."""
+    positions = torch.zeros((1, total), dtype=torch.long)
+    for start, end in itertools.pairwise(cu_seqlens.tolist()):
+        positions[0, start:end] = torch.arange(end - start)
+    return positions
+
+
+def image_positions(text: TextRow, image_token_id: int, units: int, real: int) -> torch.Tensor:
+    """Where each of the row's ``units`` image-feature slots goes in the text: the ``real`` image tokens
+    in order, then the trash row ``T`` for the padding slots (``scatter_features``).
+
+    Raises:
+        ValueError: the row's image tokens are not ``real`` many (text and images disagree).
+    """
+    at = (text.input_ids[0] == image_token_id).nonzero().reshape(-1)
+    if int(at.shape[0]) != real:
+        raise ValueError(f"rows: {int(at.shape[0])} image tokens for {real} image features in the row")
+    out = torch.full((units,), text.input_ids.shape[1], dtype=torch.long)
+    out[:real] = at
+    return out
 
 
 def row_loss(
@@ -312,11 +341,13 @@ __all__ = [
     "RowInfo",
     "TextRow",
     "embed_on_host",
+    "image_positions",
     "install_once",
     "padded_cu_seqlens",
     "row_batch",
     "row_loss",
     "scatter_features",
+    "segment_positions",
     "segments_attention",
     "text_row",
     "text_segments",

@@ -26,7 +26,6 @@ attention would fail on it rather than attend across samples.
 from __future__ import annotations
 
 import functools
-import itertools
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -43,11 +42,13 @@ from visionft.patching.rows.base import (
     RowInfo,
     TextRow,
     embed_on_host,
+    image_positions,
     install_once,
     padded_cu_seqlens,
     row_batch,
     row_loss,
     scatter_features,
+    segment_positions,
     text_row,
 )
 
@@ -113,11 +114,7 @@ class LlavaFamily:
                 "model.maxSeqLength to the window or set training.packing to false"
             )
         text = text_row(samples, budget, self.pad_id)
-        positions = torch.zeros((1, budget.tokens), dtype=torch.long)
-        bounds = text.cu_seqlens.tolist()
-        for start, end in itertools.pairwise(bounds):  # samples, then padding chunks
-            positions[0, start:end] = torch.arange(end - start)
-        return text, positions
+        return text, segment_positions(text.cu_seqlens, budget.tokens)
 
     def _row_batch(
         self, text: TextRow, positions: torch.Tensor, vision: dict[str, torch.Tensor], **info: Any
@@ -128,17 +125,10 @@ class LlavaFamily:
         return row_batch(self.name, text, tensors, **info)
 
     def _image_positions(self, text: TextRow, units: int, real: int) -> torch.Tensor:
-        at = (text.input_ids[0] == self.image_token_id).nonzero().reshape(-1)
-        if int(at.shape[0]) != real:
-            raise ValueError(f"rows: {int(at.shape[0])} image tokens for {real} image features in the row")
-        out = torch.full((units,), text.input_ids.shape[1], dtype=torch.long)
-        out[:real] = at
-        return out
+        return image_positions(text, self.image_token_id, units, real)
 
     def host_inputs(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-        from visionft.patching import hf_model
-
-        return embed_on_host(_inner(hf_model(model)).get_input_embeddings(), batch)
+        return embed_on_host(model, batch)
 
     def _text_loss(
         self,

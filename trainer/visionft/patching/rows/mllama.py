@@ -34,7 +34,6 @@ padded batch), with an empty 4D self-attention mask that the mask builder passes
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,7 +45,14 @@ from visionft.data.rows import RowBudget, SampleSize
 from visionft.patching.core import PatchReport
 from visionft.patching.packed_attention import install as install_packed_attention
 from visionft.patching.packed_attention import installed as packed_attention_installed
-from visionft.patching.rows.base import RowInfo, embed_on_host, row_batch, row_loss, text_row
+from visionft.patching.rows.base import (
+    RowInfo,
+    embed_on_host,
+    row_batch,
+    row_loss,
+    segment_positions,
+    text_row,
+)
 
 
 def _inner(hf: nn.Module) -> nn.Module:
@@ -117,12 +123,6 @@ class MllamaRows:
         images = self._images(sample)
         return SampleSize(int(sample["input_ids"].shape[1]), images * self.patches_per_image, images)
 
-    def _positions(self, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-        positions = torch.zeros((1, total), dtype=torch.long)
-        for start, end in itertools.pairwise(cu_seqlens.tolist()):  # samples, then padding chunks
-            positions[0, start:end] = torch.arange(end - start)
-        return positions
-
     def _tiles(self, value: torch.Tensor, dim: int) -> torch.Tensor:
         """``value`` with its tile dimension ``dim`` padded with zeros to ``max_num_tiles``."""
         have = int(value.shape[dim])
@@ -178,7 +178,7 @@ class MllamaRows:
             cross_rows[0, start : start + n] = seen
             slot = end
         tensors = {
-            "position_ids": self._positions(text.cu_seqlens, total),
+            "position_ids": segment_positions(text.cu_seqlens, total),
             "text_cu_seqlens": text.cu_seqlens,
             "pixel_values": pixels,
             "aspect_ratio_ids": ratio_ids,
@@ -198,9 +198,7 @@ class MllamaRows:
         )
 
     def host_inputs(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-        from visionft.patching import hf_model
-
-        return embed_on_host(_inner(hf_model(model)).language_model.get_input_embeddings(), batch)
+        return embed_on_host(model, batch)
 
     # -- device ---------------------------------------------------------------------------------------
 

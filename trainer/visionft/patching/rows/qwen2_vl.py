@@ -42,6 +42,7 @@ from visionft.patching.packed_attention import install as install_packed_attenti
 from visionft.patching.rows.base import (
     RowInfo,
     embed_on_host,
+    image_positions,
     padded_cu_seqlens,
     row_batch,
     row_loss,
@@ -215,14 +216,7 @@ class QwenRows:
             batch["cu_window_seqlens"] = padded_cu_seqlens(
                 window_lengths, patches, bounds["window_max"], bounds["window_segments"]
             )
-        image_at = (text.input_ids[0] == self.image_token_id).nonzero().reshape(-1)
-        if int(image_at.shape[0]) != real_units:
-            raise ValueError(
-                f"rows: {int(image_at.shape[0])} image tokens for {real_units} image features in the row"
-            )
-        positions_out = torch.full((units,), total, dtype=torch.long)
-        positions_out[:real_units] = image_at
-        batch["image_positions"] = positions_out
+        batch["image_positions"] = image_positions(text, self.image_token_id, units, real_units)
         return row_batch(
             self.name,
             text,
@@ -286,9 +280,7 @@ class QwenRows:
         return row_loss(out.last_hidden_state, hf.lm_head, tensors["shift_labels"], num_items, self.fused)
 
     def host_inputs(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-        from visionft.patching import hf_model
-
-        return embed_on_host(_inner(hf_model(model)).get_input_embeddings(), batch)
+        return embed_on_host(model, batch)
 
 
 def _make_vision_forward(orig, modeling, fused: bool):
