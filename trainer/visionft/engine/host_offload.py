@@ -183,13 +183,10 @@ class HostOffload:
 
     def _buffer(self, state: _Step, index: int, tensor: torch.Tensor) -> torch.Tensor | None:
         slots = state.slots
-        if slots is not None and index < len(slots):
-            host = slots[index]
-            if host.shape == tensor.shape and host.dtype == tensor.dtype:
-                return host
-            if state.capturing:
-                return None
-        elif state.capturing:
+        held = slots[index] if slots is not None and index < len(slots) else None
+        if held is not None and held.shape == tensor.shape and held.dtype == tensor.dtype:
+            return held
+        if state.capturing:  # a capture records copies into existing buffers only
             return None
         host = torch.empty(
             tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.device.type == "cuda"
